@@ -1,0 +1,43 @@
+"""The one place that knows which torch and transformers versions we support, and their differences."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from packaging.version import Version
+
+MIN_TORCH = Version("2.10")
+MIN_TRANSFORMERS = Version("5.17.0")
+MAX_TRANSFORMERS_MAJOR = 5
+
+TORCH_VERSION = Version(torch.__version__.split("+")[0])
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+
+
+def check_versions() -> None:
+    """Raise ImportError with a clear message on an unsupported torch or transformers."""
+    if TORCH_VERSION < MIN_TORCH:
+        raise ImportError(f"bettertransformer needs torch >= {MIN_TORCH}, found {torch.__version__}")
+    if not (MIN_TRANSFORMERS <= TRANSFORMERS_VERSION and TRANSFORMERS_VERSION.major == MAX_TRANSFORMERS_MAJOR):
+        raise ImportError(
+            f"bettertransformer supports transformers >= {MIN_TRANSFORMERS}, < {MAX_TRANSFORMERS_MAJOR + 1}; "
+            f"found {transformers.__version__}"
+        )
+
+
+try:  # transformers 5.x records output_hidden_states / output_attentions through hooks on the layers
+    from transformers.utils.output_capturing import _active_collector as _collector
+except ImportError:  # pragma: no cover - a release that moved it: rely on the explicit flags alone
+    _collector = None
+
+
+def output_capture_active() -> bool:
+    """True while a transformers model up the call stack is recording per-layer outputs.
+
+    Our packed encoder does not call the stock layer modules, so their capture hooks would not fire: such a call
+    must run the stock computation.
+    """
+    if _collector is None:
+        return False
+    collected = _collector.get()
+    return bool(collected)

@@ -1,0 +1,1 @@
+"""Adapters: one per family of layers, reading the stock modules through attribute paths."""

@@ -1,0 +1,335 @@
+"""Padding-free encoders: one adapter for every BERT-shaped (post-LayerNorm) encoder.
+
+The adapter leaves every module and parameter where it is. It installs two things, both undone by ``detach``:
+
+- a forward pre-hook (and post-hook) on the base model, which remembers the call's ``(batch, seq)`` padding mask
+  while that forward runs (the encoder itself only sees the 4D mask transformers builds from it);
+- an instance-level ``forward`` on the encoder module, which unpads the embeddings once, runs every layer on the
+  packed real tokens with the stock layers' own weights, and re-pads once.
+
+Calls the packed path cannot honour exactly run the stock encoder forward instead (see ``_stock_reason``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections import Counter
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import UnionType
+from typing import Any, Callable, Union, get_args, get_origin
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .._compat import output_capture_active
+from ..ops.attention import packed_attention
+from ..ops.fused import add_layer_norm, linear_gelu
+from ..ops.padding import PackInfo, dense_layout, pack, pack_info, to_dense, unpack
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """Where a BERT-shaped encoder keeps its pieces, as attribute paths.
+
+    ``encoder`` is relative to the base model; ``layers`` and ``pre`` to the encoder; every other path to one
+    layer. A layer computes::
+
+        a = LN1(dropout(o(attention(q(x), k(x), v(x)))) + x)
+        y = LN2(dropout(ffn_out(act(ffn_in(a)))) + a)
+    """
+
+    encoder: str = "encoder"
+    layers: str = "layer"
+    q: str = "attention.self.query"
+    k: str = "attention.self.key"
+    v: str = "attention.self.value"
+    attn_dropout: str | None = "attention.self.dropout"
+    o: str = "attention.output.dense"
+    o_dropout: str | None = "attention.output.dropout"
+    ln1: str = "attention.output.LayerNorm"
+    ffn_in: str = "intermediate.dense"
+    act: str = "intermediate.intermediate_act_fn"
+    ffn_out: str = "output.dense"
+    ffn_dropout: str | None = "output.dropout"
+    ln2: str = "output.LayerNorm"
+    num_heads: str = "num_attention_heads"  # a config attribute
+    # A position-wise module the encoder applies before its layers (ALBERT's embedding projection).
+    pre: str | None = None
+    # The layers in execution order, when ``layers`` is not a plain list (ALBERT shares layers between steps).
+    layer_order: Callable[[nn.Module], list[nn.Module]] | None = None
+    # (encoder, positions (B, L) int64) -> additive attention bias (B, H, L, L), for relative positions (MPNet).
+    relative_bias: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # Config flags that change the layer's math away from the shape above, each with the value we support.
+    requires: tuple[tuple[str, Any], ...] = (("is_decoder", False), ("add_cross_attention", False))
+
+
+def resolve(root: nn.Module, path: str) -> Any:
+    """``resolve(layer, "attention.self.query")`` -> that submodule (or attribute)."""
+    obj: Any = root
+    for name in path.split("."):
+        obj = obj[int(name)] if name.isdigit() else getattr(obj, name)
+    return obj
+
+
+def _is_exact_gelu(act: Any) -> bool:
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
+
+
+def _output_type(forward: Callable) -> type:
+    """The ModelOutput class the stock encoder forward returns (read off its annotation)."""
+    from transformers.modeling_outputs import BaseModelOutput
+    from transformers.utils import ModelOutput
+
+    annotation = inspect.signature(forward).return_annotation
+    if isinstance(annotation, str):
+        try:
+            annotation = eval(annotation, getattr(inspect.unwrap(forward), "__globals__", {}))  # noqa: S307
+        except Exception:
+            return BaseModelOutput
+    candidates = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    for cls in candidates:
+        if isinstance(cls, type) and issubclass(cls, ModelOutput):
+            return cls
+    return BaseModelOutput
+
+
+class PackedLayer:
+    """One stock encoder layer, run on packed tokens with its own parameters (never copies of them)."""
+
+    def __init__(self, layer: nn.Module, layout: EncoderLayout, num_heads: int):
+        def opt(path: str | None) -> Any:
+            return None if path is None else resolve(layer, path)
+
+        self.layer = layer
+        self.q, self.k, self.v, self.o = (resolve(layer, p) for p in (layout.q, layout.k, layout.v, layout.o))
+        self.ffn_in, self.ffn_out = resolve(layer, layout.ffn_in), resolve(layer, layout.ffn_out)
+        self.ln1, self.ln2 = resolve(layer, layout.ln1), resolve(layer, layout.ln2)
+        self.act = resolve(layer, layout.act)
+        self.attn_dropout, self.o_dropout, self.ffn_dropout = (
+            opt(p) for p in (layout.attn_dropout, layout.o_dropout, layout.ffn_dropout)
+        )
+        self.exact_gelu = _is_exact_gelu(self.act)
+        self.num_heads = num_heads
+        self.head_dim = self.q.out_features // num_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self._qkv_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+
+    def qkv_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused (3 * H * D, hidden) projection: a derived cache, rebuilt whenever a source tensor changes.
+
+        When a gradient is needed it is concatenated on the fly, so that autograd reaches the stock parameters.
+        """
+        linears = (self.q, self.k, self.v)
+        params = [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._concat(linears)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._qkv_cache is None or self._qkv_cache[0] != key:
+            with torch.no_grad():
+                self._qkv_cache = (key, *self._concat(linears))
+        return self._qkv_cache[1], self._qkv_cache[2]
+
+    @staticmethod
+    def _concat(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = torch.cat([m.weight for m in linears])
+        if all(m.bias is None for m in linears):
+            return weight, None
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+        return weight, bias
+
+    def clear_cache(self) -> None:
+        self._qkv_cache = None
+
+    def __call__(self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: (T, hidden) -> (T, hidden)."""
+        tokens = x.shape[0]
+        weight, b = self.qkv_parameters()
+        qkv = F.linear(x, weight, b).view(tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(1)  # (T, H, D) each
+        drop = self.attn_dropout
+        p = drop.p if drop is not None and drop.training else 0.0
+        ctx = packed_attention(q, k, v, info, scale=self.scale, dropout_p=p, bias=bias)  # (T, H, D)
+        a = self.o(ctx.reshape(tokens, -1))
+        if self.o_dropout is not None:
+            a = self.o_dropout(a)
+        x = add_layer_norm(a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        if self.exact_gelu:
+            h = linear_gelu(x, self.ffn_in.weight, self.ffn_in.bias)
+        else:
+            h = self.act(self.ffn_in(x))
+        h = self.ffn_out(h)
+        if self.ffn_dropout is not None:
+            h = self.ffn_dropout(h)
+        return add_layer_norm(h, x, self.ln2.weight, self.ln2.bias, self.ln2.eps)
+
+
+@dataclass(frozen=True)
+class _Call:
+    owner: int  # id of the PackedEncoder whose base model is running
+    mask: torch.Tensor | None
+    blocked: str | None  # why the base model's arguments rule the packed path out, if they do
+
+
+# The base-model calls running in this thread/context, innermost last.
+_CALLS: ContextVar[tuple[_Call, ...]] = ContextVar("bettertransformer_calls", default=())
+
+# Encoder arguments the packed path may ignore whatever their value: positions are already in the embeddings.
+_IGNORED_KWARGS = frozenset({"position_ids", "token_type_ids", "return_dict"})
+
+
+class PackedEncoder:
+    """The padding-free forward of one base model's encoder."""
+
+    def __init__(self, base: nn.Module, layout: EncoderLayout):
+        config = base.config
+        for flag, supported in layout.requires:
+            if getattr(config, flag, supported) != supported:
+                raise NotImplementedError(
+                    f"{config.model_type} with {flag}={getattr(config, flag)!r} has no padding-free path "
+                    f"(only {flag}={supported!r} is supported)"
+                )
+        self.base = base
+        self.layout = layout
+        self.encoder: nn.Module = resolve(base, layout.encoder)
+        stock_layers = layout.layer_order(self.encoder) if layout.layer_order else list(resolve(self.encoder, layout.layers))
+        num_heads = getattr(config, layout.num_heads)
+        unique: dict[int, PackedLayer] = {}
+        self.layers = [unique.setdefault(id(m), PackedLayer(m, layout, num_heads)) for m in stock_layers]
+        self.pre = resolve(self.encoder, layout.pre) if layout.pre else None
+        self.calls: Counter[str] = Counter()
+        self._fallbacks_logged: set[str] = set()
+        self._signature = inspect.signature(base.forward)
+        self._hooks: list[Any] = []
+        self._stock_forward: Callable | None = None
+        self._had_instance_forward = False
+        self.output_type = _output_type(self.encoder.forward)
+
+    # -- installing and removing ----------------------------------------------------------------------------
+    def attach(self) -> None:
+        self._had_instance_forward = "forward" in self.encoder.__dict__
+        self._stock_forward = self.encoder.forward
+        self._hooks = [
+            self.base.register_forward_pre_hook(self._enter, with_kwargs=True),
+            self.base.register_forward_hook(self._leave, always_call=True),
+        ]
+        self.encoder.forward = self.forward
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._had_instance_forward:
+            self.encoder.forward = self._stock_forward
+        else:
+            del self.encoder.forward
+        for layer in self.layers:
+            layer.clear_cache()
+
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        _CALLS.set(_CALLS.get() + (self._describe_call(args, kwargs),))
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        calls = _CALLS.get()
+        for i in range(len(calls) - 1, -1, -1):
+            if calls[i].owner == id(self):
+                _CALLS.set(calls[:i] + calls[i + 1 :])
+                break
+
+    def _describe_call(self, args: tuple, kwargs: dict) -> _Call:
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError:
+            return _Call(id(self), None, "arguments the base model's signature does not take")
+        arguments = dict(bound.arguments)
+        for name, param in self._signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(name, {}))
+        mask = arguments.get("attention_mask")
+        blocked = None
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            blocked = "an attention_mask that is not a (batch, seq) padding mask"
+        if arguments.get("head_mask") is not None:
+            blocked = "head_mask"
+        for flag in ("output_attentions", "output_hidden_states"):
+            value = arguments.get(flag)
+            if value is None:
+                value = getattr(self.base.config, flag, False)
+            if value:
+                blocked = flag
+        return _Call(id(self), mask, blocked)
+
+    # -- the forward -------------------------------------------------------------------------------------------
+    def _current_call(self) -> _Call | None:
+        for call in reversed(_CALLS.get()):
+            if call.owner == id(self):
+                return call
+        return None
+
+    def _stock_reason(self, call: _Call | None, hidden_states: Any, args: tuple, kwargs: dict) -> str | None:
+        """Why this call must run the stock computation, or None when the packed path is exact."""
+        if call is None:
+            return "the encoder was called outside its base model's forward"
+        if call.blocked:
+            return call.blocked
+        if output_capture_active():
+            return "per-layer outputs are being recorded (output_hidden_states / output_attentions)"
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+            return "hidden states that are not (batch, seq, hidden)"
+        if any(a is not None for a in args):
+            return "extra positional encoder inputs"
+        for name, value in kwargs.items():
+            if name not in _IGNORED_KWARGS and value is not None and value is not False:
+                return f"encoder argument {name}"
+        if call.mask is not None and tuple(call.mask.shape) != tuple(hidden_states.shape[:2]):
+            return "an attention_mask whose shape differs from the input's"
+        return None
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
+        call = self._current_call()
+        reason = self._stock_reason(call, hidden_states, args, kwargs)
+        if reason is not None:
+            self.calls["stock"] += 1
+            if reason not in self._fallbacks_logged:
+                self._fallbacks_logged.add(reason)
+                logger.info("bettertransformer: stock %s forward for %s", type(self.encoder).__name__, reason)
+            assert self._stock_forward is not None
+            return self._stock_forward(hidden_states, attention_mask, *args, **kwargs)
+        self.calls["fast"] += 1
+        assert call is not None
+        batch, seqlen, _ = hidden_states.shape
+        info = pack_info(call.mask, batch, seqlen, hidden_states.device)
+        x = pack(hidden_states, info)  # (T, hidden)
+        if self.pre is not None:
+            x = self.pre(x)
+        bias = self._relative_bias(info) if self.layout.relative_bias is not None else None
+        for packed in self.layers:
+            stock = packed.layer
+            if getattr(stock, "gradient_checkpointing", False) and stock.training and torch.is_grad_enabled():
+                x = checkpoint(packed, x, info, bias, use_reentrant=False)
+            else:
+                x = packed(x, info, bias)
+        out = unpack(x, info)  # (B, S, hidden), zeros at padding
+        if kwargs.get("return_dict") is False:
+            return (out,)
+        return self.output_type(last_hidden_state=out)
+
+    def _relative_bias(self, info: PackInfo) -> torch.Tensor:
+        """(B or 1, H, L, L) bias from the tokens' original positions in the padded batch."""
+        assert self.layout.relative_bias is not None
+        device = info.cu_seqlens.device
+        if info.indices is None:
+            positions = torch.arange(info.max_len, device=device)[None, :]  # (1, L)
+        else:
+            index, valid = dense_layout(info)
+            columns = info.indices % info.seqlen  # (T,)
+            positions = to_dense(columns, info, index, valid)  # (B, L)
+        return self.layout.relative_bias(self.encoder, positions)

@@ -1,0 +1,1 @@
+"""Tensor operations with no knowledge of transformers: packing, packed attention, fused layer pieces."""

@@ -1,0 +1,94 @@
+"""Bidirectional attention over packed variable-length sequences.
+
+Three ways to compute the same function, picked per call:
+
+- ``varlen``: flash attention on the packed tokens (``torch.nn.attention.varlen``), CUDA, fp16/bf16, no bias,
+  no dropout. Computes only real-token pairs.
+- ``dense``: lay the packed tokens out left-aligned in a ``(B, max_len)`` grid and call SDPA with a key mask
+  (and an optional additive bias). Works everywhere, supports dropout and bias; pads to the longest row only.
+- ``loop``: one SDPA call per sequence, no mask. Computes only real-token pairs; on the CPU this is the fastest
+  (see BENCHMARKS.md), since the per-call overhead is small next to the work of a sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .padding import PackInfo, dense_layout, from_dense, to_dense
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn = None
+
+BACKENDS = ("varlen", "dense", "loop")
+
+
+def pick_backend(q: torch.Tensor, dropout_p: float, bias: torch.Tensor | None) -> str:
+    """The fastest backend that computes this call exactly."""
+    if q.is_cuda:
+        head_dim = q.shape[-1]
+        if (
+            _varlen_attn is not None
+            and bias is None
+            and dropout_p == 0.0
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and head_dim % 8 == 0
+            and head_dim <= 256
+        ):
+            return "varlen"
+        return "dense"
+    if dropout_p == 0.0 and bias is None:
+        return "loop"
+    return "dense"
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    info: PackInfo,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention of every real token over the real tokens of its own sequence.
+
+    q, k, v: (T, H, D), rows packed as described by ``info`` (each row's tokens contiguous, in order).
+    bias:    optional (1 or B, H, max_len, max_len) additive bias, indexed by position inside the row.
+    Returns (T, H, D).
+    """
+    backend = backend or pick_backend(q, dropout_p, bias)
+    if backend == "varlen":
+        if _varlen_attn is None:
+            raise RuntimeError("torch.nn.attention.varlen is not available in this PyTorch")
+        cu = info.cu_seqlens
+        return _varlen_attn(q, k, v, cu, cu, info.max_len, info.max_len, scale=scale)
+    if backend == "loop":
+        if bias is not None or dropout_p:
+            raise ValueError("the loop backend takes no bias and no dropout")
+        outs = []
+        start = 0
+        for length in info.lengths.tolist():
+            if length:
+                end = start + length
+                # (1, H, L, D) views of one sequence; SDPA without a mask takes its fastest kernel.
+                qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+                outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1))
+                start = end
+        return torch.cat(outs) if outs else q.new_empty(q.shape)
+    if backend != "dense":
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    index, valid = dense_layout(info)
+    # A row with no real token would give a softmax over nothing (NaN, also in the backward pass): let it
+    # attend to its empty slots, whose results are dropped anyway.
+    key_valid = valid | (info.lengths == 0)[:, None]  # (B, L)
+    qd, kd, vd = (to_dense(t, info, index, valid).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    mask = key_valid[:, None, None, :]  # (B, 1, 1, L)
+    if bias is not None:
+        mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return from_dense(out.transpose(1, 2), valid)  # (T, H, D)

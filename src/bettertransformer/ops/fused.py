@@ -1,0 +1,38 @@
+"""Small fused pieces of a transformer layer, with a plain PyTorch version as the reference.
+
+On CUDA in fp16/bf16, when no gradient is needed, the Triton kernels of ``triton_kernels`` run instead: they
+read and write each activation once. Everywhere else (CPU, fp32, training) the PyTorch composition runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import triton_kernels
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return (
+        triton_kernels.AVAILABLE
+        and x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    )
+
+
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """LayerNorm(x + residual) over the last dimension. x, residual: (T, N)."""
+    if _use_triton(x) and weight is not None and bias is not None and weight.dtype == x.dtype:
+        return triton_kernels.add_layer_norm(x, residual, weight, bias, eps)
+    return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """gelu(x @ weight.T + bias), exact (erf) GELU. x: (T, K) -> (T, N)."""
+    y = F.linear(x, weight, bias)
+    if _use_triton(y):
+        return triton_kernels.gelu_(y)
+    return F.gelu(y)

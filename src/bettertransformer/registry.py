@@ -1,0 +1,133 @@
+"""The registry: one table from ``config.model_type`` to the adapter and the data it needs.
+
+An entry is data. Adding an architecture whose layers have a known shape is one line; ``register`` does the
+same for users' own architectures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters.encoder import EncoderLayout, PackedEncoder
+
+
+@dataclass(frozen=True)
+class Support:
+    """How one model type is made faster.
+
+    adapter:    the class that attaches to a base model (``adapter(base, layout).attach()``) and undoes it
+                (``.detach()``).
+    layout:     attribute paths and hooks the adapter reads the stock modules through.
+    fast_paths: what the user gets, for docs and ``supported_model_types``.
+    """
+
+    adapter: type = PackedEncoder
+    layout: EncoderLayout = field(default_factory=EncoderLayout)
+    fast_paths: tuple[str, ...] = ("padding-free encoder",)
+
+
+def _albert_layer_order(encoder: nn.Module) -> list[nn.Module]:
+    # ALBERT runs num_hidden_layers steps over num_hidden_groups shared groups of inner_group_num layers.
+    config = encoder.config
+    order = []
+    for i in range(config.num_hidden_layers):
+        group = encoder.albert_layer_groups[int(i / (config.num_hidden_layers / config.num_hidden_groups))]
+        order.extend(group.albert_layers)
+    return order
+
+
+def _mpnet_relative_bias(encoder: nn.Module, positions: torch.Tensor) -> torch.Tensor:
+    """MPNet's bucketed relative-position bias for tokens at ``positions`` (B, L) -> (B, H, L, L)."""
+    relative = positions[:, None, :] - positions[:, :, None]  # (B, L, L): key position - query position
+    buckets = encoder.relative_position_bucket(relative)
+    return encoder.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # (B, H, L, L)
+
+
+BERT = EncoderLayout()
+
+DISTILBERT = EncoderLayout(
+    encoder="transformer",
+    q="attention.q_lin",
+    k="attention.k_lin",
+    v="attention.v_lin",
+    attn_dropout="attention.dropout",
+    o="attention.out_lin",
+    o_dropout=None,
+    ln1="sa_layer_norm",
+    ffn_in="ffn.lin1",
+    act="ffn.activation",
+    ffn_out="ffn.lin2",
+    ffn_dropout="ffn.dropout",
+    ln2="output_layer_norm",
+    num_heads="n_heads",
+    requires=(),
+)
+
+ALBERT = EncoderLayout(
+    layers="albert_layer_groups",
+    q="attention.query",
+    k="attention.key",
+    v="attention.value",
+    attn_dropout="attention.attention_dropout",
+    o="attention.dense",
+    o_dropout="attention.output_dropout",
+    ln1="attention.LayerNorm",
+    ffn_in="ffn",
+    act="activation",
+    ffn_out="ffn_output",
+    ffn_dropout=None,
+    ln2="full_layer_layer_norm",
+    pre="embedding_hidden_mapping_in",
+    layer_order=_albert_layer_order,
+    requires=(),
+)
+
+MPNET = EncoderLayout(
+    q="attention.attn.q",
+    k="attention.attn.k",
+    v="attention.attn.v",
+    attn_dropout="attention.attn.dropout",
+    o="attention.attn.o",
+    o_dropout="attention.dropout",
+    ln1="attention.LayerNorm",
+    relative_bias=_mpnet_relative_bias,
+    requires=(),
+)
+
+# The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model.
+REGISTRY: dict[str, Support] = {
+    "albert": Support(layout=ALBERT),
+    "bert": Support(layout=BERT),
+    "camembert": Support(layout=BERT),
+    "data2vec-text": Support(layout=BERT),
+    "distilbert": Support(layout=DISTILBERT),
+    "electra": Support(layout=BERT),
+    "ernie": Support(layout=BERT),
+    "layoutlm": Support(layout=BERT),
+    "markuplm": Support(layout=BERT),
+    "mpnet": Support(layout=MPNET),
+    "roberta": Support(layout=BERT),
+    "roc_bert": Support(layout=BERT),
+    "splinter": Support(layout=BERT),
+    "xlm-roberta": Support(layout=BERT),
+}
+
+
+def register(model_type: str, support: Support, *, overwrite: bool = False) -> None:
+    """Add an architecture of your own (or replace one with ``overwrite=True``).
+
+    Example, for a BERT-shaped encoder whose layers name their projections differently::
+
+        register("my-encoder", Support(layout=EncoderLayout(q="attn.wq", k="attn.wk", v="attn.wv", o="attn.wo")))
+    """
+    if model_type in REGISTRY and not overwrite:
+        raise ValueError(f"model type {model_type!r} is already registered; pass overwrite=True to replace it")
+    REGISTRY[model_type] = support
+
+
+def supported_model_types() -> list[str]:
+    """The ``config.model_type`` values ``transform`` accepts, sorted."""
+    return sorted(REGISTRY)

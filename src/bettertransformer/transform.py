@@ -1,0 +1,121 @@
+"""transform / reverse: find the base models the registry knows, attach their adapters, and undo it.
+
+Nothing is swapped but ``forward`` functions and hooks: every parameter and buffer stays in its stock module,
+so ``state_dict()`` keys and values never change, ``save_pretrained`` writes a stock checkpoint, and
+``reverse`` is exact by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Any
+
+from torch import nn
+
+from .registry import REGISTRY, supported_model_types
+
+_STATE = "_bettertransformer_state"
+
+
+class _State:
+    """What ``transform`` attached to one model, for ``reverse`` and ``call_counts``."""
+
+    def __init__(self, patches: list[Any]):
+        self.patches = patches
+
+
+def _model_type(module: nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def _targets(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """(base model, registry entry) for every supported base model in ``model``, outermost first."""
+    from transformers import PreTrainedModel
+
+    found = []
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel) or module is not module.base_model:
+            continue
+        support = REGISTRY.get(_model_type(module) or "")
+        if support is not None:
+            found.append((module, support))
+    return found
+
+
+def is_transformed(model: nn.Module) -> bool:
+    """True if ``model`` was returned by ``transform`` and not yet reversed."""
+    return isinstance(getattr(model, _STATE, None), _State)
+
+
+def transform(model: nn.Module, keep_original_model: bool = False) -> nn.Module:
+    """Make ``model`` faster; returns the transformed model.
+
+    Args:
+        model: a transformers model (any head), or a module holding one (a sentence-transformers model).
+        keep_original_model: if True, transform a deep copy and leave ``model`` untouched; otherwise change
+            ``model`` in place (its parameters are shared, never copied) and return it.
+
+    Raises:
+        ValueError: ``model`` is already transformed.
+        NotImplementedError: no part of ``model`` has a supported model type (the message lists them), or a
+            supported type is configured in a way the fast path does not cover.
+    """
+    if is_transformed(model):
+        raise ValueError("this model is already transformed; call BetterTransformer.reverse(model) first")
+    if not _targets(model):
+        types = sorted({t for t in (_model_type(m) for m in model.modules()) if t}) or ["(no config.model_type)"]
+        raise NotImplementedError(
+            f"bettertransformer does not support model type {', '.join(repr(t) for t in types)}. "
+            f"Supported model types: {', '.join(supported_model_types())}"
+        )
+    if keep_original_model:
+        model = copy.deepcopy(model)
+    patches = []
+    try:
+        for base, support in _targets(model):
+            patch = support.adapter(base, support.layout)
+            patch.attach()
+            patches.append(patch)
+    except Exception:
+        for patch in reversed(patches):
+            patch.detach()
+        raise
+    setattr(model, _STATE, _State(patches))
+    return model
+
+
+def reverse(model: nn.Module) -> nn.Module:
+    """Undo ``transform`` in place and return the stock model, with the transformed model's current weights.
+
+    Raises:
+        ValueError: ``model`` was not transformed.
+    """
+    state = getattr(model, _STATE, None)
+    if not isinstance(state, _State):
+        raise ValueError("this model was not transformed by bettertransformer; nothing to reverse")
+    for patch in reversed(state.patches):
+        patch.detach()
+    delattr(model, _STATE)
+    return model
+
+
+def call_counts(model: nn.Module) -> dict[str, int]:
+    """How many encoder forwards of a transformed model took the fast path ("fast") or ran stock ("stock")."""
+    state = getattr(model, _STATE, None)
+    if not isinstance(state, _State):
+        raise ValueError("this model was not transformed by bettertransformer")
+    total: Counter[str] = Counter(fast=0, stock=0)
+    for patch in state.patches:
+        total.update(patch.calls)
+    return dict(total)
+
+
+class BetterTransformer:
+    """The one-line API: ``BetterTransformer.transform(model)`` and ``BetterTransformer.reverse(model)``."""
+
+    transform = staticmethod(transform)
+    reverse = staticmethod(reverse)
+    is_transformed = staticmethod(is_transformed)
+    call_counts = staticmethod(call_counts)
