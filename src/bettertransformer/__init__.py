@@ -4,26 +4,43 @@
     model = BetterTransformer.transform(model)
     ...
     model = BetterTransformer.reverse(model)
+
+The public names load on first use, so that ``bettertransformer.ops`` (pure tensor code) imports without
+transformers.
 """
 
-from ._compat import check_versions
+from __future__ import annotations
 
-check_versions()
-
-from .adapters.encoder import EncoderLayout  # noqa: E402
-from .registry import Support, register, supported_model_types  # noqa: E402
-from .transform import BetterTransformer, call_counts, is_transformed, reverse, transform  # noqa: E402
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BetterTransformer",
-    "EncoderLayout",
-    "Support",
-    "call_counts",
-    "is_transformed",
-    "register",
-    "reverse",
-    "supported_model_types",
-    "transform",
-]
+_PUBLIC = {
+    "BetterTransformer": "api",
+    "transform": "api",
+    "reverse": "api",
+    "is_transformed": "api",
+    "call_counts": "api",
+    "register": "registry",
+    "supported_model_types": "registry",
+    "Support": "registry",
+    "EncoderLayout": "adapters.encoder",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'bettertransformer' has no attribute {name!r}")
+    from ._compat import check_versions
+
+    check_versions()
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -182,8 +182,9 @@ class _Call:
 # The base-model calls running in this thread/context, innermost last.
 _CALLS: ContextVar[tuple[_Call, ...]] = ContextVar("bettertransformer_calls", default=())
 
-# Encoder arguments the packed path may ignore whatever their value: positions are already in the embeddings.
-_IGNORED_KWARGS = frozenset({"position_ids", "token_type_ids", "return_dict"})
+# Encoder arguments the packed path may ignore whatever their value: positions are already in the embeddings,
+# and an encoder that is not a decoder (see EncoderLayout.requires) keeps no cache whatever use_cache says.
+_IGNORED_KWARGS = frozenset({"position_ids", "token_type_ids", "return_dict", "use_cache"})
 
 
 class PackedEncoder:

@@ -1,0 +1,30 @@
+"""Comparison helpers that say where and how much two tensors differ."""
+
+from __future__ import annotations
+
+import torch
+
+
+def assert_close_at(
+    actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | None, *, atol: float, rtol: float = 0.0, what=""
+):
+    """Compare ``actual`` and ``expected`` at the positions where ``mask`` (B, S) is nonzero."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double(), expected.detach().double()
+    keep = torch.ones(a.shape[:2], dtype=torch.bool) if mask is None else mask.bool().cpu()
+    keep = keep.reshape(*keep.shape, *([1] * (a.dim() - keep.dim()))).expand(a.shape).to(a.device)
+    err = torch.where(keep, (a - e).abs() - rtol * e.abs(), torch.zeros_like(a))
+    worst = err.max().item() if err.numel() else 0.0
+    if not worst <= atol:
+        where = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
+        raise AssertionError(
+            f"{what}: max error {worst:.3e} > atol {atol:.1e} at index {where}: "
+            f"actual {a[where].item():.6g}, expected {e[where].item():.6g}; "
+            f"{int((err > atol).sum())} of {int(keep.sum())} compared elements off"
+        )
+
+
+def max_error_at(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor) -> float:
+    """Max |actual - expected| over the positions where ``mask`` (B, S) is nonzero."""
+    keep = mask.bool().to(actual.device).reshape(*mask.shape, *([1] * (actual.dim() - 2)))
+    return ((actual.double() - expected.double()).abs() * keep).max().item()

@@ -1,0 +1,259 @@
+"""The padding-free encoder against the stock model, over the zoo, padding layouts, heads, dtypes and modes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import assert_close_at, max_error_at
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+from zoo import CONFIGS, LAYOUTS, make_batch, make_model
+
+from bettertransformer import BetterTransformer, call_counts, supported_model_types
+
+MODEL_TYPES = sorted(CONFIGS)
+
+
+def _inputs(model_type: str, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_hidden_states_match_stock(model_type, layout):
+    model = make_model(model_type)
+    ids, mask = make_batch(*LAYOUTS[layout])
+    with torch.no_grad():
+        expected = model(**_inputs(model_type, ids, mask)).last_hidden_state
+        BetterTransformer.transform(model)
+        actual = model(**_inputs(model_type, ids, mask)).last_hidden_state
+    assert call_counts(model) == {"fast": 1, "stock": 0}
+    assert_close_at(actual, expected, mask, atol=1e-5, what=f"{model_type}/{layout}")
+    # Padded positions are zeros.
+    assert actual[~mask.bool()].abs().max().item() == 0 if (mask == 0).any() else True
+
+
+def test_no_mask_and_all_ones_mask_match_stock():
+    model = make_model("bert")
+    ids, mask = make_batch(*LAYOUTS["none"])
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+        BetterTransformer.transform(model)
+        no_mask = model(input_ids=ids).last_hidden_state
+        ones = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert call_counts(model)["fast"] == 2
+    assert_close_at(no_mask, expected, None, atol=1e-5, what="no mask")
+    assert_close_at(ones, expected, None, atol=1e-5, what="all-ones mask")
+
+
+def test_mask_with_holes_and_empty_rows():
+    """Any 0/1 key mask is a set of real tokens per row; rows with no real token give zeros."""
+    model = make_model("bert")
+    ids, mask = make_batch(*LAYOUTS["right"])
+    mask[0, 3] = 0
+    mask[0, 9] = 0
+    mask[2] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        BetterTransformer.transform(model)
+        actual = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert call_counts(model)["fast"] == 1
+    assert_close_at(actual, expected, mask, atol=1e-5, what="holes")
+    assert actual[2].abs().max().item() == 0
+
+
+def test_mpnet_relative_bias_with_holes():
+    model = make_model("mpnet")
+    ids, mask = make_batch(*LAYOUTS["left"])
+    mask[0, 4] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        BetterTransformer.transform(model)
+        actual = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert call_counts(model)["fast"] == 1
+    assert_close_at(actual, expected, mask, atol=1e-5, what="mpnet holes")
+
+
+@pytest.mark.parametrize(
+    "auto_class", [AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoModelForMaskedLM]
+)
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "albert", "electra", "mpnet"])
+def test_task_heads_match_stock(model_type, auto_class):
+    model = make_model(model_type, auto_class)
+    ids, mask = make_batch(*LAYOUTS["right"])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        BetterTransformer.transform(model)
+        actual = model(input_ids=ids, attention_mask=mask).logits
+    assert call_counts(model)["fast"] == 1
+    # Sequence heads read position 0 (a real token with right padding); token heads are compared on real tokens.
+    per_token = actual.dim() == 3
+    assert_close_at(actual, expected, mask if per_token else None, atol=1e-5, what=auto_class.__name__)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_any_attn_implementation(attn_implementation):
+    model = make_model("bert", attn_implementation=attn_implementation)
+    ids, mask = make_batch(*LAYOUTS["left"])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        BetterTransformer.transform(model)
+        actual = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert call_counts(model)["fast"] == 1
+    assert_close_at(actual, expected, mask, atol=1e-5, what=attn_implementation)
+
+
+# -- calls the fast path cannot honour run the stock computation -----------------------------------------------
+def _pair(model_type="bert"):
+    stock = make_model(model_type, attn_implementation="eager")
+    fast = BetterTransformer.transform(copy.deepcopy(stock))
+    return stock, fast
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "mpnet"])
+def test_output_attentions_and_hidden_states_run_stock(model_type):
+    stock, fast = _pair(model_type)
+    ids, mask = make_batch(*LAYOUTS["right"])
+    with torch.no_grad():
+        exp = stock(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+        act = fast(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    assert call_counts(fast) == {"fast": 0, "stock": 1}
+    assert len(act.attentions) == len(exp.attentions) > 0
+    for a, e in zip(act.attentions, exp.attentions):
+        torch.testing.assert_close(a, e)
+    for a, e in zip(act.hidden_states, exp.hidden_states):
+        torch.testing.assert_close(a, e)
+    # The next ordinary call is fast again.
+    with torch.no_grad():
+        fast(input_ids=ids, attention_mask=mask)
+    assert call_counts(fast) == {"fast": 1, "stock": 1}
+
+
+def test_output_hidden_states_from_config_runs_stock():
+    stock, fast = _pair()
+    fast.config.output_hidden_states = True
+    stock.config.output_hidden_states = True
+    ids, mask = make_batch(*LAYOUTS["right"])
+    with torch.no_grad():
+        exp = stock(input_ids=ids, attention_mask=mask)
+        act = fast(input_ids=ids, attention_mask=mask)
+    assert call_counts(fast)["stock"] == 1
+    assert len(act.hidden_states) == len(exp.hidden_states)
+
+
+def test_head_model_output_hidden_states_runs_stock():
+    stock = make_model("bert", AutoModelForSequenceClassification)
+    fast = BetterTransformer.transform(copy.deepcopy(stock))
+    ids, mask = make_batch(*LAYOUTS["right"])
+    with torch.no_grad():
+        exp = stock(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        act = fast(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert call_counts(fast) == {"fast": 0, "stock": 1}
+    torch.testing.assert_close(act.hidden_states[-1], exp.hidden_states[-1])
+
+
+def test_4d_mask_runs_stock():
+    stock, fast = _pair()
+    ids, mask = make_batch(*LAYOUTS["right"])
+    mask4d = mask[:, None, None, :].expand(-1, 1, ids.shape[1], -1).bool()
+    with torch.no_grad():
+        exp = stock(input_ids=ids, attention_mask=mask4d).last_hidden_state
+        act = fast(input_ids=ids, attention_mask=mask4d).last_hidden_state
+    assert call_counts(fast) == {"fast": 0, "stock": 1}
+    torch.testing.assert_close(act, exp)
+
+
+def test_encoder_called_directly_runs_stock():
+    stock, fast = _pair()
+    hidden = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        exp = stock.encoder(hidden).last_hidden_state
+        act = fast.encoder(hidden).last_hidden_state
+    assert call_counts(fast) == {"fast": 0, "stock": 1}
+    torch.testing.assert_close(act, exp)
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def _grads(model, ids, mask, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "albert", "mpnet"])
+def test_train_mode_gradients_match_stock(model_type, checkpointing):
+    if checkpointing and model_type in ("albert", "mpnet"):
+        pytest.skip(f"{model_type} does not support gradient checkpointing in transformers")
+    stock = make_model(model_type, AutoModelForTokenClassification).train()
+    fast = copy.deepcopy(stock)
+    if checkpointing:
+        stock.gradient_checkpointing_enable()
+        fast.gradient_checkpointing_enable()
+    BetterTransformer.transform(fast)
+    ids, mask = make_batch(*LAYOUTS["left"])
+    labels = torch.randint(0, 2, ids.shape).masked_fill(mask == 0, -100)
+    loss_s, grads_s = _grads(stock, ids, mask, labels)
+    loss_f, grads_f = _grads(fast, ids, mask, labels)
+    assert call_counts(fast)["fast"] == 1
+    torch.testing.assert_close(loss_f, loss_s, atol=1e-6, rtol=1e-5)
+    assert grads_f.keys() == grads_s.keys()
+    for name in grads_s:
+        torch.testing.assert_close(grads_f[name], grads_s[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_train_mode_with_dropout_runs_fast_and_drops():
+    """With dropout on, outputs are random but the fast path runs and masks out padding."""
+    model = make_model("bert", hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5).train()
+    BetterTransformer.transform(model)
+    ids, mask = make_batch(*LAYOUTS["right"])
+    a = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    b = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert call_counts(model)["fast"] == 2
+    assert not torch.allclose(a, b)
+    assert a[~mask.bool()].abs().max().item() == 0
+
+
+def test_fused_qkv_cache_follows_weight_updates():
+    """After an in-place weight change (an optimiser step, load_state_dict), outputs follow the new weights."""
+    stock, fast = _pair()
+    ids, mask = make_batch(*LAYOUTS["right"])
+    with torch.no_grad():
+        fast(input_ids=ids, attention_mask=mask)  # builds the fused-QKV cache
+        for model in (stock, fast):
+            model.encoder.layer[0].attention.self.key.weight.mul_(1.5)
+            model.encoder.layer[1].attention.self.value.bias.add_(0.25)
+        exp = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        act = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_close_at(act, exp, mask, atol=1e-5, what="after update")
+    fast.load_state_dict(make_model("bert", seed=7).state_dict())
+    stock.load_state_dict(make_model("bert", seed=7).state_dict())
+    with torch.no_grad():
+        exp = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        act = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_close_at(act, exp, mask, atol=1e-5, what="after load_state_dict")
+
+
+# -- low precision (CPU) -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_is_a_small_multiple_of_stock(dtype):
+    reference = make_model("bert", num_hidden_layers=4, hidden_size=64, intermediate_size=128)
+    ids, mask = make_batch(*LAYOUTS["left"])
+    with torch.no_grad():
+        ref = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        stock = copy.deepcopy(reference).to(dtype)
+        stock_err = max_error_at(stock(input_ids=ids, attention_mask=mask).last_hidden_state, ref, mask)
+        fast = BetterTransformer.transform(stock)
+        fast_err = max_error_at(fast(input_ids=ids, attention_mask=mask).last_hidden_state, ref, mask)
+    assert call_counts(fast)["fast"] == 1
+    assert fast_err <= 3 * stock_err + 1e-3, (fast_err, stock_err)
+
+
+def test_zoo_covers_the_registry():
+    assert set(supported_model_types()) == set(CONFIGS)

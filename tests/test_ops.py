@@ -1,0 +1,142 @@
+"""The ops on their own: they import torch only, never transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bettertransformer.ops import fused
+from bettertransformer.ops.attention import packed_attention
+from bettertransformer.ops.padding import pack, pack_info, unpack
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _mask(lengths, seq, left=False):
+    mask = torch.zeros(len(lengths), seq, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        if left:
+            mask[row, seq - n :] = True
+        else:
+            mask[row, :n] = True
+    return mask
+
+
+def _reference_attention(q, k, v, lengths, scale, bias=None):
+    """Per-sequence attention in float64: q, k, v (T, H, D)."""
+    out, start = [], 0
+    for n in lengths:
+        qs, ks, vs = (t[start : start + n].double().transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+        scores = qs @ ks.transpose(1, 2) * scale
+        if bias is not None:
+            scores = scores + bias[0, :, :n, :n].double()
+        out.append((scores.softmax(-1) @ vs).transpose(0, 1))
+        start += n
+    return torch.cat(out)
+
+
+def test_ops_import_without_transformers():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'transformers': raise ImportError('transformers is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import bettertransformer.ops.attention, bettertransformer.ops.padding, bettertransformer.ops.fused\n"
+        "assert 'transformers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_pack_unpack_round_trip(left):
+    mask = _mask([5, 1, 7, 0], 7, left)
+    x = torch.randn(4, 7, 3)
+    info = pack_info(mask, 4, 7, x.device)
+    packed = pack(x, info)
+    assert packed.shape == (13, 3) and info.max_len == 7 and info.cu_seqlens.tolist() == [0, 5, 6, 13, 13]
+    torch.testing.assert_close(packed, x[mask])
+    back = unpack(packed, info)
+    torch.testing.assert_close(back, x * mask[..., None])
+
+
+def test_unpadded_batch_packs_by_reshape():
+    x = torch.randn(3, 4, 2)
+    info = pack_info(None, 3, 4, x.device)
+    assert info.indices is None and info.total == 12
+    assert pack(x, info).data_ptr() == x.data_ptr()
+    info = pack_info(torch.ones(3, 4), 3, 4, x.device)
+    assert info.indices is None
+
+
+@pytest.mark.parametrize("backend", ["dense", "loop"])
+@pytest.mark.parametrize("lengths", [[9, 1, 4, 6], [8, 8], [0, 5, 0, 3]])
+def test_packed_attention_backends_match_reference(backend, lengths):
+    torch.manual_seed(0)
+    seq = max(max(lengths), 1)
+    info = pack_info(_mask(lengths, seq), len(lengths), seq, torch.device("cpu"))
+    q, k, v = (torch.randn(sum(lengths), 3, 8) for _ in range(3))
+    out = packed_attention(q, k, v, info, scale=0.3, backend=backend)
+    torch.testing.assert_close(out.double(), _reference_attention(q, k, v, lengths, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_dense_backend_with_bias_and_gradients():
+    torch.manual_seed(0)
+    lengths = [6, 2, 5]
+    info = pack_info(_mask(lengths, 6, left=True), 3, 6, torch.device("cpu"))
+    q, k, v = (torch.randn(13, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    out = packed_attention(q, k, v, info, scale=0.5, bias=bias)
+    ref = _reference_attention(q, k, v, lengths, 0.5, bias)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+        assert torch.isfinite(a).all()
+
+
+def test_fused_ops_reference_path():
+    x, r = torch.randn(5, 16), torch.randn(5, 16)
+    w, b = torch.randn(16), torch.randn(16)
+    torch.testing.assert_close(fused.add_layer_norm(x, r, w, b, 1e-5), F.layer_norm(x + r, (16,), w, b, 1e-5))
+    w2, b2 = torch.randn(8, 16), torch.randn(8)
+    torch.testing.assert_close(fused.linear_gelu(x, w2, b2), F.gelu(F.linear(x, w2, b2)))
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_varlen_backend_matches_reference_on_cuda(dtype):
+    torch.manual_seed(0)
+    lengths = [130, 1, 77, 512, 3]
+    info = pack_info(_mask(lengths, 512).cuda(), 5, 512, torch.device("cuda"))
+    q, k, v = (torch.randn(sum(lengths), 12, 64, device="cuda", dtype=dtype) for _ in range(3))
+    ref = _reference_attention(q.cpu(), k.cpu(), v.cpu(), lengths, 0.125)
+    for backend in ("varlen", "dense"):
+        out = packed_attention(q, k, v, info, scale=0.125, backend=backend)
+        err = (out.double().cpu() - ref).abs().max().item()
+        assert err < (2e-3 if dtype == torch.float16 else 1.6e-2), (backend, err)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_kernels_match_torch_on_cuda(dtype):
+    from bettertransformer.ops import triton_kernels
+
+    assert triton_kernels.AVAILABLE
+    x, r = (torch.randn(1000, 768, device="cuda", dtype=dtype) for _ in range(2))
+    w, b = torch.randn(768, device="cuda", dtype=dtype), torch.randn(768, device="cuda", dtype=dtype)
+    ref = F.layer_norm((x.float() + r.float()), (768,), w.float(), b.float(), 1e-12)
+    out = triton_kernels.add_layer_norm(x, r, w, b, 1e-12)
+    assert (out.float() - ref).abs().max().item() < (2e-2 if dtype == torch.float16 else 6e-2)
+    y = torch.randn(333, 3072, device="cuda", dtype=dtype)
+    ref = F.gelu(y.float())
+    out = triton_kernels.gelu_(y.clone())
+    assert (out.float() - ref).abs().max().item() < (4e-3 if dtype == torch.float16 else 3e-2)
