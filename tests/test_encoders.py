@@ -257,3 +257,21 @@ def test_low_precision_error_is_a_small_multiple_of_stock(dtype):
 
 def test_zoo_covers_the_registry():
     assert set(supported_model_types()) == set(CONFIGS)
+
+
+def test_forward_called_directly_is_fast():
+    """Callers that use ``model.forward(...)`` rather than ``model(...)`` (sentence-transformers does) get it too."""
+    model = BetterTransformer.transform(make_model("bert"))
+    ids, mask = make_batch(*LAYOUTS["right"])
+    with torch.no_grad():
+        model.forward(input_ids=ids, attention_mask=mask)
+    assert call_counts(model) == {"fast": 1, "stock": 0}
+
+
+def test_unknown_tensor_kwargs_run_stock():
+    """A tensor argument the packed path does not know (flash-attention packing metadata, say) runs stock."""
+    stock, fast = _pair()
+    ids, mask = make_batch(*LAYOUTS["none"])
+    with torch.no_grad():
+        fast(input_ids=ids, attention_mask=mask, cu_seq_lens_q=torch.tensor([0, 24, 48, 72, 96], dtype=torch.int32))
+    assert call_counts(fast) == {"fast": 0, "stock": 1}

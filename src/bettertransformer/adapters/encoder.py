@@ -2,8 +2,8 @@
 
 The adapter leaves every module and parameter where it is. It installs two things, both undone by ``detach``:
 
-- a forward pre-hook (and post-hook) on the base model, which remembers the call's ``(batch, seq)`` padding mask
-  while that forward runs (the encoder itself only sees the 4D mask transformers builds from it);
+- an instance-level ``forward`` on the base model, which remembers the call's ``(batch, seq)`` padding mask while
+  the stock forward runs (the encoder itself only sees the 4D mask transformers builds from it);
 - an instance-level ``forward`` on the encoder module, which unpads the embeddings once, runs every layer on the
   packed real tokens with the stock layers' own weights, and re-pads once.
 
@@ -12,6 +12,7 @@ Calls the packed path cannot honour exactly run the stock encoder forward instea
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -172,6 +173,31 @@ class PackedLayer:
         return add_layer_norm(h, x, self.ln2.weight, self.ln2.bias, self.ln2.eps)
 
 
+class InstanceForward:
+    """Route ``module.forward`` (and so ``module(...)``) through ``replacement(stock_forward, *args, **kwargs)``.
+
+    The replacement is an instance attribute that carries the stock forward's signature and docstring; the
+    class and its parameters are untouched. ``restore`` puts back exactly what was there before.
+    """
+
+    def __init__(self, module: nn.Module, replacement: Callable):
+        self.module = module
+        self.previous = module.__dict__.get("forward")  # an instance-level forward someone else installed
+        stock = module.forward
+
+        @functools.wraps(stock)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return replacement(stock, *args, **kwargs)
+
+        module.forward = forward
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            self.module.forward = self.previous
+        else:
+            del self.module.forward
+
+
 @dataclass(frozen=True)
 class _Call:
     owner: int  # id of the PackedEncoder whose base model is running
@@ -209,41 +235,30 @@ class PackedEncoder:
         self.calls: Counter[str] = Counter()
         self._fallbacks_logged: set[str] = set()
         self._signature = inspect.signature(base.forward)
-        self._hooks: list[Any] = []
-        self._stock_forward: Callable | None = None
-        self._had_instance_forward = False
+        self._patches: list[InstanceForward] = []
         self.output_type = _output_type(self.encoder.forward)
 
     # -- installing and removing ----------------------------------------------------------------------------
     def attach(self) -> None:
-        self._had_instance_forward = "forward" in self.encoder.__dict__
-        self._stock_forward = self.encoder.forward
-        self._hooks = [
-            self.base.register_forward_pre_hook(self._enter, with_kwargs=True),
-            self.base.register_forward_hook(self._leave, always_call=True),
+        self._patches = [
+            InstanceForward(self.base, self._base_forward),
+            InstanceForward(self.encoder, self.forward),
         ]
-        self.encoder.forward = self.forward
 
     def detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        if self._had_instance_forward:
-            self.encoder.forward = self._stock_forward
-        else:
-            del self.encoder.forward
+        for patch in reversed(self._patches):
+            patch.restore()
+        self._patches = []
         for layer in self.layers:
             layer.clear_cache()
 
-    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        _CALLS.set(_CALLS.get() + (self._describe_call(args, kwargs),))
-
-    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
-        calls = _CALLS.get()
-        for i in range(len(calls) - 1, -1, -1):
-            if calls[i].owner == id(self):
-                _CALLS.set(calls[:i] + calls[i + 1 :])
-                break
+    def _base_forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward, remembering this call's padding mask for the encoder while it runs."""
+        token = _CALLS.set(_CALLS.get() + (self._describe_call(args, kwargs),))
+        try:
+            return stock(*args, **kwargs)
+        finally:
+            _CALLS.reset(token)
 
     def _describe_call(self, args: tuple, kwargs: dict) -> _Call:
         try:
@@ -288,13 +303,18 @@ class PackedEncoder:
         if any(a is not None for a in args):
             return "extra positional encoder inputs"
         for name, value in kwargs.items():
-            if name not in _IGNORED_KWARGS and value is not None and value is not False:
+            # Labels such as sentence-transformers' modality="text" pass through the layers unused; any other
+            # value (a tensor, a cache, a flag) may change what the stock layers compute.
+            if name not in _IGNORED_KWARGS and value is not None and value is not False and not isinstance(value, str):
                 return f"encoder argument {name}"
         if call.mask is not None and tuple(call.mask.shape) != tuple(hidden_states.shape[:2]):
             return "an attention_mask whose shape differs from the input's"
         return None
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
+    def forward(
+        self, stock: Callable, hidden_states: torch.Tensor, attention_mask: Any = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """The encoder's forward: packed when exact, else ``stock`` (the encoder's own forward)."""
         call = self._current_call()
         reason = self._stock_reason(call, hidden_states, args, kwargs)
         if reason is not None:
@@ -302,8 +322,7 @@ class PackedEncoder:
             if reason not in self._fallbacks_logged:
                 self._fallbacks_logged.add(reason)
                 logger.info("bettertransformer: stock %s forward for %s", type(self.encoder).__name__, reason)
-            assert self._stock_forward is not None
-            return self._stock_forward(hidden_states, attention_mask, *args, **kwargs)
+            return stock(hidden_states, attention_mask, *args, **kwargs)
         self.calls["fast"] += 1
         assert call is not None
         batch, seqlen, _ = hidden_states.shape

@@ -1,0 +1,44 @@
+"""A batch of real sentences of very different lengths, for the demo, tests and benchmarks."""
+
+SHORT = [
+    "Hello there.",
+    "The cat sat down.",
+    "Rain again today.",
+    "Is the shop open?",
+    "Thanks a lot!",
+    "We lost the keys.",
+    "Coffee first, then email.",
+    "The train was late.",
+    "Call me tomorrow.",
+    "That was a good film.",
+    "Where is the station?",
+    "I like green tea.",
+]
+
+MEDIUM = [
+    "The committee postponed its decision until the budget figures for the next quarter are available.",
+    "She planted tomatoes along the south wall, where the afternoon sun keeps the soil warm.",
+    "After the update, the application starts faster but uses a little more memory on older phones.",
+    "Most of the volunteers arrived early, so the clean-up of the river bank finished before noon.",
+    "A good night's sleep does more for a hard exam than another hour of reading the same notes.",
+    "The museum's new wing shows tools, maps and letters from the harbour's busiest years.",
+]
+
+LONG = [
+    "When the old bridge closed for repairs, the town council expected a few weeks of inconvenience, but the "
+    "engineers found corrosion deep inside the steel supports, and the work stretched through the whole winter. "
+    "Shops near the river lost customers, buses took a long detour through the hills, and children crossed on a "
+    "small ferry that the fishermen ran twice an hour. By spring the bridge reopened, painted a bright blue, and "
+    "the ferry kept running on weekends because people had grown fond of it.",
+    "Modern weather forecasts combine measurements from satellites, balloons, ships and thousands of ground "
+    "stations into a single picture of the atmosphere, then step a physical model forward in time on large "
+    "computers. Small errors in the starting picture grow as the model runs, which is why forecasters run the "
+    "same model many times from slightly different starting points and report how much the results agree. A "
+    "forecast for five days ahead today is about as reliable as a forecast for one day ahead was fifty years ago.",
+]
+
+
+def sentences(n: int = 64) -> list[str]:
+    """``n`` sentences cycling short, medium and long ones (mostly short, as real traffic tends to be)."""
+    pool = SHORT * 4 + MEDIUM * 2 + LONG
+    return [pool[i % len(pool)] for i in range(n)]
