@@ -271,7 +271,51 @@ def test_forward_called_directly_is_fast():
 def test_unknown_tensor_kwargs_run_stock():
     """A tensor argument the packed path does not know (flash-attention packing metadata, say) runs stock."""
     stock, fast = _pair()
-    ids, mask = make_batch(*LAYOUTS["none"])
+    ids, mask = make_batch(*LAYOUTS["right"])
+    extra = dict(cu_seq_lens_q=torch.tensor([0, 24, 48, 72, 96], dtype=torch.int32))
     with torch.no_grad():
-        fast(input_ids=ids, attention_mask=mask, cu_seq_lens_q=torch.tensor([0, 24, 48, 72, 96], dtype=torch.int32))
+        act = fast(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
+        exp = stock(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
     assert call_counts(fast) == {"fast": 0, "stock": 1}
+    torch.testing.assert_close(act, exp)
+
+
+class _ScaledLinear(torch.nn.Linear):
+    """Stands in for an adapter (LoRA) or quantized linear: a Linear subclass with its own forward."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def test_modules_swapped_after_transform_are_honoured():
+    stock, fast = _pair()
+    ids, mask = make_batch(*LAYOUTS["right"])
+    # A plain replacement Linear is picked up by the fast path.
+    for model in (stock, fast):
+        torch.manual_seed(3)
+        old = model.encoder.layer[1].attention.self.value
+        model.encoder.layer[1].attention.self.value = torch.nn.Linear(old.in_features, old.out_features)
+    with torch.no_grad():
+        exp = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        act = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert call_counts(fast) == {"fast": 1, "stock": 0}
+    assert_close_at(act, exp, mask, atol=1e-5, what="plain swap")
+    # A Linear with its own forward cannot be fused: the call runs stock and stays correct.
+    for model in (stock, fast):
+        old = model.encoder.layer[0].attention.self.query
+        new = _ScaledLinear(old.in_features, old.out_features)
+        new.load_state_dict(old.state_dict())
+        model.encoder.layer[0].attention.self.query = new
+    with torch.no_grad():
+        exp = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        act = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert call_counts(fast) == {"fast": 1, "stock": 1}
+    torch.testing.assert_close(act, exp)
+
+
+def test_transform_refuses_non_plain_linears():
+    model = make_model("bert")
+    old = model.encoder.layer[0].output.dense
+    model.encoder.layer[0].output.dense = _ScaledLinear(old.in_features, old.out_features)
+    with pytest.raises(NotImplementedError, match="ffn_out is a _ScaledLinear"):
+        BetterTransformer.transform(model)

@@ -18,7 +18,7 @@ import logging
 import math
 from collections import Counter
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import UnionType
 from typing import Any, Callable, Union, get_args, get_origin
 
@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .._compat import output_capture_active
 from ..ops.attention import packed_attention
 from ..ops.fused import add_layer_norm, linear_gelu
-from ..ops.padding import PackInfo, dense_layout, pack, pack_info, to_dense, unpack
+from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -106,23 +106,37 @@ def _output_type(forward: Callable) -> type:
 class PackedLayer:
     """One stock encoder layer, run on packed tokens with its own parameters (never copies of them)."""
 
-    def __init__(self, layer: nn.Module, layout: EncoderLayout, num_heads: int):
-        def opt(path: str | None) -> Any:
-            return None if path is None else resolve(layer, path)
+    _LINEARS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+    _NORMS = ("ln1", "ln2")
 
+    def __init__(self, layer: nn.Module, layout: EncoderLayout, num_heads: int):
         self.layer = layer
-        self.q, self.k, self.v, self.o = (resolve(layer, p) for p in (layout.q, layout.k, layout.v, layout.o))
-        self.ffn_in, self.ffn_out = resolve(layer, layout.ffn_in), resolve(layer, layout.ffn_out)
-        self.ln1, self.ln2 = resolve(layer, layout.ln1), resolve(layer, layout.ln2)
-        self.act = resolve(layer, layout.act)
-        self.attn_dropout, self.o_dropout, self.ffn_dropout = (
-            opt(p) for p in (layout.attn_dropout, layout.o_dropout, layout.ffn_dropout)
-        )
+        self.paths = {name: getattr(layout, name) for name in (*self._LINEARS, *self._NORMS, "act")}
+        for name in ("attn_dropout", "o_dropout", "ffn_dropout"):
+            self.paths[name] = getattr(layout, name)
+        for name, path in self.paths.items():
+            setattr(self, name, None if path is None else resolve(layer, path))
         self.exact_gelu = _is_exact_gelu(self.act)
         self.num_heads = num_heads
         self.head_dim = self.q.out_features // num_heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self._qkv_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+
+    def unsupported(self) -> str | None:
+        """Why this layer's modules cannot run packed (a LoRA or quantized linear, say), or None."""
+        for name in self._LINEARS:
+            module = getattr(self, name)
+            if type(module).forward is not nn.Linear.forward:
+                return f"{name} is a {type(module).__name__}, not a plain nn.Linear"
+        for name in self._NORMS:
+            module = getattr(self, name)
+            if type(module).forward is not nn.LayerNorm.forward:
+                return f"{name} is a {type(module).__name__}, not a plain nn.LayerNorm"
+        return None
+
+    def is_current(self) -> bool:
+        """False once someone swapped a module of the layer (adapters applied after transform, say)."""
+        return all(path is None or resolve(self.layer, path) is getattr(self, name) for name, path in self.paths.items())
 
     def qkv_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused (3 * H * D, hidden) projection: a derived cache, rebuilt whenever a source tensor changes.
@@ -159,16 +173,16 @@ class PackedLayer:
         drop = self.attn_dropout
         p = drop.p if drop is not None and drop.training else 0.0
         ctx = packed_attention(q, k, v, info, scale=self.scale, dropout_p=p, bias=bias)  # (T, H, D)
-        a = self.o(ctx.reshape(tokens, -1))
-        if self.o_dropout is not None:
+        a = F.linear(ctx.reshape(tokens, -1), self.o.weight, self.o.bias)
+        if self.o_dropout is not None and self.o_dropout.training:
             a = self.o_dropout(a)
         x = add_layer_norm(a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps)
         if self.exact_gelu:
             h = linear_gelu(x, self.ffn_in.weight, self.ffn_in.bias)
         else:
-            h = self.act(self.ffn_in(x))
-        h = self.ffn_out(h)
-        if self.ffn_dropout is not None:
+            h = self.act(F.linear(x, self.ffn_in.weight, self.ffn_in.bias))
+        h = F.linear(h, self.ffn_out.weight, self.ffn_out.bias)
+        if self.ffn_dropout is not None and self.ffn_dropout.training:
             h = self.ffn_dropout(h)
         return add_layer_norm(h, x, self.ln2.weight, self.ln2.bias, self.ln2.eps)
 
@@ -203,6 +217,16 @@ class _Call:
     owner: int  # id of the PackedEncoder whose base model is running
     mask: torch.Tensor | None
     blocked: str | None  # why the base model's arguments rule the packed path out, if they do
+    mask_dropped: bool = False  # the stock forward runs without the mask (we hold it)
+    pending: PendingPack | None = None  # the mask's packing, started before the stock forward runs
+
+
+class _Restart(Exception):
+    """Raised by the encoder when a call whose mask was withheld from the stock model must run stock."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 # The base-model calls running in this thread/context, innermost last.
@@ -227,16 +251,36 @@ class PackedEncoder:
         self.base = base
         self.layout = layout
         self.encoder: nn.Module = resolve(base, layout.encoder)
-        stock_layers = layout.layer_order(self.encoder) if layout.layer_order else list(resolve(self.encoder, layout.layers))
-        num_heads = getattr(config, layout.num_heads)
-        unique: dict[int, PackedLayer] = {}
-        self.layers = [unique.setdefault(id(m), PackedLayer(m, layout, num_heads)) for m in stock_layers]
+        self.layers = self._build_layers()
+        for layer in self.layers:
+            problem = layer.unsupported()
+            if problem:
+                raise NotImplementedError(f"{config.model_type}: {problem}; transform the model before applying "
+                                          "adapters or quantization")
         self.pre = resolve(self.encoder, layout.pre) if layout.pre else None
         self.calls: Counter[str] = Counter()
         self._fallbacks_logged: set[str] = set()
         self._signature = inspect.signature(base.forward)
         self._patches: list[InstanceForward] = []
         self.output_type = _output_type(self.encoder.forward)
+
+    def _build_layers(self) -> list[PackedLayer]:
+        layout = self.layout
+        stock = layout.layer_order(self.encoder) if layout.layer_order else list(resolve(self.encoder, layout.layers))
+        num_heads = getattr(self.base.config, layout.num_heads)
+        unique: dict[int, PackedLayer] = {}  # ALBERT runs one layer module many times: one PackedLayer for it
+        return [unique.setdefault(id(m), PackedLayer(m, layout, num_heads)) for m in stock]
+
+    def _layers_changed(self) -> str | None:
+        """Re-read the layers if someone swapped modules since transform; say why they cannot run packed."""
+        if all(layer.is_current() for layer in self.layers):
+            return None
+        self.layers = self._build_layers()
+        for layer in self.layers:
+            problem = layer.unsupported()
+            if problem:
+                return problem
+        return None
 
     # -- installing and removing ----------------------------------------------------------------------------
     def attach(self) -> None:
@@ -253,18 +297,37 @@ class PackedEncoder:
             layer.clear_cache()
 
     def _base_forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
-        """The base model's forward, remembering this call's padding mask for the encoder while it runs."""
-        token = _CALLS.set(_CALLS.get() + (self._describe_call(args, kwargs),))
+        """The base model's forward, with this call's padding mask held for the encoder while it runs.
+
+        When the packed path will likely run, the stock forward gets ``attention_mask=None``: the encoder reads
+        the mask from here, and transformers need not build (and sync on) its 4D version. If the encoder then
+        finds the call needs the stock computation after all, it raises ``_Restart`` and the call reruns stock
+        with the user's mask.
+        """
+        call, bound = self._describe_call(args, kwargs)
+        run_args, run_kwargs = args, kwargs
+        if call.blocked is None and call.mask is not None and bound is not None and not output_capture_active():
+            bound.arguments["attention_mask"] = None
+            run_args, run_kwargs = bound.args, bound.kwargs
+            # Start counting the real tokens now; the encoder collects the result after the embeddings are queued.
+            mask = call.mask
+            pending = PendingPack(mask, mask.shape[0], mask.shape[1], self.layers[0].q.weight.device)
+            call = replace(call, mask_dropped=True, pending=pending)
+        token = _CALLS.set(_CALLS.get() + (call,))
         try:
+            return stock(*run_args, **run_kwargs)
+        except _Restart as restart:
+            _CALLS.reset(token)
+            token = _CALLS.set(_CALLS.get() + (replace(call, blocked=restart.reason, mask_dropped=False),))
             return stock(*args, **kwargs)
         finally:
             _CALLS.reset(token)
 
-    def _describe_call(self, args: tuple, kwargs: dict) -> _Call:
+    def _describe_call(self, args: tuple, kwargs: dict) -> tuple[_Call, inspect.BoundArguments | None]:
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError:
-            return _Call(id(self), None, "arguments the base model's signature does not take")
+            return _Call(id(self), None, "arguments the base model's signature does not take"), None
         arguments = dict(bound.arguments)
         for name, param in self._signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD:
@@ -281,7 +344,9 @@ class PackedEncoder:
                 value = getattr(self.base.config, flag, False)
             if value:
                 blocked = flag
-        return _Call(id(self), mask, blocked)
+        if "attention_mask" not in bound.arguments:  # passed through **kwargs: leave the call as it is
+            bound = None
+        return _Call(id(self), mask, blocked), bound
 
     # -- the forward -------------------------------------------------------------------------------------------
     def _current_call(self) -> _Call | None:
@@ -309,7 +374,7 @@ class PackedEncoder:
                 return f"encoder argument {name}"
         if call.mask is not None and tuple(call.mask.shape) != tuple(hidden_states.shape[:2]):
             return "an attention_mask whose shape differs from the input's"
-        return None
+        return self._layers_changed()
 
     def forward(
         self, stock: Callable, hidden_states: torch.Tensor, attention_mask: Any = None, *args: Any, **kwargs: Any
@@ -318,6 +383,8 @@ class PackedEncoder:
         call = self._current_call()
         reason = self._stock_reason(call, hidden_states, args, kwargs)
         if reason is not None:
+            if call is not None and call.mask_dropped:
+                raise _Restart(reason)
             self.calls["stock"] += 1
             if reason not in self._fallbacks_logged:
                 self._fallbacks_logged.add(reason)
@@ -326,7 +393,10 @@ class PackedEncoder:
         self.calls["fast"] += 1
         assert call is not None
         batch, seqlen, _ = hidden_states.shape
-        info = pack_info(call.mask, batch, seqlen, hidden_states.device)
+        if call.pending is not None and call.pending.device == hidden_states.device:
+            info = call.pending.finish()
+        else:
+            info = pack_info(call.mask, batch, seqlen, hidden_states.device)
         x = pack(hidden_states, info)  # (T, hidden)
         if self.pre is not None:
             x = self.pre(x)

@@ -2,6 +2,8 @@
 
 Three ways to compute the same function, picked per call:
 
+- ``triton``: our Triton kernel on the packed tokens, CUDA, fp16/bf16, power-of-two head sizes, inference
+  (no gradient). Faster than ``varlen`` on short and mixed-length rows (see BENCHMARKS.md).
 - ``varlen``: flash attention on the packed tokens (``torch.nn.attention.varlen``), CUDA, fp16/bf16, no bias,
   no dropout. Computes only real-token pairs.
 - ``dense``: lay the packed tokens out left-aligned in a ``(B, max_len)`` grid and call SDPA with a key mask
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import triton_kernels
 from .padding import PackInfo, dense_layout, from_dense, to_dense
 
 try:  # torch >= 2.10
@@ -22,13 +25,25 @@ try:  # torch >= 2.10
 except ImportError:  # pragma: no cover - older torch
     _varlen_attn = None
 
-BACKENDS = ("varlen", "dense", "loop")
+BACKENDS = ("triton", "varlen", "dense", "loop")
+
+# Benchmarks set this to compare backends on one workload; None picks per call (``pick_backend``).
+FORCED_BACKEND: str | None = None
 
 
 def pick_backend(q: torch.Tensor, dropout_p: float, bias: torch.Tensor | None) -> str:
     """The fastest backend that computes this call exactly."""
     if q.is_cuda:
         head_dim = q.shape[-1]
+        if (
+            triton_kernels.AVAILABLE
+            and bias is None
+            and dropout_p == 0.0
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and head_dim in (16, 32, 64, 128)
+            and not (torch.is_grad_enabled() and q.requires_grad)
+        ):
+            return "triton"
         if (
             _varlen_attn is not None
             and bias is None
@@ -61,7 +76,9 @@ def packed_attention(
     bias:    optional (1 or B, H, max_len, max_len) additive bias, indexed by position inside the row.
     Returns (T, H, D).
     """
-    backend = backend or pick_backend(q, dropout_p, bias)
+    backend = backend or FORCED_BACKEND or pick_backend(q, dropout_p, bias)
+    if backend == "triton":
+        return triton_kernels.varlen_attention(q, k, v, info.cu_seqlens, info.max_len, scale)
     if backend == "varlen":
         if _varlen_attn is None:
             raise RuntimeError("torch.nn.attention.varlen is not available in this PyTorch")
@@ -72,7 +89,7 @@ def packed_attention(
             raise ValueError("the loop backend takes no bias and no dropout")
         outs = []
         start = 0
-        for length in info.lengths.tolist():
+        for length in info.host_lengths.tolist():
             if length:
                 end = start + length
                 # (1, H, L, D) views of one sequence; SDPA without a mask takes its fastest kernel.

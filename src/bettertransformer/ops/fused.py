@@ -12,9 +12,14 @@ import torch.nn.functional as F
 from . import triton_kernels
 
 
+# Benchmarks switch this off to measure what the kernels buy.
+USE_TRITON = True
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     return (
-        triton_kernels.AVAILABLE
+        USE_TRITON
+        and triton_kernels.AVAILABLE
         and x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
         and not (torch.is_grad_enabled() and x.requires_grad)

@@ -16,17 +16,19 @@ import torch
 class PackInfo:
     """Where the real tokens of a padded ``(batch, seqlen)`` batch live.
 
-    indices:    (T,) int64, flat positions ``b * seqlen + s`` of the real tokens, row-major; ``None`` when
-                every position is real (then packing is a plain reshape).
-    cu_seqlens: (B + 1,) int32, ``cu_seqlens[b]`` is the packed offset of row ``b``'s first token.
-    lengths:    (B,) int64, real tokens per row.
-    max_len:    longest row, a Python int (the one host sync of a forward).
+    indices:      (T,) int64, flat positions ``b * seqlen + s`` of the real tokens, row-major; ``None`` when
+                  every position is real (then packing is a plain reshape).
+    cu_seqlens:   (B + 1,) int32 on the device, ``cu_seqlens[b]`` is the packed offset of row ``b``'s first token.
+    lengths:      (B,) int32 on the device, real tokens per row.
+    host_lengths: the same on the CPU.
+    max_len:      longest row.
     batch, seqlen: the padded shape.
     """
 
     indices: torch.Tensor | None
     cu_seqlens: torch.Tensor
     lengths: torch.Tensor
+    host_lengths: torch.Tensor
     max_len: int
     batch: int
     seqlen: int
@@ -37,26 +39,55 @@ class PackInfo:
         return self.batch * self.seqlen if self.indices is None else self.indices.numel()
 
 
+class PendingPack:
+    """A ``PackInfo`` whose host-side numbers are still on their way from the GPU.
+
+    ``start`` launches the row count and an asynchronous copy of it to pinned host memory; ``finish`` waits for
+    that copy alone. Started before the embeddings are queued, the wait then overlaps their GPU work instead of
+    draining the queue (a plain ``.cpu()`` there left the GPU idle while Python caught up: see BENCHMARKS.md).
+    """
+
+    def __init__(self, mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.device):
+        self.batch, self.seqlen, self.device = batch, seqlen, device
+        self.mask = None if mask is None else mask.to(device, non_blocking=True)
+        self.lengths = None
+        self.event = None
+        if self.mask is None:
+            self.host = torch.full((batch,), seqlen, dtype=torch.int32)
+            return
+        self.lengths = torch.count_nonzero(self.mask, dim=1).to(torch.int32)  # (B,)
+        if self.lengths.is_cuda:
+            self.host = torch.empty(batch, dtype=torch.int32, pin_memory=True)
+            self.host.copy_(self.lengths, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = self.lengths
+
+    def finish(self) -> PackInfo:
+        if self.event is not None:
+            self.event.synchronize()
+        batch, seqlen, host = self.batch, self.seqlen, self.host
+        cu_host = torch.zeros(batch + 1, dtype=torch.int32)
+        torch.cumsum(host, 0, out=cu_host[1:])
+        total = int(cu_host[-1])
+        max_len = int(host.max()) if batch else 0
+        cu = cu_host.to(self.device, non_blocking=True)
+        if self.mask is None or total == batch * seqlen:
+            lengths = host.to(self.device, non_blocking=True) if self.lengths is None else self.lengths
+            return PackInfo(None, cu, lengths, host.clone(), seqlen, batch, seqlen)
+        # The size is known on the host, so this nonzero needs no second sync.
+        indices = torch.nonzero_static(self.mask.reshape(-1), size=total).squeeze(1)  # (T,)
+        return PackInfo(indices, cu, self.lengths, host.clone(), max_len, batch, seqlen)
+
+
 def pack_info(mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.device) -> PackInfo:
     """Build the ``PackInfo`` of a ``(B, S)`` key mask (nonzero = real token), or of an unpadded batch.
 
-    Rows may hold no real token at all; such a row packs to zero tokens.
+    Costs one device-to-host copy (the row lengths: kernels need the longest row and the token count as
+    Python ints) and a handful of small kernels. Rows may hold no real token at all.
     """
-    if mask is None:
-        lengths = torch.full((batch,), seqlen, dtype=torch.int64, device=device)
-        cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
-        return PackInfo(None, cu, lengths, seqlen, batch, seqlen)
-    mask = mask.to(device=device, dtype=torch.bool)
-    lengths = mask.sum(dim=1)  # (B,)
-    cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
-    cu[1:] = torch.cumsum(lengths, dim=0)
-    # One host sync: the kernels need the longest row and the token count as Python ints.
-    stats = torch.stack([lengths.max(), cu[-1].to(torch.int64)]).tolist()
-    max_len, total = int(stats[0]), int(stats[1])
-    if total == batch * seqlen:
-        return PackInfo(None, cu, lengths, seqlen, batch, seqlen)
-    indices = torch.nonzero(mask.reshape(-1), as_tuple=False).squeeze(1)  # (T,)
-    return PackInfo(indices, cu, lengths, max_len, batch, seqlen)
+    return PendingPack(mask, batch, seqlen, device).finish()
 
 
 def pack(x: torch.Tensor, info: PackInfo) -> torch.Tensor:
@@ -72,7 +103,11 @@ def unpack(x: torch.Tensor, info: PackInfo) -> torch.Tensor:
     rest = x.shape[1:]
     if info.indices is None:
         return x.reshape(info.batch, info.seqlen, *rest)
-    out = x.new_zeros(info.batch * info.seqlen, *rest).index_copy(0, info.indices, x)
+    out = x.new_zeros(info.batch * info.seqlen, *rest)
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = out.index_copy(0, info.indices, x)
+    else:
+        out.index_copy_(0, info.indices, x)  # no copy of the zeros
     return out.reshape(info.batch, info.seqlen, *rest)
 
 
