@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="directory for the JSON results")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--profile", action="store_true", help="also write a kernel profile of each model")
+    parser.add_argument("--ffn-chunks", type=int, nargs="*", default=[], help="experiment: FFN row-chunk sizes")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -143,9 +144,23 @@ def main() -> None:
     fused.USE_TRITON = False
     run("bettertransformer, no Triton fusion", hf(fast))
     fused.USE_TRITON = True
+    from bettertransformer.adapters import encoder as encoder_adapter
+
+    for chunk in args.ffn_chunks:
+        encoder_adapter.FFN_CHUNK_TOKENS = chunk
+        run(f"bettertransformer, FFN in chunks of {chunk} tokens", hf(fast))
+    encoder_adapter.FFN_CHUNK_TOKENS = 0
     attention.FORCED_BACKEND = "dense"
     run("bettertransformer, dense (padded) attention", hf(fast))
     attention.FORCED_BACKEND = None
+
+    # The same models on a batch with no padding at all (64 x 512 real tokens): packing must not cost.
+    full = torch.ones_like(mask)
+    no_pad = []
+    for name, model in (("stock transformers sdpa", stock), ("bettertransformer", fast)):
+        with torch.inference_mode():
+            no_pad.append((name, bench(lambda: model(input_ids=ids + 1000 * (1 - mask), attention_mask=full),
+                                       iters=args.iters)))
 
     if args.profile and args.out:
         from torch.profiler import ProfilerActivity, profile
@@ -157,6 +172,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             with open(f"{args.out}/profile_{name}.txt", "w") as f:
                 f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+            prof.export_chrome_trace(f"{args.out}/trace_{name}.json")
 
     tflops = matmul_tflops()
     cfg = stock.config
@@ -177,6 +193,7 @@ def main() -> None:
         "floor_ms": floor_ms,
         "rows": rows,
     }
+    info["no_padding"] = no_pad
     if args.out:
         with open(f"{args.out}/encoder_gpu.json", "w") as f:
             json.dump(info, f, indent=2)
@@ -188,7 +205,11 @@ def main() -> None:
     for row in rows:
         print(f"| {row['variant']} | {row['ms']:.2f} | {base / row['ms']:.2f}x | {row['host_ms']:.2f} | "
               f"{row['max_err']:.2e} |")
+    print("\nNo padding (64 x 512 real tokens):")
+    for name, ms in no_pad:
+        print(f"| {name} | {ms:.2f} ms | {no_pad[0][1] / ms:.2f}x |")
 
 
 if __name__ == "__main__":
     main()
+

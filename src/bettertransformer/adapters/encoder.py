@@ -114,8 +114,13 @@ class PackedLayer:
         self.paths = {name: getattr(layout, name) for name in (*self._LINEARS, *self._NORMS, "act")}
         for name in ("attn_dropout", "o_dropout", "ffn_dropout"):
             self.paths[name] = getattr(layout, name)
+        self._slots = []  # (parent module, attribute, child) for every module this layer reads
         for name, path in self.paths.items():
-            setattr(self, name, None if path is None else resolve(layer, path))
+            child = None if path is None else resolve(layer, path)
+            setattr(self, name, child)
+            if isinstance(child, nn.Module):
+                parent_path, _, attr = path.rpartition(".")
+                self._slots.append((resolve(layer, parent_path) if parent_path else layer, attr, child))
         self.exact_gelu = _is_exact_gelu(self.act)
         self.num_heads = num_heads
         self.head_dim = self.q.out_features // num_heads
@@ -135,8 +140,11 @@ class PackedLayer:
         return None
 
     def is_current(self) -> bool:
-        """False once someone swapped a module of the layer (adapters applied after transform, say)."""
-        return all(path is None or resolve(self.layer, path) is getattr(self, name) for name, path in self.paths.items())
+        """False once someone swapped a module of the layer (adapters applied after transform, say).
+
+        Checks each module's entry in its parent's ``_modules`` (a dict lookup, not ``nn.Module.__getattr__``).
+        """
+        return all(parent._modules.get(attr) is child for parent, attr, child in self._slots)
 
     def qkv_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused (3 * H * D, hidden) projection: a derived cache, rebuilt whenever a source tensor changes.

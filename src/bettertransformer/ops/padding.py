@@ -68,13 +68,19 @@ class PendingPack:
         if self.event is not None:
             self.event.synchronize()
         batch, seqlen, host = self.batch, self.seqlen, self.host
-        cu_host = torch.zeros(batch + 1, dtype=torch.int32)
+        # Pinned, so the copy back to the GPU is asynchronous: a copy from pageable memory waits for the whole
+        # stream (the embeddings) first, which left the GPU idle while Python issued the next kernels.
+        pinned = self.device.type == "cuda"
+        cu_host = torch.zeros(batch + 1, dtype=torch.int32, pin_memory=pinned)
         torch.cumsum(host, 0, out=cu_host[1:])
         total = int(cu_host[-1])
         max_len = int(host.max()) if batch else 0
         cu = cu_host.to(self.device, non_blocking=True)
         if self.mask is None or total == batch * seqlen:
-            lengths = host.to(self.device, non_blocking=True) if self.lengths is None else self.lengths
+            if self.lengths is None:
+                lengths = (host.pin_memory() if pinned else host).to(self.device, non_blocking=True)
+            else:
+                lengths = self.lengths
             return PackInfo(None, cu, lengths, host.clone(), seqlen, batch, seqlen)
         # The size is known on the host, so this nonzero needs no second sync.
         indices = torch.nonzero_static(self.mask.reshape(-1), size=total).squeeze(1)  # (T,)
