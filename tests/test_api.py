@@ -229,3 +229,15 @@ def test_from_config_auto_model_types_round_trip():
         BetterTransformer.reverse(BetterTransformer.transform(model))
         _assert_state_equal(_state(model), before)
         assert isinstance(model, type(AutoModel.from_config(model.config)))
+
+
+def test_readme_supported_models_table_is_current():
+    from pathlib import Path
+
+    from bettertransformer.registry import supported_models_markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("<!-- supported-models:start")
+    start = readme.index("\n", start) + 1
+    end = readme.index("<!-- supported-models:end -->")
+    assert readme[start:end].strip() == supported_models_markdown(), "regenerate the README table"

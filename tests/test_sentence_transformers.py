@@ -43,3 +43,13 @@ def test_minilm_token_embeddings_match_on_real_tokens(model):
     BetterTransformer.reverse(fast)
     with torch.no_grad():
         torch.testing.assert_close(fast[0].auto_model(**features).last_hidden_state, expected)
+
+
+def test_demo_runs_and_reports(capsys):
+    from bettertransformer.demo import main
+
+    assert main(["--device", "cpu", "--batch", "12", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "bettertransformer" in out and "stock fallbacks: 0" in out
+    diff = float(out.split("max |embedding difference| ")[1].split(",")[0])
+    assert diff < 1e-5

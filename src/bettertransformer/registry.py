@@ -21,12 +21,14 @@ class Support:
     adapter:    the class that attaches to a base model (``adapter(base, layout).attach()``) and undoes it
                 (``.detach()``).
     layout:     attribute paths and hooks the adapter reads the stock modules through.
-    fast_paths: what the user gets, for docs and ``supported_model_types``.
+    fast_paths: what the user gets, for the docs.
+    notes:      anything a user of this model type should know, for the docs.
     """
 
     adapter: type = PackedEncoder
     layout: EncoderLayout = field(default_factory=EncoderLayout)
     fast_paths: tuple[str, ...] = ("padding-free encoder",)
+    notes: str = ""
 
 
 def _albert_layer_order(encoder: nn.Module) -> list[nn.Module]:
@@ -99,7 +101,7 @@ MPNET = EncoderLayout(
 
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model.
 REGISTRY: dict[str, Support] = {
-    "albert": Support(layout=ALBERT),
+    "albert": Support(layout=ALBERT, notes="shared layers run once per step, fused QKV cached once"),
     "bert": Support(layout=BERT),
     "camembert": Support(layout=BERT),
     "data2vec-text": Support(layout=BERT),
@@ -108,7 +110,9 @@ REGISTRY: dict[str, Support] = {
     "ernie": Support(layout=BERT),
     "layoutlm": Support(layout=BERT),
     "markuplm": Support(layout=BERT),
-    "mpnet": Support(layout=MPNET),
+    "mpnet": Support(
+        layout=MPNET, notes="relative position bias: attention runs on rows padded to the longest, others packed"
+    ),
     "roberta": Support(layout=BERT),
     "roc_bert": Support(layout=BERT),
     "splinter": Support(layout=BERT),
@@ -131,3 +135,12 @@ def register(model_type: str, support: Support, *, overwrite: bool = False) -> N
 def supported_model_types() -> list[str]:
     """The ``config.model_type`` values ``transform`` accepts, sorted."""
     return sorted(REGISTRY)
+
+
+def supported_models_markdown() -> str:
+    """The README's supported-model table, generated from the registry (a test keeps the README current)."""
+    lines = ["| model type | fast path | notes |", "|---|---|---|"]
+    for model_type in supported_model_types():
+        support = REGISTRY[model_type]
+        lines.append(f"| `{model_type}` | {', '.join(support.fast_paths)} | {support.notes} |")
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+# The few targets people type. Each sets up what it needs in a virtual environment of its own.
+PYTHON ?= python3
+# A CPU build of torch by default (the machines this project is developed and tested on have no GPU);
+# on a CUDA machine, set TORCH_SPEC to the torch you want, e.g. TORCH_SPEC=torch==2.11.0.
+TORCH_SPEC ?= torch==2.13.0
+NEWEST_TRANSFORMERS ?= 5.24.0
+OLDEST_TRANSFORMERS ?= 5.17.0
+
+.PHONY: demo test test-newest test-oldest bench-cpu bench-gpu clean
+
+.venv-%/ready: pyproject.toml
+	$(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	.venv-$*/bin/pip install -q --disable-pip-version-check "transformers==$*" -e ".[test]"
+	touch $@
+
+demo: .venv-$(NEWEST_TRANSFORMERS)/ready
+	.venv-$(NEWEST_TRANSFORMERS)/bin/python -m bettertransformer.demo
+
+test: test-newest test-oldest
+
+test-newest: .venv-$(NEWEST_TRANSFORMERS)/ready
+	.venv-$(NEWEST_TRANSFORMERS)/bin/python -m pytest -q
+
+test-oldest: .venv-$(OLDEST_TRANSFORMERS)/ready
+	.venv-$(OLDEST_TRANSFORMERS)/bin/python -m pytest -q
+
+bench-cpu: .venv-$(NEWEST_TRANSFORMERS)/ready
+	.venv-$(NEWEST_TRANSFORMERS)/bin/python benchmarks/encoder_cpu.py
+
+# On a CUDA machine with torch, transformers and triton already installed.
+bench-gpu:
+	PYTHONPATH=src:benchmarks $(PYTHON) benchmarks/encoder_gpu.py
+
+clean:
+	rm -rf .venv-*/ build *.egg-info src/*.egg-info
