@@ -39,6 +39,14 @@ LONG = [
 
 
 def sentences(n: int = 64) -> list[str]:
-    """``n`` sentences cycling short, medium and long ones (mostly short, as real traffic tends to be)."""
-    pool = SHORT * 4 + MEDIUM * 2 + LONG
-    return [pool[i % len(pool)] for i in range(n)]
+    """``n`` sentences, mostly short as real traffic tends to be: every 16th long (from the first), every 4th
+    of the rest medium, the others short. Any batch of 8 or more holds all three kinds."""
+    out = []
+    for i in range(n):
+        if i % 16 == 0:
+            out.append(LONG[(i // 16) % len(LONG)])
+        elif i % 4 == 0:
+            out.append(MEDIUM[(i // 4) % len(MEDIUM)])
+        else:
+            out.append(SHORT[i % len(SHORT)])
+    return out

