@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 NEWEST_TRANSFORMERS ?= 5.24.0
 OLDEST_TRANSFORMERS ?= 5.17.0
 
-.PHONY: demo test test-newest test-oldest bench-cpu bench-gpu clean
+.PHONY: demo test test-newest test-oldest bench-cpu bench-gpu readme-table clean
 
 .venv-%/ready: pyproject.toml
 	$(PYTHON) -m venv .venv-$*
@@ -31,6 +31,10 @@ bench-cpu: .venv-$(NEWEST_TRANSFORMERS)/ready
 # On a CUDA machine with torch, transformers and triton already installed.
 bench-gpu:
 	PYTHONPATH=src:benchmarks $(PYTHON) benchmarks/encoder_gpu.py
+
+# Regenerate the README's supported-model table from the registry (a test fails while it is stale).
+readme-table: .venv-$(NEWEST_TRANSFORMERS)/ready
+	.venv-$(NEWEST_TRANSFORMERS)/bin/python -m bettertransformer.registry
 
 clean:
 	rm -rf .venv-*/ build *.egg-info src/*.egg-info

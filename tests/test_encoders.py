@@ -82,7 +82,7 @@ def test_mpnet_relative_bias_with_holes():
 @pytest.mark.parametrize(
     "auto_class", [AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoModelForMaskedLM]
 )
-@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "albert", "electra", "mpnet"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "albert", "electra", "mpnet", "roberta-prelayernorm"])
 def test_task_heads_match_stock(model_type, auto_class):
     model = make_model(model_type, auto_class)
     ids, mask = make_batch(*LAYOUTS["right"])
@@ -187,7 +187,7 @@ def _grads(model, ids, mask, labels):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("model_type", ["bert", "distilbert", "albert", "mpnet"])
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "albert", "mpnet", "xlm-roberta-xl", "megatron-bert"])
 def test_train_mode_gradients_match_stock(model_type, checkpointing):
     if checkpointing and model_type in ("albert", "mpnet"):
         pytest.skip(f"{model_type} does not support gradient checkpointing in transformers")

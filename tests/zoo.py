@@ -30,11 +30,14 @@ CONFIGS: dict[str, dict] = {
     "ernie": {},
     "layoutlm": {},
     "markuplm": {},
+    "megatron-bert": {},
     "mpnet": dict(relative_attention_num_buckets=32),
     "roberta": {},
+    "roberta-prelayernorm": {},
     "roc_bert": {},
     "splinter": {},
     "xlm-roberta": {},
+    "xlm-roberta-xl": {},
 }
 
 _OWN_SIZES = {"distilbert"}

@@ -99,6 +99,27 @@ MPNET = EncoderLayout(
     requires=(),
 )
 
+ROBERTA_PRELAYERNORM = EncoderLayout(
+    pre_norm=True,
+    ln1="attention.LayerNorm",
+    ln2="intermediate.LayerNorm",
+)
+
+XLM_ROBERTA_XL = EncoderLayout(
+    pre_norm=True,
+    ffn_dropout=None,  # XLM-RoBERTa-XL has no dropout after its FFN
+    ln1="attention.self_attn_layer_norm",
+    ln2="LayerNorm",
+    final_norm="LayerNorm",
+)
+
+MEGATRON_BERT = EncoderLayout(
+    pre_norm=True,
+    ln1="attention.ln",
+    ln2="ln",
+    final_norm="ln",
+)
+
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model.
 REGISTRY: dict[str, Support] = {
     "albert": Support(layout=ALBERT, notes="shared layers run once per step, fused QKV cached once"),
@@ -110,13 +131,18 @@ REGISTRY: dict[str, Support] = {
     "ernie": Support(layout=BERT),
     "layoutlm": Support(layout=BERT),
     "markuplm": Support(layout=BERT),
+    "megatron-bert": Support(layout=MEGATRON_BERT, notes="pre-LayerNorm"),
     "mpnet": Support(
         layout=MPNET, notes="relative position bias: attention runs on rows padded to the longest, others packed"
     ),
     "roberta": Support(layout=BERT),
+    "roberta-prelayernorm": Support(
+        layout=ROBERTA_PRELAYERNORM, notes="pre-LayerNorm; the final LayerNorm (in the base model) runs on padding too"
+    ),
     "roc_bert": Support(layout=BERT),
     "splinter": Support(layout=BERT),
     "xlm-roberta": Support(layout=BERT),
+    "xlm-roberta-xl": Support(layout=XLM_ROBERTA_XL, notes="pre-LayerNorm"),
 }
 
 
@@ -144,3 +170,17 @@ def supported_models_markdown() -> str:
         support = REGISTRY[model_type]
         lines.append(f"| `{model_type}` | {', '.join(support.fast_paths)} | {support.notes} |")
     return "\n".join(lines)
+
+
+def update_readme(path: str = "README.md") -> None:
+    """Rewrite the supported-model table between the README's markers (``make readme-table``)."""
+    with open(path) as f:
+        text = f.read()
+    start = text.index("\n", text.index("<!-- supported-models:start")) + 1
+    end = text.index("<!-- supported-models:end -->")
+    with open(path, "w") as f:
+        f.write(text[:start] + supported_models_markdown() + "\n" + text[end:])
+
+
+if __name__ == "__main__":
+    update_readme()

@@ -39,11 +39,16 @@ logger = logging.getLogger(__name__)
 class EncoderLayout:
     """Where a BERT-shaped encoder keeps its pieces, as attribute paths.
 
-    ``encoder`` is relative to the base model; ``layers`` and ``pre`` to the encoder; every other path to one
-    layer. A layer computes::
+    ``encoder`` is relative to the base model; ``layers``, ``pre`` and ``final_norm`` to the encoder; every
+    other path to one layer. A post-LayerNorm layer (BERT) computes::
 
         a = LN1(dropout(o(attention(q(x), k(x), v(x)))) + x)
         y = LN2(dropout(ffn_out(act(ffn_in(a)))) + a)
+
+    and a pre-LayerNorm layer (``pre_norm=True``: RoBERTa-PreLayerNorm, XLM-RoBERTa-XL, Megatron-BERT)::
+
+        a = x + dropout(o(attention(LN1(x))))
+        y = a + dropout(ffn_out(act(ffn_in(LN2(a)))))
     """
 
     encoder: str = "encoder"
@@ -63,6 +68,9 @@ class EncoderLayout:
     num_heads: str = "num_attention_heads"  # a config attribute
     # A position-wise module the encoder applies before its layers (ALBERT's embedding projection).
     pre: str | None = None
+    pre_norm: bool = False
+    # A LayerNorm the encoder applies after its last layer (pre-LayerNorm encoders).
+    final_norm: str | None = None
     # The layers in execution order, when ``layers`` is not a plain list (ALBERT shares layers between steps).
     layer_order: Callable[[nn.Module], list[nn.Module]] | None = None
     # (encoder, positions (B, L) int64) -> additive attention bias (B, H, L, L), for relative positions (MPNet).
@@ -77,6 +85,10 @@ def resolve(root: nn.Module, path: str) -> Any:
     for name in path.split("."):
         obj = obj[int(name)] if name.isdigit() else getattr(obj, name)
     return obj
+
+
+def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def _is_exact_gelu(act: Any) -> bool:
@@ -122,6 +134,7 @@ class PackedLayer:
                 parent_path, _, attr = path.rpartition(".")
                 self._slots.append((resolve(layer, parent_path) if parent_path else layer, attr, child))
         self.exact_gelu = _is_exact_gelu(self.act)
+        self.pre_norm = layout.pre_norm
         self.num_heads = num_heads
         self.head_dim = self.q.out_features // num_heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
@@ -174,6 +187,14 @@ class PackedLayer:
 
     def __call__(self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None) -> torch.Tensor:
         """x: (T, hidden) -> (T, hidden)."""
+        if self.pre_norm:
+            a = x + self._attention(_layer_norm(x, self.ln1), info, bias)
+            return a + self._ffn(_layer_norm(a, self.ln2))
+        x = add_layer_norm(self._attention(x, info, bias), x, self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        return add_layer_norm(self._ffn(x), x, self.ln2.weight, self.ln2.bias, self.ln2.eps)
+
+    def _attention(self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None) -> torch.Tensor:
+        """dropout(o(attention(q(x), k(x), v(x)))), x: (T, hidden)."""
         tokens = x.shape[0]
         weight, b = self.qkv_parameters()
         qkv = F.linear(x, weight, b).view(tokens, 3, self.num_heads, self.head_dim)
@@ -184,7 +205,10 @@ class PackedLayer:
         a = F.linear(ctx.reshape(tokens, -1), self.o.weight, self.o.bias)
         if self.o_dropout is not None and self.o_dropout.training:
             a = self.o_dropout(a)
-        x = add_layer_norm(a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        return a
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """dropout(ffn_out(act(ffn_in(x))))."""
         if self.exact_gelu:
             h = linear_gelu(x, self.ffn_in.weight, self.ffn_in.bias)
         else:
@@ -192,7 +216,7 @@ class PackedLayer:
         h = F.linear(h, self.ffn_out.weight, self.ffn_out.bias)
         if self.ffn_dropout is not None and self.ffn_dropout.training:
             h = self.ffn_dropout(h)
-        return add_layer_norm(h, x, self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        return h
 
 
 class InstanceForward:
@@ -266,6 +290,7 @@ class PackedEncoder:
                 raise NotImplementedError(f"{config.model_type}: {problem}; transform the model before applying "
                                           "adapters or quantization")
         self.pre = resolve(self.encoder, layout.pre) if layout.pre else None
+        self.final_norm = resolve(self.encoder, layout.final_norm) if layout.final_norm else None
         self.calls: Counter[str] = Counter()
         self._fallbacks_logged: set[str] = set()
         self._signature = inspect.signature(base.forward)
@@ -415,6 +440,8 @@ class PackedEncoder:
                 x = checkpoint(packed, x, info, bias, use_reentrant=False)
             else:
                 x = packed(x, info, bias)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
         out = unpack(x, info)  # (B, S, hidden), zeros at padding
         if kwargs.get("return_dict") is False:
             return (out,)
