@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 NEWEST_TRANSFORMERS ?= 5.24.0
 OLDEST_TRANSFORMERS ?= 5.17.0
 
-.PHONY: demo test test-newest test-oldest bench-cpu bench-gpu readme-table clean
+.PHONY: demo test test-newest test-oldest lint bench-cpu bench-gpu readme-table clean
 
 .venv-%/ready: pyproject.toml
 	$(PYTHON) -m venv .venv-$*
@@ -24,6 +24,13 @@ test-newest: .venv-$(NEWEST_TRANSFORMERS)/ready
 
 test-oldest: .venv-$(OLDEST_TRANSFORMERS)/ready
 	.venv-$(OLDEST_TRANSFORMERS)/bin/python -m pytest -q
+
+RUFF ?= ruff==0.14.0
+
+lint: .venv-$(NEWEST_TRANSFORMERS)/ready
+	.venv-$(NEWEST_TRANSFORMERS)/bin/pip install -q --disable-pip-version-check "$(RUFF)"
+	.venv-$(NEWEST_TRANSFORMERS)/bin/ruff check src tests benchmarks
+	.venv-$(NEWEST_TRANSFORMERS)/bin/ruff format --check src tests benchmarks
 
 bench-cpu: .venv-$(NEWEST_TRANSFORMERS)/ready
 	.venv-$(NEWEST_TRANSFORMERS)/bin/python benchmarks/encoder_cpu.py

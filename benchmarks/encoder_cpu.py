@@ -74,8 +74,10 @@ def main() -> None:
             attention.FORCED_BACKEND = None
     assert call_counts(fast)["stock"] == 0
 
-    print(f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
     print("all-MiniLM-L6-v2, fp32, batch 32 x 128")
     print("| workload | attention backend | stock sdpa ms | bettertransformer ms | speedup | max abs diff |")
     print("|---|---|---|---|---|---|")

@@ -69,14 +69,22 @@ def torch_nested_encoder(bert: BertModel) -> nn.TransformerEncoder:
     """nn.TransformerEncoder carrying ``bert``'s encoder weights (post-LN, exact GELU)."""
     cfg = bert.config
     layer = nn.TransformerEncoderLayer(
-        cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, dropout=0.0, activation="gelu",
-        layer_norm_eps=cfg.layer_norm_eps, batch_first=True, norm_first=False,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+        dropout=0.0,
+        activation="gelu",
+        layer_norm_eps=cfg.layer_norm_eps,
+        batch_first=True,
+        norm_first=False,
     )
     enc = nn.TransformerEncoder(layer, cfg.num_hidden_layers, enable_nested_tensor=True)
     for ours, theirs in zip(enc.layers, bert.encoder.layer):
         att = theirs.attention
         with torch.no_grad():
-            ours.self_attn.in_proj_weight.copy_(torch.cat([att.self.query.weight, att.self.key.weight, att.self.value.weight]))
+            ours.self_attn.in_proj_weight.copy_(
+                torch.cat([att.self.query.weight, att.self.key.weight, att.self.value.weight])
+            )
             ours.self_attn.in_proj_bias.copy_(torch.cat([att.self.query.bias, att.self.key.bias, att.self.value.bias]))
             ours.self_attn.out_proj.weight.copy_(att.output.dense.weight)
             ours.self_attn.out_proj.bias.copy_(att.output.dense.bias)
@@ -100,7 +108,7 @@ def main() -> None:
     batch, seq = 64, 512
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).long().cuda()
     torch.manual_seed(1)
-    ids = (torch.randint(1000, 30000, (batch, seq)).cuda() * mask)
+    ids = torch.randint(1000, 30000, (batch, seq)).cuda() * mask
     real_tokens = int(mask.sum())
 
     torch.manual_seed(2)
@@ -159,8 +167,9 @@ def main() -> None:
     no_pad = []
     for name, model in (("stock transformers sdpa", stock), ("bettertransformer", fast)):
         with torch.inference_mode():
-            no_pad.append((name, bench(lambda: model(input_ids=ids + 1000 * (1 - mask), attention_mask=full),
-                                       iters=args.iters)))
+            no_pad.append(
+                (name, bench(lambda: model(input_ids=ids + 1000 * (1 - mask), attention_mask=full), iters=args.iters))
+            )
 
     if args.profile and args.out:
         from torch.profiler import ProfilerActivity, profile
@@ -176,7 +185,9 @@ def main() -> None:
 
     tflops = matmul_tflops()
     cfg = stock.config
-    gemm_flops = real_tokens * cfg.num_hidden_layers * 2 * (4 * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.intermediate_size)
+    gemm_flops = (
+        real_tokens * cfg.num_hidden_layers * 2 * (4 * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.intermediate_size)
+    )
     attn_flops = cfg.num_hidden_layers * 4 * cfg.hidden_size * float((lengths.double() ** 2).sum())
     floor_ms = (gemm_flops + attn_flops) / (tflops * 1e12) * 1e3
 
@@ -198,13 +209,17 @@ def main() -> None:
         with open(f"{args.out}/encoder_gpu.json", "w") as f:
             json.dump(info, f, indent=2)
     print(f"\n{info['device']}, torch {torch.__version__}, transformers {transformers.__version__}, {info['date']}")
-    print(f"{real_tokens} real tokens of {batch * seq} ({info['padding_fraction']:.0%} padding); "
-          f"fp16 matmul {tflops:.0f} TFLOP/s; floor {floor_ms:.2f} ms")
+    print(
+        f"{real_tokens} real tokens of {batch * seq} ({info['padding_fraction']:.0%} padding); "
+        f"fp16 matmul {tflops:.0f} TFLOP/s; floor {floor_ms:.2f} ms"
+    )
     print("| variant | ms | speedup vs stock sdpa | host ms to issue | max err vs fp32 |")
     print("|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['variant']} | {row['ms']:.2f} | {base / row['ms']:.2f}x | {row['host_ms']:.2f} | "
-              f"{row['max_err']:.2e} |")
+        print(
+            f"| {row['variant']} | {row['ms']:.2f} | {base / row['ms']:.2f}x | {row['host_ms']:.2f} | "
+            f"{row['max_err']:.2e} |"
+        )
     print("\nNo padding (64 x 512 real tokens):")
     for name, ms in no_pad:
         print(f"| {name} | {ms:.2f} ms | {no_pad[0][1] / ms:.2f}x |")
@@ -212,4 +227,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -36,13 +36,16 @@ def attention_kernels(rows: list) -> None:
     ref = varlen_attn(q, k, v, cu, cu, m, m, scale=0.125)
     variants = {
         "flash varlen (contiguous q,k,v)": lambda: varlen_attn(q, k, v, cu, cu, m, m, scale=0.125),
-        "flash varlen (strided views of qkv)": lambda: varlen_attn(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, m, m, scale=0.125),
+        "flash varlen (strided views of qkv)": lambda: varlen_attn(
+            qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, m, m, scale=0.125
+        ),
     }
     # cuDNN's ragged attention (torch.ops.aten._cudnn_attention_forward with cu_seqlens) measured 44.9 ms here
     # on torch 2.11 / H100 (2026-11-25), 300x slower than flash: left out.
     for cfg in triton_kernels.ATTENTION_CONFIGS:
-        variants[f"triton {cfg} (strided views of qkv)"] = (
-            lambda cfg=cfg: triton_kernels.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, m, 0.125, cfg))
+        variants[f"triton {cfg} (strided views of qkv)"] = lambda cfg=cfg: triton_kernels.varlen_attention(
+            qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, m, 0.125, cfg
+        )
     for name, fn in variants.items():
         try:
             with torch.inference_mode():
@@ -50,7 +53,9 @@ def attention_kernels(rows: list) -> None:
                 ms = bench(fn)
             ref_here = varlen_attn(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, m, m, scale=0.125) if "qkv" in name else ref
             diff = (out.float() - ref_here.float()).abs().max().item()
-            rows.append({"kernel": "attention", "variant": name, "ms": ms, "tflops": flops / ms / 1e9, "max_diff": diff})
+            rows.append(
+                {"kernel": "attention", "variant": name, "ms": ms, "tflops": flops / ms / 1e9, "max_diff": diff}
+            )
         except Exception as exc:  # a kernel this torch lacks
             rows.append({"kernel": "attention", "variant": name, "error": repr(exc)[:200]})
         print(rows[-1], flush=True)

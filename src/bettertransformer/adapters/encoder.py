@@ -287,8 +287,9 @@ class PackedEncoder:
         for layer in self.layers:
             problem = layer.unsupported()
             if problem:
-                raise NotImplementedError(f"{config.model_type}: {problem}; transform the model before applying "
-                                          "adapters or quantization")
+                raise NotImplementedError(
+                    f"{config.model_type}: {problem}; transform the model before applying adapters or quantization"
+                )
         self.pre = resolve(self.encoder, layout.pre) if layout.pre else None
         self.final_norm = resolve(self.encoder, layout.final_norm) if layout.final_norm else None
         self.calls: Counter[str] = Counter()

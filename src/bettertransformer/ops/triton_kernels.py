@@ -57,8 +57,23 @@ if AVAILABLE:
 
     @triton.jit
     def _varlen_attention_kernel(
-        Q, K, V, O, CU, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-        qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        Q,
+        K,
+        V,
+        Out,
+        CU,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_ot,
+        stride_oh,
+        qk_scale,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):
         # One program: BLOCK_M queries of one head of one sequence, streaming that sequence's keys in BLOCK_N
         # blocks (whole blocks unmasked, then one masked tail). Programs past a row's end exit at once.
@@ -74,7 +89,8 @@ if AVAILABLE:
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(
             Q + (begin + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-            mask=offs_m[:, None] < length, other=0.0,
+            mask=offs_m[:, None] < length,
+            other=0.0,
         )
         k_ptrs = K + head * stride_kh + offs_d[:, None] + (begin + offs_n)[None, :] * stride_kt
         v_ptrs = V + head * stride_vh + offs_d[None, :] + (begin + offs_n)[:, None] * stride_vt
@@ -84,18 +100,35 @@ if AVAILABLE:
         whole = (length // BLOCK_N) * BLOCK_N
         for start_n in range(0, whole, BLOCK_N):
             acc, m_i, l_i = _attention_block(
-                q, acc, m_i, l_i, k_ptrs + start_n * stride_kt, v_ptrs + start_n * stride_vt,
-                start_n + offs_n, length, qk_scale, MASKED=False,
+                q,
+                acc,
+                m_i,
+                l_i,
+                k_ptrs + start_n * stride_kt,
+                v_ptrs + start_n * stride_vt,
+                start_n + offs_n,
+                length,
+                qk_scale,
+                MASKED=False,
             )
         if whole < length:
             acc, m_i, l_i = _attention_block(
-                q, acc, m_i, l_i, k_ptrs + whole * stride_kt, v_ptrs + whole * stride_vt,
-                whole + offs_n, length, qk_scale, MASKED=True,
+                q,
+                acc,
+                m_i,
+                l_i,
+                k_ptrs + whole * stride_kt,
+                v_ptrs + whole * stride_vt,
+                whole + offs_n,
+                length,
+                qk_scale,
+                MASKED=True,
             )
         acc = acc / l_i[:, None]
         tl.store(
-            O + (begin + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-            acc.to(O.dtype.element_ty), mask=offs_m[:, None] < length,
+            Out + (begin + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+            acc.to(Out.dtype.element_ty),
+            mask=offs_m[:, None] < length,
         )
 
     @triton.jit
@@ -136,7 +169,12 @@ ATTENTION_CONFIGS = [
 
 
 def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+    scale: float,
     config: tuple | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention within each packed sequence. q, k, v: (T, H, D), last dim contiguous,
@@ -149,9 +187,25 @@ def varlen_attention(
     bm, bn, warps, stages = config or ATTENTION_CONFIGS[0]
     grid = (triton.cdiv(max_len, bm), heads, batch)
     _varlen_attention_kernel[grid](
-        q, k, v, out, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), scale * 1.4426950408889634,
-        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=dim, num_warps=warps, num_stages=stages,
+        q,
+        k,
+        v,
+        out,
+        cu_seqlens,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        scale * 1.4426950408889634,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        HEAD_DIM=dim,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out
 
