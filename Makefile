@@ -26,11 +26,13 @@ test-oldest: .venv-$(OLDEST_TRANSFORMERS)/ready
 	.venv-$(OLDEST_TRANSFORMERS)/bin/python -m pytest -q
 
 RUFF ?= ruff==0.14.0
+MYPY ?= mypy==2.4.1
 
 lint: .venv-$(NEWEST_TRANSFORMERS)/ready
-	.venv-$(NEWEST_TRANSFORMERS)/bin/pip install -q --disable-pip-version-check "$(RUFF)"
+	.venv-$(NEWEST_TRANSFORMERS)/bin/pip install -q --disable-pip-version-check "$(RUFF)" "$(MYPY)"
 	.venv-$(NEWEST_TRANSFORMERS)/bin/ruff check src tests benchmarks
 	.venv-$(NEWEST_TRANSFORMERS)/bin/ruff format --check src tests benchmarks
+	.venv-$(NEWEST_TRANSFORMERS)/bin/mypy src --ignore-missing-imports
 
 bench-cpu: .venv-$(NEWEST_TRANSFORMERS)/ready
 	.venv-$(NEWEST_TRANSFORMERS)/bin/python benchmarks/encoder_cpu.py

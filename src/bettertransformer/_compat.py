@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import transformers
 from packaging.version import Version
@@ -25,6 +27,7 @@ def check_versions() -> None:
         )
 
 
+_collector: Any
 try:  # transformers 5.x records output_hidden_states / output_attentions through hooks on the layers
     from transformers.utils.output_capturing import _active_collector as _collector
 except ImportError:  # pragma: no cover - a release that moved it: rely on the explicit flags alone

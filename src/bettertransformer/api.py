@@ -34,7 +34,7 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, Any]]:
     """(base model, registry entry) for every supported base model in ``model``, outermost first."""
     from transformers import PreTrainedModel
 
-    found = []
+    found: list[tuple[nn.Module, Any]] = []
     for module in model.modules():
         if not isinstance(module, PreTrainedModel) or module is not module.base_model:
             continue

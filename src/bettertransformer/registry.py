@@ -7,6 +7,7 @@ same for users' own architectures.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ class Support:
     notes: str = ""
 
 
-def _albert_layer_order(encoder: nn.Module) -> list[nn.Module]:
+def _albert_layer_order(encoder: Any) -> list[nn.Module]:
     # ALBERT runs num_hidden_layers steps over num_hidden_groups shared groups of inner_group_num layers.
     config = encoder.config
     order = []
@@ -41,7 +42,7 @@ def _albert_layer_order(encoder: nn.Module) -> list[nn.Module]:
     return order
 
 
-def _mpnet_relative_bias(encoder: nn.Module, positions: torch.Tensor) -> torch.Tensor:
+def _mpnet_relative_bias(encoder: Any, positions: torch.Tensor) -> torch.Tensor:
     """MPNet's bucketed relative-position bias for tokens at ``positions`` (B, L) -> (B, H, L, L)."""
     relative = positions[:, None, :] - positions[:, :, None]  # (B, L, L): key position - query position
     buckets = encoder.relative_position_bucket(relative)

@@ -123,22 +123,30 @@ class PackedLayer:
 
     def __init__(self, layer: nn.Module, layout: EncoderLayout, num_heads: int):
         self.layer = layer
-        self.paths = {name: getattr(layout, name) for name in (*self._LINEARS, *self._NORMS, "act")}
-        for name in ("attn_dropout", "o_dropout", "ffn_dropout"):
-            self.paths[name] = getattr(layout, name)
-        self._slots = []  # (parent module, attribute, child) for every module this layer reads
-        for name, path in self.paths.items():
-            child = None if path is None else resolve(layer, path)
-            setattr(self, name, child)
+        names = (*self._LINEARS, *self._NORMS, "act", "attn_dropout", "o_dropout", "ffn_dropout")
+        modules = {name: self._resolve(getattr(layout, name)) for name in names}
+        self.q, self.k, self.v, self.o = (modules[n] for n in ("q", "k", "v", "o"))
+        self.ffn_in, self.ffn_out = modules["ffn_in"], modules["ffn_out"]
+        self.ln1, self.ln2 = modules["ln1"], modules["ln2"]
+        self.act = modules["act"]
+        self.attn_dropout, self.o_dropout = modules["attn_dropout"], modules["o_dropout"]
+        self.ffn_dropout = modules["ffn_dropout"]
+        # (parent module, attribute, child) for every module this layer reads, to notice later swaps cheaply.
+        self._slots: list[tuple[nn.Module, str, nn.Module]] = []
+        for name in names:
+            path, child = getattr(layout, name), modules[name]
             if isinstance(child, nn.Module):
                 parent_path, _, attr = path.rpartition(".")
-                self._slots.append((resolve(layer, parent_path) if parent_path else layer, attr, child))
+                self._slots.append((self._resolve(parent_path) if parent_path else layer, attr, child))
         self.exact_gelu = _is_exact_gelu(self.act)
         self.pre_norm = layout.pre_norm
         self.num_heads = num_heads
         self.head_dim = self.q.out_features // num_heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self._qkv_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+
+    def _resolve(self, path: str | None) -> Any:
+        return None if path is None else resolve(self.layer, path)
 
     def unsupported(self) -> str | None:
         """Why this layer's modules cannot run packed (a LoRA or quantized linear, say), or None."""
@@ -273,7 +281,7 @@ class PackedEncoder:
     """The padding-free forward of one base model's encoder."""
 
     def __init__(self, base: nn.Module, layout: EncoderLayout):
-        config = base.config
+        config: Any = base.config
         for flag, supported in layout.requires:
             if getattr(config, flag, supported) != supported:
                 raise NotImplementedError(
@@ -358,6 +366,7 @@ class PackedEncoder:
             _CALLS.reset(token)
 
     def _describe_call(self, args: tuple, kwargs: dict) -> tuple[_Call, inspect.BoundArguments | None]:
+        bound: inspect.BoundArguments | None
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError:

@@ -14,12 +14,15 @@ Three ways to compute the same function, picked per call:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from . import triton_kernels
 from .padding import PackInfo, dense_layout, from_dense, to_dense
 
+_varlen_attn: Any
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 except ImportError:  # pragma: no cover - older torch

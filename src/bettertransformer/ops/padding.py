@@ -84,6 +84,7 @@ class PendingPack:
             return PackInfo(None, cu, lengths, host.clone(), seqlen, batch, seqlen)
         # The size is known on the host, so this nonzero needs no second sync.
         indices = torch.nonzero_static(self.mask.reshape(-1), size=total).squeeze(1)  # (T,)
+        assert self.lengths is not None  # set whenever there is a mask
         return PackInfo(indices, cu, self.lengths, host.clone(), max_len, batch, seqlen)
 
 
