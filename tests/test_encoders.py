@@ -190,7 +190,7 @@ def _grads(model, ids, mask, labels):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("model_type", ["bert", "distilbert", "albert", "mpnet", "xlm-roberta-xl", "megatron-bert"])
-def test_train_mode_gradients_match_stock(model_type, checkpointing):
+def test_train_mode_gradients_match_stock(model_type, checkpointing, monkeypatch):
     if checkpointing and model_type in ("albert", "mpnet"):
         pytest.skip(f"{model_type} does not support gradient checkpointing in transformers")
     stock = make_model(model_type, AutoModelForTokenClassification).train()
@@ -201,9 +201,16 @@ def test_train_mode_gradients_match_stock(model_type, checkpointing):
     BetterTransformer.transform(fast)
     ids, mask = make_batch(*LAYOUTS["left"])
     labels = torch.randint(0, 2, ids.shape).masked_fill(mask == 0, -100)
+    from bettertransformer.adapters import encoder
+
+    checkpointed = []
+    real_checkpoint = encoder.checkpoint
+    monkeypatch.setattr(encoder, "checkpoint", lambda *a, **k: checkpointed.append(1) or real_checkpoint(*a, **k))
     loss_s, grads_s = _grads(stock, ids, mask, labels)
     loss_f, grads_f = _grads(fast, ids, mask, labels)
     assert call_counts(fast)["fast"] == 1
+    # With checkpointing on, every packed layer is recomputed in the backward pass rather than kept.
+    assert len(checkpointed) == (fast.config.num_hidden_layers if checkpointing else 0)
     torch.testing.assert_close(loss_f, loss_s, atol=1e-6, rtol=1e-5)
     assert grads_f.keys() == grads_s.keys()
     for name in grads_s:
