@@ -1,6 +1,6 @@
 """transform / reverse: find the base models the registry knows, attach their adapters, and undo it.
 
-Nothing is swapped but ``forward`` functions and hooks: every parameter and buffer stays in its stock module,
+Nothing is swapped but ``forward`` functions (instance attributes): every parameter and buffer stays in its stock module,
 so ``state_dict()`` keys and values never change, ``save_pretrained`` writes a stock checkpoint, and
 ``reverse`` is exact by construction.
 """

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -163,28 +161,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _time_ms(fn: Any, repeats: int, device: Any) -> float:
-    import torch
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from ._timing import median_ms
     from .api import BetterTransformer
 
     device = _device(args.device)
@@ -210,9 +191,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     continue
                 error = _compare(model, fast, ids, mask)["last_hidden_state"]
                 with torch.inference_mode():
-                    stock_ms = _time_ms(lambda: model(input_ids=ids, attention_mask=mask), args.repeats, device)
+                    stock_ms = median_ms(lambda: model(input_ids=ids, attention_mask=mask), args.repeats, device)
                     progress.update()
-                    fast_ms = _time_ms(lambda: fast(input_ids=ids, attention_mask=mask), args.repeats, device)
+                    fast_ms = median_ms(lambda: fast(input_ids=ids, attention_mask=mask), args.repeats, device)
                     progress.update()
                 padding = 1 - mask.float().mean().item()
                 rows.append((size, tuple(ids.shape), padding, stock_ms, fast_ms, error))

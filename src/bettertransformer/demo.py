@@ -8,21 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-
-
-def _time(fn, repeats: int, sync) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from bettertransformer import BetterTransformer, call_counts
+    from bettertransformer._timing import median_ms
     from bettertransformer.sentences import sentences
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,17 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     batch = sentences(args.batch)
     mask = model.preprocess(batch)["attention_mask"]
     padding = 1 - mask.float().mean().item()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def encode(m):
         return m.encode(batch, batch_size=len(batch), convert_to_tensor=True)
 
     with torch.inference_mode():
         expected = encode(model)
-        stock_ms = _time(lambda: encode(model), args.repeats, sync)
+        stock_ms = median_ms(lambda: encode(model), args.repeats, device)
         BetterTransformer.transform(model)
         actual = encode(model)
-        fast_ms = _time(lambda: encode(model), args.repeats, sync)
+        fast_ms = median_ms(lambda: encode(model), args.repeats, device)
     counts = call_counts(model)
     diff = (actual.float() - expected.float()).abs().max().item()
     cosine = torch.nn.functional.cosine_similarity(actual.float(), expected.float()).min().item()

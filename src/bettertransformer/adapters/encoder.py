@@ -1,4 +1,4 @@
-"""Padding-free encoders: one adapter for every BERT-shaped (post-LayerNorm) encoder.
+"""Padding-free encoders: one adapter for every BERT-shaped encoder (post- or pre-LayerNorm).
 
 The adapter leaves every module and parameter where it is. It installs two things, both undone by ``detach``:
 
@@ -445,8 +445,8 @@ class PackedEncoder:
             x = self.pre(x)
         bias = self._relative_bias(info) if self.layout.relative_bias is not None else None
         for packed in self.layers:
-            stock = packed.layer
-            if getattr(stock, "gradient_checkpointing", False) and stock.training and torch.is_grad_enabled():
+            layer = packed.layer
+            if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
                 x = checkpoint(packed, x, info, bias, use_reentrant=False)
             else:
                 x = packed(x, info, bias)
