@@ -98,7 +98,7 @@ def test_task_heads_match_stock(model_type, auto_class):
     assert_close_at(actual, expected, mask if per_token else None, atol=1e-5, what=auto_class.__name__)
 
 
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention"])
 def test_any_attn_implementation(attn_implementation):
     model = make_model("bert", attn_implementation=attn_implementation)
     ids, mask = make_batch(*LAYOUTS["left"])
