@@ -328,3 +328,15 @@ def test_transform_refuses_non_plain_linears():
     model.encoder.layer[0].output.dense = _ScaledLinear(old.in_features, old.out_features)
     with pytest.raises(NotImplementedError, match="ffn_out is a _ScaledLinear"):
         BetterTransformer.transform(model)
+
+
+def test_torch_compile_of_a_transformed_model():
+    """torch.compile traces around the packing (its host sync is a graph break) and gives the same result."""
+    model = make_model("bert")
+    ids, mask = make_batch(*LAYOUTS["left"])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        compiled = torch.compile(BetterTransformer.transform(model))
+        actual = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert call_counts(model) == {"fast": 1, "stock": 0}
+    assert_close_at(actual, expected, mask, atol=1e-5, what="compiled")
