@@ -26,14 +26,20 @@ def _mask(lengths, seq, left=False):
     return mask
 
 
-def _reference_attention(q, k, v, lengths, scale, bias=None):
-    """Per-sequence attention in float64: q, k, v (T, H, D)."""
+def _reference_attention(q, k, v, lengths, scale, bias=None, causal=False, window=None):
+    """Per-sequence attention in float64: q (T, Hq, D), k/v (T, Hkv, D)."""
+    groups = q.shape[1] // k.shape[1]
     out, start = [], 0
     for n in lengths:
-        qs, ks, vs = (t[start : start + n].double().transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+        qs = q[start : start + n].double().transpose(0, 1)  # (Hq, n, D)
+        ks, vs = (t[start : start + n].double().repeat_interleave(groups, 1).transpose(0, 1) for t in (k, v))
         scores = qs @ ks.transpose(1, 2) * scale
         if bias is not None:
             scores = scores + bias[0, :, :n, :n].double()
+        if causal:
+            i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+            allowed = (j <= i) & ((i - j) < window if window is not None else True)
+            scores = scores.masked_fill(~allowed, float("-inf"))
         out.append((scores.softmax(-1) @ vs).transpose(0, 1))
         start += n
     return torch.cat(out)
@@ -84,6 +90,28 @@ def test_packed_attention_backends_match_reference(backend, lengths):
     torch.testing.assert_close(out.double(), _reference_attention(q, k, v, lengths, 0.3), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["dense", "loop"])
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_causal_packed_attention(backend, window, kv_heads):
+    """Decoder-style attention on packed rows: causal, sliding window, grouped-query heads."""
+    torch.manual_seed(0)
+    lengths = [7, 1, 5, 0, 9]
+    info = pack_info(_mask(lengths, 9), len(lengths), 9, torch.device("cpu"))
+    q = torch.randn(sum(lengths), 4, 8)
+    k, v = (torch.randn(sum(lengths), kv_heads, 8) for _ in range(2))
+    out = packed_attention(q, k, v, info, scale=0.3, causal=True, window=window, backend=backend)
+    ref = _reference_attention(q, k, v, [n for n in lengths if n], 0.3, causal=True, window=window)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_window_without_causal_is_refused():
+    info = pack_info(None, 1, 4, torch.device("cpu"))
+    q = torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match="causal"):
+        packed_attention(q, q, q, info, scale=1.0, window=2)
+
+
 def test_dense_backend_with_bias_and_gradients():
     torch.manual_seed(0)
     lengths = [6, 2, 5]
@@ -120,6 +148,14 @@ def test_varlen_backend_matches_reference_on_cuda(dtype):
     ref = _reference_attention(q.cpu(), k.cpu(), v.cpu(), [n for n in lengths if n], 0.125)
     for backend in ("triton", "varlen", "dense"):
         out = packed_attention(q, k, v, info, scale=0.125, backend=backend)
+        err = (out.double().cpu() - ref).abs().max().item()
+        assert err < (2e-3 if dtype == torch.float16 else 1.6e-2), (backend, err)
+    # Causal with a sliding window and grouped-query heads (decoder prefill), on the CUDA backends.
+    kv = (torch.randn(sum(lengths), 4, 64, device="cuda", dtype=dtype) for _ in range(2))
+    k4, v4 = kv
+    ref = _reference_attention(q.cpu(), k4.cpu(), v4.cpu(), [n for n in lengths if n], 0.125, causal=True, window=100)
+    for backend in ("varlen", "dense"):
+        out = packed_attention(q, k4, v4, info, scale=0.125, causal=True, window=100, backend=backend)
         err = (out.double().cpu() - ref).abs().max().item()
         assert err < (2e-3 if dtype == torch.float16 else 1.6e-2), (backend, err)
 

@@ -1,9 +1,10 @@
-"""Bidirectional attention over packed variable-length sequences.
+"""Attention over packed variable-length sequences: bidirectional (encoders) or causal (decoder prefill and
+packed training), optionally with a sliding window and grouped-query heads.
 
-Three ways to compute the same function, picked per call:
+Four ways to compute the same function, picked per call:
 
 - ``triton``: our Triton kernel on the packed tokens, CUDA, fp16/bf16, power-of-two head sizes, inference
-  (no gradient). Faster than ``varlen`` on short and mixed-length rows (see BENCHMARKS.md).
+  (no gradient), bidirectional only. Faster than ``varlen`` on short and mixed-length rows (see BENCHMARKS.md).
 - ``varlen``: flash attention on the packed tokens (``torch.nn.attention.varlen``), CUDA, fp16/bf16, no bias,
   no dropout. Computes only real-token pairs.
 - ``dense``: lay the packed tokens out left-aligned in a ``(B, max_len)`` grid and call SDPA with a key mask
@@ -14,6 +15,7 @@ Three ways to compute the same function, picked per call:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -28,38 +30,62 @@ try:  # torch >= 2.10
 except ImportError:  # pragma: no cover - older torch
     _varlen_attn = None
 
+# The varlen_attn of some torch releases lacks sliding windows or grouped-query heads: ask before using them.
+_VARLEN_PARAMS = frozenset(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else frozenset()
+
 BACKENDS = ("triton", "varlen", "dense", "loop")
 
 # Benchmarks set this to compare backends on one workload; None picks per call (``pick_backend``).
 FORCED_BACKEND: str | None = None
 
 
-def pick_backend(q: torch.Tensor, dropout_p: float, bias: torch.Tensor | None) -> str:
+def pick_backend(
+    q: torch.Tensor,
+    dropout_p: float,
+    bias: torch.Tensor | None,
+    *,
+    causal: bool = False,
+    window: int | None = None,
+    gqa: bool = False,
+) -> str:
     """The fastest backend that computes this call exactly."""
     if q.is_cuda:
         head_dim = q.shape[-1]
+        plain = bias is None and dropout_p == 0.0 and q.dtype in (torch.float16, torch.bfloat16)
         if (
-            triton_kernels.AVAILABLE
-            and bias is None
-            and dropout_p == 0.0
-            and q.dtype in (torch.float16, torch.bfloat16)
+            plain
+            and triton_kernels.AVAILABLE
+            and not causal
+            and not gqa
             and head_dim in (16, 32, 64, 128)
             and not (torch.is_grad_enabled() and q.requires_grad)
         ):
             return "triton"
         if (
-            _varlen_attn is not None
-            and bias is None
-            and dropout_p == 0.0
-            and q.dtype in (torch.float16, torch.bfloat16)
+            plain
+            and _varlen_attn is not None
             and head_dim % 8 == 0
             and head_dim <= 256
+            and (window is None or "window_size" in _VARLEN_PARAMS)
+            and (not gqa or "enable_gqa" in _VARLEN_PARAMS)
         ):
             return "varlen"
         return "dense"
     if dropout_p == 0.0 and bias is None:
         return "loop"
     return "dense"
+
+
+def _allowed(length: int, device: torch.device, causal: bool, window: int | None) -> torch.Tensor | None:
+    """(L, L) bool: may query i attend to key j of the same sequence (positions inside the sequence)."""
+    if not causal:
+        return None
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= (i - j) < window
+    return allowed
 
 
 def packed_attention(
@@ -71,22 +97,37 @@ def packed_attention(
     scale: float,
     dropout_p: float = 0.0,
     bias: torch.Tensor | None = None,
+    causal: bool = False,
+    window: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention of every real token over the real tokens of its own sequence.
 
-    q, k, v: (T, H, D), rows packed as described by ``info`` (each row's tokens contiguous, in order).
-    bias:    optional (1 or B, H, max_len, max_len) additive bias, indexed by position inside the row.
-    Returns (T, H, D).
+    q:       (T, Hq, D); k, v: (T, Hkv, D) with Hq a multiple of Hkv (grouped-query heads share k/v).
+             Rows packed as described by ``info`` (each row's tokens contiguous, in order).
+    bias:    optional (1 or B, Hq, max_len, max_len) additive bias, indexed by position inside the row.
+    causal:  token i sees tokens j <= i of its sequence only; ``window`` (causal only) further limits it to
+             i - j < window (transformers' sliding-window convention).
+    Returns (T, Hq, D).
     """
-    backend = backend or FORCED_BACKEND or pick_backend(q, dropout_p, bias)
+    if window is not None and not causal:
+        raise ValueError("a sliding window is supported for causal attention only")
+    gqa = q.shape[1] != k.shape[1]
+    backend = backend or FORCED_BACKEND or pick_backend(q, dropout_p, bias, causal=causal, window=window, gqa=gqa)
     if backend == "triton":
+        if causal or gqa:
+            raise ValueError("the triton backend is bidirectional with one k/v head per query head")
         return triton_kernels.varlen_attention(q, k, v, info.cu_seqlens, info.max_len, scale)
     if backend == "varlen":
         if _varlen_attn is None:
             raise RuntimeError("torch.nn.attention.varlen is not available in this PyTorch")
         cu = info.cu_seqlens
-        return _varlen_attn(q, k, v, cu, cu, info.max_len, info.max_len, scale=scale)
+        extra: dict[str, Any] = {}
+        if causal:
+            extra["window_size"] = (window - 1 if window is not None else -1, 0)
+        if gqa:
+            extra["enable_gqa"] = True
+        return _varlen_attn(q, k, v, cu, cu, info.max_len, info.max_len, scale=scale, **extra)
     if backend == "loop":
         if bias is not None or dropout_p:
             raise ValueError("the loop backend takes no bias and no dropout")
@@ -97,7 +138,11 @@ def packed_attention(
                 end = start + length
                 # (1, H, L, D) views of one sequence; SDPA without a mask takes its fastest kernel.
                 qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-                outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1))
+                mask = _allowed(length, q.device, causal, window) if window is not None else None
+                out = F.scaled_dot_product_attention(
+                    qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=gqa
+                )
+                outs.append(out[0].transpose(0, 1))
                 start = end
         return torch.cat(outs) if outs else q.new_empty(q.shape)
     if backend != "dense":
@@ -108,7 +153,12 @@ def packed_attention(
     key_valid = valid | (info.lengths == 0)[:, None]  # (B, L)
     qd, kd, vd = (to_dense(t, info, index, valid).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
     mask = key_valid[:, None, None, :]  # (B, 1, 1, L)
+    allowed = _allowed(info.max_len, q.device, causal, window)
+    if allowed is not None:
+        # Slots are positions inside each sequence, so the causal band applies as is; every query keeps at
+        # least its own key (the diagonal), so no row of the softmax is empty.
+        mask = mask & allowed[None, None]  # (B, 1, L, L)
     if bias is not None:
         mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
-    out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     return from_dense(out.transpose(1, 2), valid)  # (T, H, D)
