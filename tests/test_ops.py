@@ -93,11 +93,12 @@ def test_packed_attention_backends_match_reference(backend, lengths):
 @pytest.mark.parametrize("backend", ["dense", "loop"])
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_causal_packed_attention(backend, window, kv_heads):
+@pytest.mark.parametrize("lengths", [[7, 1, 5, 0, 9], [6, 6, 6]])  # padded, and none (one batched call)
+def test_causal_packed_attention(backend, window, kv_heads, lengths):
     """Decoder-style attention on packed rows: causal, sliding window, grouped-query heads."""
     torch.manual_seed(0)
-    lengths = [7, 1, 5, 0, 9]
-    info = pack_info(_mask(lengths, 9), len(lengths), 9, torch.device("cpu"))
+    seq = max(lengths)
+    info = pack_info(_mask(lengths, seq), len(lengths), seq, torch.device("cpu"))
     q = torch.randn(sum(lengths), 4, 8)
     k, v = (torch.randn(sum(lengths), kv_heads, 8) for _ in range(2))
     out = packed_attention(q, k, v, info, scale=0.3, causal=True, window=window, backend=backend)
