@@ -340,3 +340,18 @@ def test_torch_compile_of_a_transformed_model():
         actual = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
     assert call_counts(model) == {"fast": 1, "stock": 0}
     assert_close_at(actual, expected, mask, atol=1e-5, what="compiled")
+
+
+def test_dtype_change_after_transform():
+    """model.to(...) / .half() after transform: the fast path follows the converted weights."""
+    stock, fast = _pair()
+    ids, mask = make_batch(*LAYOUTS["left"])
+    with torch.no_grad():
+        fast(input_ids=ids, attention_mask=mask)  # fills the fused-QKV cache in float32
+        stock.to(torch.float64)
+        fast.to(torch.float64)
+        expected = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        actual = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert actual.dtype == torch.float64
+    assert call_counts(fast) == {"fast": 2, "stock": 0}
+    assert_close_at(actual, expected, mask, atol=1e-10, what="float64")
