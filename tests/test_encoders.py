@@ -117,6 +117,12 @@ def _pair(model_type="bert"):
     return stock, fast
 
 
+def _both(stock, fast, **inputs):
+    """(transformed output, stock output): last_hidden_state of both models on the same inputs."""
+    with torch.no_grad():
+        return fast(**inputs).last_hidden_state, stock(**inputs).last_hidden_state
+
+
 @pytest.mark.parametrize("model_type", ["bert", "distilbert", "mpnet"])
 def test_output_attentions_and_hidden_states_run_stock(model_type):
     stock, fast = _pair(model_type)
@@ -163,9 +169,7 @@ def test_4d_mask_runs_stock():
     stock, fast = _pair()
     ids, mask = make_batch(*LAYOUTS["right"])
     mask4d = mask[:, None, None, :].expand(-1, 1, ids.shape[1], -1).bool()
-    with torch.no_grad():
-        exp = stock(input_ids=ids, attention_mask=mask4d).last_hidden_state
-        act = fast(input_ids=ids, attention_mask=mask4d).last_hidden_state
+    act, exp = _both(stock, fast, input_ids=ids, attention_mask=mask4d)
     assert call_counts(fast) == {"fast": 0, "stock": 1}
     torch.testing.assert_close(act, exp)
 
@@ -243,9 +247,7 @@ def test_fused_qkv_cache_follows_weight_updates():
     assert_close_at(act, exp, mask, atol=1e-5, what="after update")
     fast.load_state_dict(make_model("bert", seed=7).state_dict())
     stock.load_state_dict(make_model("bert", seed=7).state_dict())
-    with torch.no_grad():
-        exp = stock(input_ids=ids, attention_mask=mask).last_hidden_state
-        act = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    act, exp = _both(stock, fast, input_ids=ids, attention_mask=mask)
     assert_close_at(act, exp, mask, atol=1e-5, what="after load_state_dict")
 
 
@@ -304,9 +306,7 @@ def test_modules_swapped_after_transform_are_honoured():
         torch.manual_seed(3)
         old = model.encoder.layer[1].attention.self.value
         model.encoder.layer[1].attention.self.value = torch.nn.Linear(old.in_features, old.out_features)
-    with torch.no_grad():
-        exp = stock(input_ids=ids, attention_mask=mask).last_hidden_state
-        act = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    act, exp = _both(stock, fast, input_ids=ids, attention_mask=mask)
     assert call_counts(fast) == {"fast": 1, "stock": 0}
     assert_close_at(act, exp, mask, atol=1e-5, what="plain swap")
     # A Linear with its own forward cannot be fused: the call runs stock and stays correct.
@@ -315,9 +315,7 @@ def test_modules_swapped_after_transform_are_honoured():
         new = _ScaledLinear(old.in_features, old.out_features)
         new.load_state_dict(old.state_dict())
         model.encoder.layer[0].attention.self.query = new
-    with torch.no_grad():
-        exp = stock(input_ids=ids, attention_mask=mask).last_hidden_state
-        act = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    act, exp = _both(stock, fast, input_ids=ids, attention_mask=mask)
     assert call_counts(fast) == {"fast": 1, "stock": 1}
     torch.testing.assert_close(act, exp)
 

@@ -42,9 +42,9 @@ class PackInfo:
 class PendingPack:
     """A ``PackInfo`` whose host-side numbers are still on their way from the GPU.
 
-    ``start`` launches the row count and an asynchronous copy of it to pinned host memory; ``finish`` waits for
-    that copy alone. Started before the embeddings are queued, the wait then overlaps their GPU work instead of
-    draining the queue (a plain ``.cpu()`` there left the GPU idle while Python caught up: see BENCHMARKS.md).
+    The constructor launches the row count and an asynchronous copy of it to pinned host memory; ``finish``
+    waits for that copy alone. Started before the embeddings are queued, the wait then overlaps their GPU work
+    instead of draining the queue, as a plain ``.cpu()`` after the embeddings would.
     """
 
     def __init__(self, mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.device):
