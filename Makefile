@@ -3,7 +3,10 @@ PYTHON ?= python3
 # A CPU build of torch by default (the machines this project is developed and tested on have no GPU);
 # on a CUDA machine, set TORCH_SPEC to the torch you want, e.g. TORCH_SPEC=torch==2.11.0.
 TORCH_SPEC ?= torch==2.13.0
-NEWEST_TRANSFORMERS ?= 5.24.0
+# The newest transformers 5.x on PyPI at the time of the run (5.24.0 if PyPI cannot be asked), so CI follows
+# new releases; the oldest supported stays pinned.
+NEWEST_TRANSFORMERS ?= $(shell $(PYTHON) -m pip index versions transformers 2>/dev/null | $(PYTHON) -c \
+	"import sys, re; v = re.findall(r'\b5\.\d+\.\d+\b', sys.stdin.read().partition('versions:')[2]); print(v[0] if v else '5.24.0')")
 OLDEST_TRANSFORMERS ?= 5.17.0
 
 .PHONY: demo test test-newest test-oldest lint bench-cpu bench-gpu readme-table clean
