@@ -13,6 +13,12 @@ def assert_close_at(
     a, e = actual.detach().double(), expected.detach().double()
     keep = torch.ones(a.shape[:2], dtype=torch.bool) if mask is None else mask.bool().cpu()
     keep = keep.reshape(*keep.shape, *([1] * (a.dim() - keep.dim()))).expand(a.shape).to(a.device)
+    finite = torch.isfinite(a) & torch.isfinite(e) | ~keep
+    if not bool(finite.all()):
+        where = tuple(int(i) for i in torch.nonzero(~finite)[0])
+        raise AssertionError(
+            f"{what}: non-finite value at index {where}: actual {a[where].item()}, expected {e[where].item()}"
+        )
     err = torch.where(keep, (a - e).abs() - rtol * e.abs(), torch.zeros_like(a))
     worst = err.max().item() if err.numel() else 0.0
     if not worst <= atol:
