@@ -49,6 +49,13 @@ def is_transformed(model: nn.Module) -> bool:
     return isinstance(getattr(model, _STATE, None), _State)
 
 
+def _state_of(model: nn.Module, action: str) -> _State:
+    state = getattr(model, _STATE, None)
+    if not isinstance(state, _State):
+        raise ValueError(f"this model was not transformed by bettertransformer; {action}")
+    return state
+
+
 def transform(model: nn.Module, keep_original_model: bool = False) -> nn.Module:
     """Make ``model`` faster; returns the transformed model.
 
@@ -92,9 +99,7 @@ def reverse(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: ``model`` was not transformed.
     """
-    state = getattr(model, _STATE, None)
-    if not isinstance(state, _State):
-        raise ValueError("this model was not transformed by bettertransformer; nothing to reverse")
+    state = _state_of(model, "nothing to reverse")
     for patch in reversed(state.patches):
         patch.detach()
     delattr(model, _STATE)
@@ -103,9 +108,7 @@ def reverse(model: nn.Module) -> nn.Module:
 
 def call_counts(model: nn.Module) -> dict[str, int]:
     """How many encoder forwards of a transformed model took the fast path ("fast") or ran stock ("stock")."""
-    state = getattr(model, _STATE, None)
-    if not isinstance(state, _State):
-        raise ValueError("this model was not transformed by bettertransformer")
+    state = _state_of(model, "no calls to count")
     total: Counter[str] = Counter(fast=0, stock=0)
     for patch in state.patches:
         total.update(patch.calls)

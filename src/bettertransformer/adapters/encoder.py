@@ -292,12 +292,11 @@ class PackedEncoder:
         self.layout = layout
         self.encoder: nn.Module = resolve(base, layout.encoder)
         self.layers = self._build_layers()
-        for layer in self.layers:
-            problem = layer.unsupported()
-            if problem:
-                raise NotImplementedError(
-                    f"{config.model_type}: {problem}; transform the model before applying adapters or quantization"
-                )
+        problem = self._unsupported()
+        if problem:
+            raise NotImplementedError(
+                f"{config.model_type}: {problem}; transform the model before applying adapters or quantization"
+            )
         self.pre = resolve(self.encoder, layout.pre) if layout.pre else None
         self.final_norm = resolve(self.encoder, layout.final_norm) if layout.final_norm else None
         self.calls: Counter[str] = Counter()
@@ -318,11 +317,11 @@ class PackedEncoder:
         if all(layer.is_current() for layer in self.layers):
             return None
         self.layers = self._build_layers()
-        for layer in self.layers:
-            problem = layer.unsupported()
-            if problem:
-                return problem
-        return None
+        return self._unsupported()
+
+    def _unsupported(self) -> str | None:
+        """The first reason a layer's modules cannot run packed, or None."""
+        return next((p for p in (layer.unsupported() for layer in self.layers) if p), None)
 
     # -- installing and removing ----------------------------------------------------------------------------
     def attach(self) -> None:
