@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2Model
+from decoder_zoo import make_decoder
 from zoo import make_model
 
 from bettertransformer import cli, supported_model_types
@@ -72,9 +72,9 @@ def test_not_a_model_is_a_one_line_error(tmp_path):
 
 
 def test_unsupported_architecture_is_a_one_line_error(tmp_path):
-    GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50)).save_pretrained(tmp_path)
+    make_decoder("bloom").save_pretrained(tmp_path)
     result = _run("check", str(tmp_path))
-    assert result.returncode == 2 and "'gpt2' is not supported" in result.stderr
+    assert result.returncode == 2 and "'bloom' is not supported" in result.stderr
     assert "Traceback" not in result.stderr
 
 

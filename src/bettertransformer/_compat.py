@@ -44,3 +44,37 @@ def output_capture_active() -> bool:
         return False
     collected = _collector.get()
     return bool(collected)
+
+
+def capturing(key: str) -> bool:
+    """True while a transformers model up the call stack records ``key`` ("attentions", "hidden_states")."""
+    if _collector is None:
+        return False
+    collected = _collector.get()
+    return bool(collected) and key in collected
+
+
+def register_attention(name: str, attention: Any, mask: Any) -> None:
+    """Make ``name`` a valid ``attn_implementation``: its attention function and its mask function.
+
+    A name with no mask function of its own would silently get ``attention_mask=None`` on padded batches.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, mask)
+
+
+def set_attention(model: Any, name: Any) -> bool:
+    """Switch ``model`` (a PreTrainedModel) to attention implementation ``name``; False if the model cannot switch.
+
+    Models whose layers do not read the attention interface (e.g. gptj before transformers 5.24) only warn and keep
+    their implementation.
+    """
+    if model.config._attn_implementation == name:
+        return True
+    if not model._can_set_attn_implementation():
+        return False
+    model.config._attn_implementation = name
+    return model.config._attn_implementation == name

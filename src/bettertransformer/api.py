@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .registry import REGISTRY, supported_model_types
+from .registry import support_for, supported_model_types
 
 _STATE = "_bettertransformer_state"
 
@@ -38,7 +38,7 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, Any]]:
     for module in model.modules():
         if not isinstance(module, PreTrainedModel) or module is not module.base_model:
             continue
-        support = REGISTRY.get(_model_type(module) or "")
+        support = support_for(module, model)
         if support is not None:
             found.append((module, support))
     return found
@@ -82,7 +82,7 @@ def transform(model: nn.Module, keep_original_model: bool = False) -> nn.Module:
     patches = []
     try:
         for base, support in _targets(model):
-            patch = support.adapter(base, support.layout)
+            patch = support.adapter(base, support.layout, model)
             patch.attach()
             patches.append(patch)
     except Exception:
@@ -107,7 +107,12 @@ def reverse(model: nn.Module) -> nn.Module:
 
 
 def call_counts(model: nn.Module) -> dict[str, int]:
-    """How many encoder forwards of a transformed model took the fast path ("fast") or ran stock ("stock")."""
+    """How many calls of a transformed model took a fast path, and how many ran the stock computation.
+
+    "fast" / "stock": base-model forwards (encoders: padding-free or stock; decoders: a padding-free prefill or
+    packed rows, or the stock forward). "fast generate" / "stock generate": ``generate`` calls of a decoder that ran
+    the static-cache loop or transformers' own generate.
+    """
     state = _state_of(model, "no calls to count")
     total: Counter[str] = Counter(fast=0, stock=0)
     for patch in state.patches:

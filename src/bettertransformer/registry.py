@@ -6,12 +6,13 @@ same for users' own architectures.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from .adapters.decoder import CausalDecoder
 from .adapters.encoder import EncoderLayout, PackedEncoder
 
 
@@ -19,15 +20,15 @@ from .adapters.encoder import EncoderLayout, PackedEncoder
 class Support:
     """How one model type is made faster.
 
-    adapter:    the class that attaches to a base model (``adapter(base, layout).attach()``) and undoes it
-                (``.detach()``).
+    adapter:    the class that attaches to a base model (``adapter(base, layout, root).attach()``, ``root``
+                being the model passed to ``transform``) and undoes it (``.detach()``).
     layout:     attribute paths and hooks the adapter reads the stock modules through.
     fast_paths: what the user gets, for the docs.
     notes:      anything a user of this model type should know, for the docs.
     """
 
     adapter: type = PackedEncoder
-    layout: EncoderLayout = field(default_factory=EncoderLayout)
+    layout: Any = field(default_factory=EncoderLayout)
     fast_paths: tuple[str, ...] = ("padding-free encoder",)
     notes: str = ""
 
@@ -121,6 +122,10 @@ MEGATRON_BERT = EncoderLayout(
     final_norm="ln",
 )
 
+# Causal LMs: one adapter for every model whose attention goes through transformers' attention interface.
+DECODER = Support(adapter=CausalDecoder, layout=None, fast_paths=("padding-free prefill", "packed-sequence training"))
+NEEDS_INTERFACE = "needs a transformers release whose model routes attention through the attention interface"
+
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model.
 REGISTRY: dict[str, Support] = {
     "albert": Support(layout=ALBERT, notes="shared layers run once per step, fused QKV cached once"),
@@ -144,7 +149,48 @@ REGISTRY: dict[str, Support] = {
     "splinter": Support(layout=BERT),
     "xlm-roberta": Support(layout=BERT),
     "xlm-roberta-xl": Support(layout=XLM_ROBERTA_XL, notes="pre-LayerNorm"),
+    # Decoders (causal LMs)
+    "codegen": replace(DECODER, notes=f"{NEEDS_INTERFACE} (5.24 does, 5.17 does not)"),
+    "gemma": DECODER,
+    "gemma2": replace(DECODER, notes="attention logit softcapping"),
+    "gemma3_text": replace(DECODER, notes="sliding-window layers"),
+    "gpt2": DECODER,
+    "gpt_bigcode": replace(DECODER, notes="multi-query attention"),
+    "gpt_neox": DECODER,
+    "gptj": replace(DECODER, notes=f"{NEEDS_INTERFACE} (5.24 does, 5.17 does not)"),
+    "llama": DECODER,
+    "mistral": replace(DECODER, notes="sliding window"),
+    "mixtral": replace(DECODER, notes="sliding window; mixture of experts"),
+    "olmo2": DECODER,
+    "opt": DECODER,
+    "phi3": DECODER,
+    "qwen2": DECODER,
+    "qwen3": DECODER,
+    "starcoder2": replace(DECODER, notes="sliding window"),
 }
+
+# Model types whose layers do not use transformers' attention interface in any release we support.
+UNSUPPORTED_DECODERS = {
+    "bloom": "ALiBi attention computed inside BloomAttention",
+    "falcon": "attention classes picked at construction, not through the interface",
+    "gpt_neo": "attention classes picked at construction, not through the interface",
+}
+
+
+def support_for(base: nn.Module, root: nn.Module) -> Support | None:
+    """The registry entry for base model ``base`` inside ``root``; causal LMs of unlisted types that use the
+    attention interface get the general decoder entry (not verified by our tests)."""
+    model_type = getattr(base.config, "model_type", None) or ""
+    if model_type in REGISTRY:
+        return REGISTRY[model_type]
+    if model_type in UNSUPPORTED_DECODERS or getattr(base.config, "is_encoder_decoder", False):
+        return None
+    is_lm_head = any(
+        type(m).__name__.endswith("ForCausalLM") and getattr(m, "base_model", None) is base for m in root.modules()
+    )
+    if is_lm_head and getattr(type(base), "_can_set_attn_implementation", lambda: False)():
+        return replace(DECODER, notes="general decoder path, not verified by bettertransformer's tests")
+    return None
 
 
 def register(model_type: str, support: Support, *, overwrite: bool = False) -> None:

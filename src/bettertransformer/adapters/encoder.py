@@ -280,7 +280,7 @@ _IGNORED_KWARGS = frozenset({"position_ids", "token_type_ids", "return_dict", "u
 class PackedEncoder:
     """The padding-free forward of one base model's encoder."""
 
-    def __init__(self, base: nn.Module, layout: EncoderLayout):
+    def __init__(self, base: nn.Module, layout: EncoderLayout, root: nn.Module | None = None):
         config: Any = base.config
         for flag, supported in layout.requires:
             if getattr(config, flag, supported) != supported:

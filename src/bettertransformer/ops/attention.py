@@ -47,8 +47,11 @@ def pick_backend(
     causal: bool = False,
     window: int | None = None,
     gqa: bool = False,
+    softcap: float | None = None,
 ) -> str:
     """The fastest backend that computes this call exactly."""
+    if softcap is not None:  # only the explicit softmax of ``attention`` applies a logit cap
+        return "dense" if q.is_cuda or dropout_p or bias is not None else "loop"
     if q.is_cuda:
         head_dim = q.shape[-1]
         plain = bias is None and dropout_p == 0.0 and q.dtype in (torch.float16, torch.bfloat16)
@@ -99,6 +102,7 @@ def packed_attention(
     bias: torch.Tensor | None = None,
     causal: bool = False,
     window: int | None = None,
+    softcap: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention of every real token over the real tokens of its own sequence.
@@ -108,12 +112,19 @@ def packed_attention(
     bias:    optional (1 or B, Hq, max_len, max_len) additive bias, indexed by position inside the row.
     causal:  token i sees tokens j <= i of its sequence only; ``window`` (causal only) further limits it to
              i - j < window (transformers' sliding-window convention).
+    softcap: cap the logits at +-softcap with ``softcap * tanh(logits / softcap)`` (Gemma 2), before the mask.
     Returns (T, Hq, D).
     """
     if window is not None and not causal:
         raise ValueError("a sliding window is supported for causal attention only")
     gqa = q.shape[1] != k.shape[1]
-    backend = backend or FORCED_BACKEND or pick_backend(q, dropout_p, bias, causal=causal, window=window, gqa=gqa)
+    backend = (
+        backend
+        or FORCED_BACKEND
+        or pick_backend(q, dropout_p, bias, causal=causal, window=window, gqa=gqa, softcap=softcap)
+    )
+    if softcap is not None and backend not in ("dense", "loop"):
+        raise ValueError(f"the {backend} backend has no logit softcap; use 'dense' or 'loop'")
     if backend == "triton":
         if causal or gqa:
             raise ValueError("the triton backend is bidirectional with one k/v head per query head")
@@ -135,9 +146,7 @@ def packed_attention(
             # No padding: every row has the same length, so one batched call computes exactly the same thing.
             qb, kb, vb = (t.view(info.batch, info.seqlen, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
             mask = _allowed(info.seqlen, q.device, causal, window) if window is not None else None
-            out = F.scaled_dot_product_attention(
-                qb, kb, vb, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=gqa
-            )
+            out = attention(qb, kb, vb, mask, scale=scale, causal=causal and mask is None, softcap=softcap)
             return out.transpose(1, 2).reshape(q.shape)
         outs = []
         start = 0
@@ -147,9 +156,7 @@ def packed_attention(
                 # (1, H, L, D) views of one sequence; SDPA without a mask takes its fastest kernel.
                 qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
                 mask = _allowed(length, q.device, causal, window) if window is not None else None
-                out = F.scaled_dot_product_attention(
-                    qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=gqa
-                )
+                out = attention(qs, ks, vs, mask, scale=scale, causal=causal and mask is None, softcap=softcap)
                 outs.append(out[0].transpose(0, 1))
                 start = end
         return torch.cat(outs) if outs else q.new_empty(q.shape)
@@ -168,5 +175,58 @@ def packed_attention(
         mask = mask & allowed[None, None]  # (B, 1, L, L)
     if bias is not None:
         mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
-    out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    out = attention(qd, kd, vd, mask, scale=scale, dropout_p=dropout_p, softcap=softcap)
     return from_dense(out.transpose(1, 2), valid)  # (T, H, D)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+    causal: bool = False,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Padded attention, (B, Hq, Lq, D) x (B, Hkv, Lk, D) -> (B, Hq, Lq, D), Hq a multiple of Hkv.
+
+    mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk); ``causal`` (with no mask)
+    aligns the causal band to the top left: query i sees keys j <= i. SDPA computes it, unless a logit
+    ``softcap`` needs the explicit softmax of ``attention_with_weights``.
+    """
+    if softcap is not None:
+        return attention_with_weights(q, k, v, mask, scale=scale, dropout_p=dropout_p, causal=causal, softcap=softcap)[
+            0
+        ]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def attention_with_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+    causal: bool = False,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention`` with an explicit softmax (logits in fp32): returns ``(out, weights (B, Hq, Lq, Lk))``."""
+    if q.shape[1] != k.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if causal and mask is None:
+        mask = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+    probs = torch.softmax(logits, dim=-1).to(q.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v), probs

@@ -1,0 +1,313 @@
+"""Fast ``generate``: a static key/value cache and the per-token step captured in a CUDA graph.
+
+The user's ``model.generate(...)`` call is unchanged. When its settings are ones the fast loop covers (greedy or
+sampling with temperature / top-k / top-p / repetition penalty, end-of-sequence ids, length limits, a left-padded
+batch), it runs here:
+
+1. Prefill: the model's own forward on the prompt (padding-free when padded), into a plain dynamic cache.
+2. The keys/values are copied into preallocated per-layer buffers ``(B, Hkv, S, D)``; ``S`` (prompt + new tokens)
+   and the batch are rounded up to buckets, so one captured graph serves many calls.
+3. Each new token is one replay of a CUDA graph of the whole step: the model forward (our attention writes the new
+   key/value into the buffers and attends over them), the choice of the next token, the end-of-sequence
+   bookkeeping. The host only checks every few tokens whether all rows have finished.
+
+Anything else (beam search, streamers, custom processors, ...) runs transformers' own generate, with one log line.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..ops.sampling import Sampling, next_tokens
+from .decoder import DecodeState, decode_context
+
+logger = logging.getLogger("bettertransformer")
+
+# Generation settings the fast loop implements; any other difference from the defaults runs stock generate.
+_SETTINGS = frozenset(
+    {
+        "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p",
+        "repetition_penalty", "eos_token_id", "pad_token_id", "bos_token_id", "_from_model_config",
+        "transformers_version",
+    }
+)  # fmt: skip
+# Settings that may appear in a config with these values only.
+_NEUTRAL = {
+    "use_cache": True, "num_beams": 1, "num_return_sequences": 1, "output_attentions": False,
+    "output_hidden_states": False, "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
+    "cache_implementation": None,
+}  # fmt: skip
+_CHECK_EVERY = 8  # tokens between host checks for "all rows finished"
+_MAX_RUNNERS = 4  # captured graphs kept per model (least recently used dropped)
+
+# Devices the fast loop runs on. CUDA replays graphs; the CPU runs the same static-cache step eagerly (tests use it).
+DEVICES: set[str] = {"cuda"}
+
+
+def _bucket_batch(batch: int) -> int:
+    return batch if batch > 64 else 1 << (batch - 1).bit_length()
+
+
+def _bucket_length(length: int) -> int:
+    return -(-length // 64) * 64
+
+
+class _Plan:
+    """One generate call the fast loop will run."""
+
+    def __init__(self, input_ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, ban_steps: int, config: Any):
+        self.input_ids, self.mask = input_ids, mask
+        self.new_tokens, self.ban_steps = new_tokens, ban_steps
+        eos = config.eos_token_id
+        self.eos = tuple([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+        pad = config.pad_token_id
+        self.pad = int(pad if pad is not None else (self.eos[0] if self.eos else 0))
+        self.sampling = Sampling(
+            do_sample=bool(config.do_sample),
+            temperature=float(config.temperature if config.temperature is not None else 1.0),
+            top_k=int(config.top_k) if config.top_k else None,
+            top_p=float(config.top_p if config.top_p is not None else 1.0),
+            repetition_penalty=float(config.repetition_penalty if config.repetition_penalty is not None else 1.0),
+        )
+
+
+class _Runner:
+    """Static buffers and the captured step for one (batch bucket, length bucket, sampling) key."""
+
+    def __init__(self, head: Any, cache_name: str, batch: int, length: int, plan: _Plan):
+        self.head, self.cache_name = head, cache_name
+        self.batch, self.length = batch, length
+        self.sampling, self.eos_ids = plan.sampling, plan.eos
+        device = next(head.parameters()).device
+        self.device = device
+        vocab = head.get_output_embeddings().weight.shape[0]
+        new = functools.partial(torch.zeros, device=device)
+        self.tok = new(batch, 1, dtype=torch.long)
+        self.pos = new(batch, 1, dtype=torch.long)
+        self.ones = torch.ones(batch, 1, dtype=torch.long, device=device)
+        self.slot = new(1, dtype=torch.long)  # the buffer slot of the token being fed
+        self.step = new(1, dtype=torch.long)  # index of the token being produced
+        self.ban_steps = new((), dtype=torch.long)
+        self.pad = new((), dtype=torch.long)
+        self.valid = new(batch, length, dtype=torch.bool)
+        self.unfinished = new(batch, dtype=torch.bool)
+        self.active = new((), dtype=torch.long)  # tokens produced while some real row was unfinished
+        self.real = new(batch, dtype=torch.bool)
+        self.seen = new(batch, vocab, dtype=torch.bool) if plan.sampling.repetition_penalty != 1.0 else None
+        self.eos = torch.tensor(plan.eos, dtype=torch.long, device=device)
+        self.out = new(batch, length, dtype=torch.long)
+        self.state: DecodeState | None = None
+        self.graph: Any = None
+        self.signature = inspect.signature(head.forward).parameters
+
+    # -- one call ----------------------------------------------------------------------------------------------
+    def run(self, plan: _Plan) -> torch.Tensor:
+        ids, mask = plan.input_ids, plan.mask
+        batch, prompt = ids.shape
+        logits = self._prefill(ids, mask)
+        self.pad.fill_(plan.pad)
+        self.ban_steps.fill_(plan.ban_steps)
+        self.real.zero_()
+        self.real[:batch] = True
+        self.unfinished.copy_(self.real)
+        self.out.fill_(plan.pad)
+        self.step.zero_()
+        self.active.zero_()
+        if self.seen is not None:
+            self.seen.zero_()
+            self.seen[:batch].scatter_(1, ids, True)
+        self._select(logits)  # the first new token, from the prefill
+        if self.graph is None and self.device.type == "cuda":
+            self._capture()
+        produced = 1
+        while produced < plan.new_tokens:
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._decode_step()
+            produced += 1
+            if self.eos_ids and produced % _CHECK_EVERY == 0 and not bool(self.unfinished.any()):
+                break
+        count = min(int(self.active), plan.new_tokens)
+        return torch.cat([ids, self.out[:batch, :count]], dim=1)
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        batch, prompt = ids.shape
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache()  # full keys/values for every layer; sliding windows are applied by the mask
+        kwargs: dict[str, Any] = {self.cache_name: cache, "use_cache": True}
+        if "logits_to_keep" in self.signature:
+            kwargs["logits_to_keep"] = 1
+        out = self.head(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        layers: list[tuple[Any, Any]] = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr]
+        if self.state is None:
+            self.state = DecodeState(
+                keys=[k.new_zeros(self.batch, k.shape[1], self.length, k.shape[3]) for k, _ in layers],
+                values=[v.new_zeros(self.batch, v.shape[1], self.length, v.shape[3]) for _, v in layers],
+                slot=self.slot,
+                valid=self.valid,
+            )
+        self.valid.zero_()
+        self.valid[:batch, :prompt] = mask.bool()
+        for buffers, index in ((self.state.keys, 0), (self.state.values, 1)):
+            for buffer, layer in zip(buffers, layers, strict=True):
+                buffer.zero_()
+                buffer[:batch, :, :prompt] = layer[index]
+        self.tok.fill_(0)
+        self.pos.zero_()
+        self.pos[:batch] = positions[:, -1:]
+        self.slot.fill_(prompt - 1)
+        return out.logits[:, -1].float()
+
+    def _select(self, logits: torch.Tensor) -> None:
+        """Choose and record the next token from (B, V) logits; advance the inputs of the next step."""
+        batch = logits.shape[0]
+        if batch < self.batch:
+            logits = torch.cat([logits, logits.new_zeros(self.batch - batch, logits.shape[1])])
+        chosen = next_tokens(logits, self.sampling, seen=self.seen, ban_eos=self.step < self.ban_steps, eos=self.eos)
+        self.active += self.unfinished.any().long()
+        if self.eos_ids:
+            chosen = torch.where(self.unfinished, chosen, self.pad)
+            self.unfinished &= ~torch.isin(chosen, self.eos)
+        self.out.index_copy_(1, self.step, chosen[:, None])
+        if self.seen is not None:
+            self.seen.scatter_(1, chosen[:, None], True)
+        self.tok.copy_(chosen[:, None])
+        self.pos += 1
+        self.slot += 1
+        self.step += 1
+
+    def _decode_step(self) -> None:
+        assert self.state is not None
+        self.valid.index_fill_(1, self.slot, True)
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if "logits_to_keep" in self.signature:
+            kwargs["logits_to_keep"] = 1
+        with decode_context(self.state):
+            out = self.head(input_ids=self.tok, attention_mask=self.ones, position_ids=self.pos, **kwargs)
+        self._select(out.logits[:, -1].float())
+
+    def _capture(self) -> None:
+        """Record ``_decode_step`` in a CUDA graph. Warm-up steps run first; ``run`` resets every input after."""
+        saved = [t.clone() for t in self._mutable()]
+        rng = torch.cuda.get_rng_state(self.device)  # warm-up draws must not shift the user's random stream
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._decode_step()
+        for tensor, value in zip(self._mutable(), saved, strict=True):
+            tensor.copy_(value)
+        torch.cuda.set_rng_state(rng, self.device)
+        self.graph = graph
+
+    def _mutable(self) -> list[torch.Tensor]:
+        assert self.state is not None
+        tensors = [self.tok, self.pos, self.slot, self.step, self.valid, self.unfinished, self.active, self.out]
+        tensors += self.state.keys + self.state.values
+        return tensors + ([self.seen] if self.seen is not None else [])
+
+
+class FastGenerate:
+    """Replaces ``generate`` on one causal LM head (an instance attribute; ``detach`` restores it)."""
+
+    def __init__(self, head: Any, cache_name: str, calls: Counter[str]):
+        self.head, self.cache_name = head, cache_name
+        self.calls = calls  # shared with the decoder adapter, for ``call_counts``
+        self.runners: OrderedDict[tuple, _Runner] = OrderedDict()
+        self._logged: set[str] = set()
+        self._previous: Any = None
+        self._stock_params = frozenset(inspect.signature(head.generate).parameters)
+
+    def attach(self) -> None:
+        self._previous = self.head.__dict__.get("generate")
+        stock = self.head.generate
+
+        @functools.wraps(stock)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            return self.generate(stock, *args, **kwargs)
+
+        self.head.generate = generate
+
+    def detach(self) -> None:
+        if self._previous is not None:
+            self.head.generate = self._previous
+        else:
+            self.head.__dict__.pop("generate", None)
+        self.runners.clear()  # frees the buffers and graph pools
+
+    def generate(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+        plan = self._plan(args, kwargs)
+        if isinstance(plan, str):
+            self.calls["stock generate"] += 1
+            if plan not in self._logged:
+                self._logged.add(plan)
+                logger.info("bettertransformer: transformers' generate runs for %s", plan)
+            return stock(*args, **kwargs)
+        self.calls["fast generate"] += 1
+        with torch.no_grad():
+            return self._runner(plan).run(plan)
+
+    def _runner(self, plan: _Plan) -> _Runner:
+        batch, prompt = plan.input_ids.shape
+        key = (_bucket_batch(batch), _bucket_length(prompt + plan.new_tokens), plan.sampling, plan.eos)
+        runner = self.runners.pop(key, None)
+        if runner is None:
+            while len(self.runners) >= _MAX_RUNNERS:
+                self.runners.popitem(last=False)
+            runner = _Runner(self.head, self.cache_name, key[0], key[1], plan)
+        self.runners[key] = runner
+        return runner
+
+    def _plan(self, args: tuple, kwargs: dict) -> _Plan | str:
+        """The fast loop's plan for this call, or why stock generate must run it."""
+        head = self.head
+        device = next(head.parameters()).device
+        if device.type not in DEVICES:
+            return f"a model on {device.type}"
+        if head.training:
+            return "a model in train mode"
+        kwargs = dict(kwargs)
+        inputs = args[0] if args else kwargs.pop("inputs", None)
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if len(args) > 1 or not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.shape[1] == 0:
+            return "inputs other than a (batch, length) tensor of token ids"
+        for name in self._stock_params - {"self", "inputs", "generation_config", "kwargs"}:
+            if kwargs.get(name) is not None:
+                return f"the {name} argument"
+        config = copy.deepcopy(kwargs.pop("generation_config", None) or head.generation_config)
+        mask = kwargs.pop("attention_mask", None)
+        unused = config.update(**kwargs)
+        if unused:
+            return f"generate arguments {sorted(unused)}"
+        for name, value in config.to_diff_dict().items():
+            if name not in _SETTINGS and _NEUTRAL.get(name, object()) != value:
+                return f"generation setting {name}={value!r}"
+        batch, prompt = inputs.shape
+        if mask is None:
+            mask = torch.ones_like(inputs)
+        elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, prompt):
+            return "an attention_mask that is not a (batch, length) padding mask"
+        if config.max_new_tokens is not None:
+            new_tokens = config.max_new_tokens
+        else:
+            new_tokens = (config.max_length if config.max_length is not None else 20) - prompt
+        if new_tokens <= 0:
+            return "no tokens to generate"
+        ban_steps = max(config.min_new_tokens or 0, (config.min_length or 0) - prompt)
+        return _Plan(inputs.to(device), mask.to(device), new_tokens, ban_steps, config)

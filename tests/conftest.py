@@ -1,0 +1,15 @@
+"""Fixtures shared by the test files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 matmuls in full precision on the GPU, so fp32 comparisons with the stock model are meaningful."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old

@@ -1,0 +1,93 @@
+"""Decoders on a CUDA GPU (skipped elsewhere): the CUDA-graph generate loop, fp16 accuracy, packed training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decoder_zoo import PAD, left_padded_batch, make_decoder
+from helpers import max_error_at
+
+from bettertransformer import BetterTransformer, call_counts
+
+LENGTHS_LONG = (40, 9, 27, 1)
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("no_tf32"),
+]
+
+
+def _runners(model):
+    (patch,) = model._bettertransformer_state.patches
+    return patch.generation.runners
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "gpt_bigcode", "gemma3_text"])
+def test_graph_generate_matches_stock_fp32(name):
+    stock = make_decoder(name).cuda()
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = (t.cuda() for t in left_padded_batch(stock.config.vocab_size, LENGTHS_LONG))
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=PAD)
+    expected = stock.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, **kwargs), expected)
+    stop = int(expected[1, ids.shape[1] + 5])
+    stopping = dict(kwargs, eos_token_id=stop)
+    assert torch.equal(model.generate(ids, **stopping), stock.generate(ids, **stopping))
+    assert call_counts(model)["fast generate"] == 2
+    assert all(runner.graph is not None for runner in _runners(model).values())
+
+
+def test_graph_generate_reuses_memory_and_reverse_frees_it():
+    model = BetterTransformer.transform(make_decoder("llama").cuda())
+    ids, mask = (t.cuda() for t in left_padded_batch(model.config.vocab_size, LENGTHS_LONG))
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=True, top_k=10, pad_token_id=PAD)
+    model.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    after_first = torch.cuda.memory_allocated()
+    torch.manual_seed(3)
+    first = model.generate(ids, **kwargs)
+    for _ in range(4):
+        model.generate(ids, **kwargs)
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(ids, **kwargs), first)  # sampling is reproducible under the graph
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= after_first
+    assert len(_runners(model)) == 1
+    # Fewer rows and a shorter prompt fall in the same buckets (batch 4, length 64): the same graph serves them.
+    model.generate(ids[:3, 4:], attention_mask=mask[:3, 4:], max_new_tokens=20, pad_token_id=PAD)
+    runners = _runners(model)
+    assert len(runners) == 1
+    BetterTransformer.reverse(model)
+    assert not runners and "generate" not in vars(model)
+
+
+def test_fp16_prefill_error_is_stock_like():
+    reference = make_decoder("llama", hidden_size=256, intermediate_size=512, num_attention_heads=8).cuda()
+    stock = make_decoder("llama", dtype=torch.float16, hidden_size=256, intermediate_size=512, num_attention_heads=8)
+    stock = stock.cuda()
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = (t.cuda() for t in left_padded_batch(stock.config.vocab_size, LENGTHS_LONG))
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask, position_ids=positions).logits
+        stock_error = max_error_at(stock(ids, attention_mask=mask, position_ids=positions).logits, expected, mask)
+        our_error = max_error_at(model(ids, attention_mask=mask, position_ids=positions).logits, expected, mask)
+    assert call_counts(model)["fast"] == 1
+    assert our_error <= 3 * stock_error + 1e-3, (our_error, stock_error)
+
+
+def test_packed_rows_training_on_cuda_bf16():
+    stock = make_decoder("llama", dtype=torch.bfloat16).cuda().train()
+    model = BetterTransformer.transform(stock, keep_original_model=True).train()
+    lengths = [30, 7, 19]
+    sequences = [torch.randint(3, stock.config.vocab_size, (1, n), device="cuda") for n in lengths]
+    row = torch.cat(sequences, dim=1)
+    positions = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
+    packed = model(row, position_ids=positions).logits.float()
+    separate = torch.cat([stock(s).logits for s in sequences], dim=1).float()
+    packed.square().mean().backward()
+    separate.square().mean().backward()
+    assert (packed - separate).abs().max() < 0.05
+    for p, q in zip(stock.parameters(), model.parameters(), strict=True):
+        assert torch.allclose(p.grad.float(), q.grad.float(), atol=2e-2, rtol=5e-2)

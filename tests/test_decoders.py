@@ -1,0 +1,243 @@
+"""Decoders against the stock model on CPU in fp32: generate token for token, logits at real positions, caches,
+packed-sequence training, the fast generate loop (its static-cache step run eagerly on the CPU) and its fallbacks."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+import torch
+from decoder_zoo import DECODER_CONFIGS, DECODER_VARIANTS, EOS, PAD, decoder_config, left_padded_batch, make_decoder
+from helpers import assert_close_at
+from transformers import DynamicCache
+
+from bettertransformer import BetterTransformer, call_counts, is_transformed
+from bettertransformer.adapters import generation
+from bettertransformer.registry import REGISTRY, support_for
+
+LENGTHS = (20, 5, 13, 1)  # longer than the sliding windows (8) of the zoo
+
+
+def _supported(name: str) -> bool:
+    model_type = DECODER_VARIANTS[name][0] if name in DECODER_VARIANTS else name
+    if model_type not in REGISTRY:
+        return False
+    model = make_decoder(name)
+    return type(model.base_model)._can_set_attn_implementation()
+
+
+ALL = sorted(DECODER_CONFIGS) + sorted(DECODER_VARIANTS)
+
+
+@pytest.fixture
+def fast_loop_on_cpu(monkeypatch):
+    """Run generate's static-cache loop on the CPU (eagerly; CUDA replays it as a graph)."""
+    monkeypatch.setattr(generation, "DEVICES", {"cuda", "cpu"})
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_generate_and_logits_match_stock(name):
+    stock = make_decoder(name)
+    if not _supported(name):
+        with pytest.raises(NotImplementedError, match="model type|attention interface"):
+            BetterTransformer.transform(stock)
+        return
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    expected = stock.generate(ids, **kwargs)
+    with torch.no_grad():
+        expected_logits = stock(ids, attention_mask=mask, position_ids=_positions(mask)).logits
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    assert torch.equal(model.generate(ids, **kwargs), expected)
+    assert call_counts(model)["fast"] == 1  # the padded prefill ran padding-free
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, position_ids=_positions(mask)).logits
+    assert_close_at(logits, expected_logits, mask, atol=2e-5, what=name)
+    # One prompt, no padding.
+    single = dict(max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids[:1], **single), stock.generate(ids[:1], **single))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mistral", "gpt_bigcode", "qwen2", "gemma3_text"])
+def test_fast_generate_loop_matches_stock(name, fast_loop_on_cpu):
+    stock = make_decoder(name)
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    base = dict(attention_mask=mask, do_sample=False, pad_token_id=PAD)
+    reference = stock.generate(ids, max_new_tokens=12, **base)
+    stop = int(reference[0, ids.shape[1] + 3])  # row 0's 4th new token: stopping on it ends row 0 there
+    cases = [
+        dict(max_new_tokens=12),
+        dict(max_new_tokens=12, eos_token_id=stop),
+        dict(max_new_tokens=12, eos_token_id=[EOS, stop], min_new_tokens=6),
+        dict(max_length=ids.shape[1] + 5),
+        dict(max_new_tokens=12, repetition_penalty=1.5),
+        dict(max_new_tokens=9, do_sample=True, top_k=1),  # sampling from one candidate is greedy
+        dict(max_new_tokens=9, do_sample=True, temperature=0.7, top_p=1e-6),  # so is top-p keeping one token
+    ]
+    for case in cases:
+        expected = stock.generate(ids, **{**base, **case, "do_sample": False, "top_k": None, "top_p": None})
+        got = model.generate(ids, **{**base, **case})
+        assert got.shape == expected.shape and torch.equal(got, expected), case
+    assert call_counts(model)["fast generate"] == len(cases)
+    # Every row stopping early stops the whole call where stock stops.
+    expected = stock.generate(ids[:1], max_new_tokens=12, eos_token_id=stop, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=12, eos_token_id=stop, pad_token_id=PAD), expected)
+    assert expected.shape[1] <= ids.shape[1] + 4  # the stop token may come earlier too
+
+
+def test_fast_generate_sampling_is_reproducible(fast_loop_on_cpu):
+    model = BetterTransformer.transform(make_decoder("llama"))
+    ids, mask = left_padded_batch(model.config.vocab_size, LENGTHS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=1.3, top_k=20, top_p=0.9)
+    torch.manual_seed(1)
+    first = model.generate(ids, **kwargs)
+    torch.manual_seed(1)
+    assert torch.equal(model.generate(ids, **kwargs), first)
+    assert call_counts(model)["fast generate"] == 2
+
+
+def test_unsupported_settings_run_stock_generate(fast_loop_on_cpu, caplog):
+    stock = make_decoder("llama")
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    beams = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=PAD)
+    with caplog.at_level(logging.INFO, logger="bettertransformer"):
+        assert torch.equal(model.generate(ids, **beams), stock.generate(ids, **beams))
+    assert "num_beams" in caplog.text
+    static = dict(attention_mask=mask, max_new_tokens=6, cache_implementation="static", pad_token_id=PAD)
+    assert torch.equal(model.generate(ids, **static), stock.generate(ids, **static))
+    chunked = dict(attention_mask=mask, max_new_tokens=6, prefill_chunk_size=8, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids, **chunked), stock.generate(ids, **chunked))
+    assert call_counts(model)["stock generate"] == 3
+
+
+def test_cache_continues_after_packed_prefill():
+    """A user-driven prefill then decode steps with the returned cache (dynamic, sliding-window layers)."""
+    stock = make_decoder("mistral")
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    results = []
+    for m in (stock, model):
+        with torch.no_grad():
+            out = m(ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+            cache = out.past_key_values
+            step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position = _positions(mask)[:, -1:] + 1
+            step = m(ids[:, -1:], attention_mask=step_mask, position_ids=position, past_key_values=cache)
+        results.append(step.logits)
+    assert_close_at(results[1], results[0], None, atol=2e-5)
+
+
+def test_output_attentions_are_exact():
+    eager = make_decoder("llama", attn_implementation="eager")
+    model = BetterTransformer.transform(make_decoder("llama"))
+    ids, mask = left_padded_batch(eager.config.vocab_size, LENGTHS)
+    with torch.no_grad():
+        expected = eager(ids, attention_mask=mask, output_attentions=True).attentions
+        got = model(ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        keep = (mask[:, None, :, None] * mask[:, None, None, :]).bool().expand_as(e)
+        assert torch.allclose(g[keep], e[keep], atol=1e-6)
+    assert call_counts(model)["fast"] == 0
+
+
+def test_softcap_matches_eager():
+    # Large query weights and a small cap, so the cap changes the result.
+    eager = make_decoder("gemma2", attn_implementation="eager", attn_logit_softcapping=2.0)
+    with torch.no_grad():
+        for layer in eager.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40)
+    model = BetterTransformer.transform(eager, keep_original_model=True)
+    ids, mask = left_padded_batch(eager.config.vocab_size, LENGTHS)
+    with torch.no_grad():
+        expected = eager(ids, attention_mask=mask, position_ids=_positions(mask)).logits
+        uncapped = make_decoder("gemma2", attn_implementation="eager", attn_logit_softcapping=None)
+        uncapped.load_state_dict(eager.state_dict())
+        assert (uncapped(ids, attention_mask=mask).logits - expected)[mask.bool()].abs().max() > 1e-3
+        got = model(ids, attention_mask=mask, position_ids=_positions(mask)).logits
+    assert_close_at(got, expected, mask, atol=2e-5)
+    assert call_counts(model)["fast"] == 1
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2"])
+def test_packed_rows_train_like_separate_sequences(name):
+    """One row holding three sequences, position_ids restarting at 0 (DataCollatorWithFlattening)."""
+    stock = make_decoder(name).train()
+    model = BetterTransformer.transform(stock, keep_original_model=True).train()
+    torch.manual_seed(0)
+    lengths = [7, 12, 4]
+    sequences = [torch.randint(3, stock.config.vocab_size, (1, n)) for n in lengths]
+    row = torch.cat(sequences, dim=1)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    weights = torch.randn(1, sum(lengths), stock.config.vocab_size)
+    packed = model(row, position_ids=positions).logits
+    (packed * weights).sum().backward()
+    separate = torch.cat([stock(s).logits for s in sequences], dim=1)
+    (separate * weights).sum().backward()
+    assert_close_at(packed, separate, None, atol=2e-5)
+    assert call_counts(model)["fast"] == 1
+    for (pname, p), q in zip(stock.named_parameters(), model.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=5e-5), pname
+
+
+def test_padded_training_gradients_match_stock():
+    stock = make_decoder("llama").train()
+    model = BetterTransformer.transform(stock, keep_original_model=True).train()
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    labels = ids.masked_fill(mask == 0, -100)
+    for m in (stock, model):
+        m(ids, attention_mask=mask, labels=labels).loss.backward()
+    for (pname, p), q in zip(stock.named_parameters(), model.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), pname
+
+
+def test_reverse_restores_stock_decoder(fast_loop_on_cpu):
+    stock = make_decoder("gpt2")
+    before = {k: v.clone() for k, v in stock.state_dict().items()}
+    implementation = stock.config._attn_implementation
+    model = BetterTransformer.transform(stock)
+    assert model.config._attn_implementation == "bettertransformer"
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=PAD)
+    assert call_counts(model)["fast generate"] == 1
+    reversed_model = BetterTransformer.reverse(model)
+    assert not is_transformed(reversed_model)
+    assert reversed_model.config._attn_implementation == implementation
+    assert "generate" not in vars(reversed_model) and "forward" not in vars(reversed_model.transformer)
+    for key, value in reversed_model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_unlisted_causal_lm_uses_the_general_path(monkeypatch):
+    stock = make_decoder("llama")
+    monkeypatch.setattr(stock.config, "model_type", "my-llama")
+    support = support_for(stock.model, stock)
+    assert support is not None and "not verified" in support.notes
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+
+
+def test_direct_forward_cache_argument_name():
+    """Passing the user's own DynamicCache to the prefill fills it (the name differs between 5.17 and 5.24)."""
+    stock = make_decoder("llama")
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    caches = []
+    for m in (stock, model):
+        cache = DynamicCache(config=decoder_config("llama"))
+        name = "cache" if "cache" in inspect.signature(type(m.model).forward).parameters else "past_key_values"
+        with torch.no_grad():
+            m(ids, attention_mask=mask, position_ids=_positions(mask), **{name: cache})
+        caches.append(cache)
+    for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert a.keys.shape == b.keys.shape
+        assert_close_at(b.keys.transpose(1, 2), a.keys.transpose(1, 2), mask, atol=1e-5)
