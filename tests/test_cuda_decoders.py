@@ -43,10 +43,10 @@ def test_graph_generate_reuses_memory_and_reverse_frees_it():
     ids, mask = (t.cuda() for t in left_padded_batch(model.config.vocab_size, LENGTHS_LONG))
     kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=True, top_k=10, pad_token_id=PAD)
     model.generate(ids, **kwargs)
-    torch.cuda.synchronize()
-    after_first = torch.cuda.memory_allocated()
     torch.manual_seed(3)
     first = model.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    after_first = torch.cuda.memory_allocated()
     for _ in range(4):
         model.generate(ids, **kwargs)
     torch.manual_seed(3)
@@ -55,7 +55,7 @@ def test_graph_generate_reuses_memory_and_reverse_frees_it():
     assert torch.cuda.memory_allocated() <= after_first
     assert len(_runners(model)) == 1
     # Fewer rows and a shorter prompt fall in the same buckets (batch 4, length 64): the same graph serves them.
-    model.generate(ids[:3, 4:], attention_mask=mask[:3, 4:], max_new_tokens=20, pad_token_id=PAD)
+    model.generate(ids[:3, 4:], **dict(kwargs, attention_mask=mask[:3, 4:]))
     runners = _runners(model)
     assert len(runners) == 1
     BetterTransformer.reverse(model)

@@ -241,3 +241,22 @@ def test_direct_forward_cache_argument_name():
     for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
         assert a.keys.shape == b.keys.shape
         assert_close_at(b.keys.transpose(1, 2), a.keys.transpose(1, 2), mask, atol=1e-5)
+
+
+def test_gpt2_generates_through_the_fused_decode_step(fast_loop_on_cpu, monkeypatch):
+    stock = make_decoder("gpt2")
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    (patch,) = model._bettertransformer_state.patches
+    fused = patch.generation.fused
+    assert fused is not None
+    steps = []
+    original = type(fused).__call__
+    monkeypatch.setattr(type(fused), "__call__", lambda self, *a: steps.append(1) or original(self, *a))
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+    assert len(steps) == 9  # every token after the first (which comes from the prefill)
+    # A module swapped in after transform (an adapter, say) is not one the fused step knows: stock generate runs.
+    model.transformer.h[0].mlp.c_fc = torch.nn.Sequential(model.transformer.h[0].mlp.c_fc)
+    model.generate(ids, **kwargs)
+    assert call_counts(model)["stock generate"] == 1

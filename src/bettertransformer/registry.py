@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters.decode_step import DecodeLayout
 from .adapters.decoder import CausalDecoder
 from .adapters.encoder import EncoderLayout, PackedEncoder
 
@@ -154,7 +155,7 @@ REGISTRY: dict[str, Support] = {
     "gemma": DECODER,
     "gemma2": replace(DECODER, notes="attention logit softcapping"),
     "gemma3_text": replace(DECODER, notes="sliding-window layers"),
-    "gpt2": DECODER,
+    "gpt2": replace(DECODER, layout=DecodeLayout(), notes="fused decode step"),
     "gpt_bigcode": replace(DECODER, notes="multi-query attention"),
     "gpt_neox": DECODER,
     "gptj": replace(DECODER, notes=f"{NEEDS_INTERFACE} (5.24 does, 5.17 does not)"),

@@ -46,26 +46,29 @@ _NO_MASK: ContextVar[bool] = ContextVar("bettertransformer_no_mask", default=Fal
 class DecodeState:
     """The static key/value buffers of a decode step (see ``adapters/generation.py``).
 
-    keys/values: per layer (B, Hkv, S, D); slot: (1,) the slot of the token being fed; valid: (B, S) which slots
-    hold real tokens (the current one included). Layers are taken in call order, one per attention call.
+    kv: per layer (2, B, Hkv, S, D), keys then values; slot: (1,) the slot of the token being fed; valid: (B, S)
+    which slots hold real tokens (the current one included). Layers are taken in call order, one per attention call.
     """
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    kv: list[torch.Tensor]
     slot: torch.Tensor
     valid: torch.Tensor
     layer: int = 0
-    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """(B, 1, 1, S) bool: the keys the current token sees (a sliding window counts slots, as stock caches do)."""
-        if window not in self.masks:
-            mask = self.valid
+    def additive_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, 1, S): 0 for the keys the current token sees, -inf elsewhere; built once per step.
+
+        A sliding window counts slots, as transformers' caches do (padding slots included)."""
+        key = (window, dtype)
+        if key not in self.masks:
+            allowed = self.valid
             if window is not None:
-                slots = torch.arange(mask.shape[1], device=mask.device)
-                mask = mask & (slots > self.slot - window)
-            self.masks[window] = mask[:, None, None, :]
-        return self.masks[window]
+                slots = torch.arange(allowed.shape[1], device=allowed.device)
+                allowed = allowed & (slots > self.slot - window)
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            self.masks[key] = torch.where(allowed, zero, float("-inf"))[:, None, None, :]
+        return self.masks[key]
 
     def attend(
         self,
@@ -76,17 +79,17 @@ class DecodeState:
         window: int | None,
         softcap: float | None,
     ) -> torch.Tensor:
-        """Write this layer's new key/value (B, Hkv, 1, D) into its buffers; attend (B, H, 1, D) over them."""
-        keys, values = self.keys[self.layer], self.values[self.layer]
-        self.layer = (self.layer + 1) % len(self.keys)
-        keys.index_copy_(2, self.slot, key.to(keys.dtype))
-        values.index_copy_(2, self.slot, value.to(values.dtype))
-        mask = self.mask(window)
+        """Write this layer's new key/value (B, Hkv, 1, D) into its buffer; attend (B, H, 1, D) over it."""
+        kv = self.kv[self.layer]
+        self.layer = (self.layer + 1) % len(self.kv)
+        kv[0].index_copy_(2, self.slot, key.to(kv.dtype))
+        kv[1].index_copy_(2, self.slot, value.to(kv.dtype))
+        mask = self.additive_mask(window, query.dtype)
         batch, heads, _, dim = query.shape
-        kv_heads = keys.shape[1]
+        kv_heads = kv.shape[2]
         # Grouped-query heads of one key/value head become the query rows of one attention call (no repeated keys).
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-        out = attention(grouped, keys, values, mask, scale=scale, softcap=softcap)
+        out = attention(grouped, kv[0], kv[1], mask, scale=scale, softcap=softcap)
         return out.reshape(batch, heads, 1, dim)
 
 
@@ -198,7 +201,21 @@ class CausalDecoder:
         ]  # fmt: skip
         from .generation import FastGenerate  # it builds on this module's decode state
 
-        self.generation = FastGenerate(heads[0], self.cache_name, self.calls) if heads else None
+        self.generation = None
+        if heads:
+            self.generation = FastGenerate(heads[0], self.cache_name, self.calls, self._fused_step(heads[0], layout))
+
+    def _fused_step(self, head: nn.Module, layout: Any) -> Any:
+        """The model's own decode step, when the registry gives its layers' layout and they match it."""
+        from .decode_step import DecodeLayout, FusedDecodeStep
+
+        if not isinstance(layout, DecodeLayout):
+            return None
+        try:
+            return FusedDecodeStep(self.base, head, layout)
+        except NotImplementedError as problem:
+            logger.info("bettertransformer: generic decode step for %s (%s)", self.config.model_type, problem)
+            return None
 
     def attach(self) -> None:
         register_attention(ATTENTION_NAME, decoder_attention, _mask_function)

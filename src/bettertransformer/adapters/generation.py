@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..ops.sampling import Sampling, next_tokens
+from .decode_step import FusedDecodeStep
 from .decoder import DecodeState, decode_context
 
 logger = logging.getLogger("bettertransformer")
@@ -82,8 +83,8 @@ class _Plan:
 class _Runner:
     """Static buffers and the captured step for one (batch bucket, length bucket, sampling) key."""
 
-    def __init__(self, head: Any, cache_name: str, batch: int, length: int, plan: _Plan):
-        self.head, self.cache_name = head, cache_name
+    def __init__(self, head: Any, cache_name: str, batch: int, length: int, plan: _Plan, fused: FusedDecodeStep | None):
+        self.head, self.cache_name, self.fused = head, cache_name, fused
         self.batch, self.length = batch, length
         self.sampling, self.eos_ids = plan.sampling, plan.eos
         device = next(head.parameters()).device
@@ -152,17 +153,16 @@ class _Runner:
         layers: list[tuple[Any, Any]] = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr]
         if self.state is None:
             self.state = DecodeState(
-                keys=[k.new_zeros(self.batch, k.shape[1], self.length, k.shape[3]) for k, _ in layers],
-                values=[v.new_zeros(self.batch, v.shape[1], self.length, v.shape[3]) for _, v in layers],
+                kv=[k.new_zeros(2, self.batch, k.shape[1], self.length, k.shape[3]) for k, _ in layers],
                 slot=self.slot,
                 valid=self.valid,
             )
         self.valid.zero_()
         self.valid[:batch, :prompt] = mask.bool()
-        for buffers, index in ((self.state.keys, 0), (self.state.values, 1)):
-            for buffer, layer in zip(buffers, layers, strict=True):
-                buffer.zero_()
-                buffer[:batch, :, :prompt] = layer[index]
+        for buffer, (keys, values) in zip(self.state.kv, layers, strict=True):
+            buffer.zero_()
+            buffer[0, :batch, :, :prompt] = keys
+            buffer[1, :batch, :, :prompt] = values
         self.tok.fill_(0)
         self.pos.zero_()
         self.pos[:batch] = positions[:, -1:]
@@ -190,6 +190,10 @@ class _Runner:
     def _decode_step(self) -> None:
         assert self.state is not None
         self.valid.index_fill_(1, self.slot, True)
+        if self.fused is not None:
+            self.state.masks.clear()
+            self._select(self.fused(self.tok, self.pos, self.state))
+            return
         kwargs: dict[str, Any] = {"use_cache": False}
         if "logits_to_keep" in self.signature:
             kwargs["logits_to_keep"] = 1
@@ -218,15 +222,15 @@ class _Runner:
     def _mutable(self) -> list[torch.Tensor]:
         assert self.state is not None
         tensors = [self.tok, self.pos, self.slot, self.step, self.valid, self.unfinished, self.active, self.out]
-        tensors += self.state.keys + self.state.values
+        tensors += self.state.kv
         return tensors + ([self.seen] if self.seen is not None else [])
 
 
 class FastGenerate:
     """Replaces ``generate`` on one causal LM head (an instance attribute; ``detach`` restores it)."""
 
-    def __init__(self, head: Any, cache_name: str, calls: Counter[str]):
-        self.head, self.cache_name = head, cache_name
+    def __init__(self, head: Any, cache_name: str, calls: Counter[str], fused: FusedDecodeStep | None = None):
+        self.head, self.cache_name, self.fused = head, cache_name, fused
         self.calls = calls  # shared with the decoder adapter, for ``call_counts``
         self.runners: OrderedDict[tuple, _Runner] = OrderedDict()
         self._logged: set[str] = set()
@@ -269,7 +273,7 @@ class FastGenerate:
         if runner is None:
             while len(self.runners) >= _MAX_RUNNERS:
                 self.runners.popitem(last=False)
-            runner = _Runner(self.head, self.cache_name, key[0], key[1], plan)
+            runner = _Runner(self.head, self.cache_name, key[0], key[1], plan, self.fused)
         self.runners[key] = runner
         return runner
 
@@ -281,6 +285,8 @@ class FastGenerate:
             return f"a model on {device.type}"
         if head.training:
             return "a model in train mode"
+        if self.fused is not None and not self.fused.is_current(head):
+            return "modules replaced after transform"
         kwargs = dict(kwargs)
         inputs = args[0] if args else kwargs.pop("inputs", None)
         if inputs is None:

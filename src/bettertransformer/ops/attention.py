@@ -70,7 +70,6 @@ def pick_backend(
             and head_dim % 8 == 0
             and head_dim <= 256
             and (window is None or "window_size" in _VARLEN_PARAMS)
-            and (not gqa or "enable_gqa" in _VARLEN_PARAMS)
         ):
             return "varlen"
         return "dense"
@@ -136,8 +135,10 @@ def packed_attention(
         extra: dict[str, Any] = {}
         if causal:
             extra["window_size"] = (window - 1 if window is not None else -1, 0)
-        if gqa:
+        if gqa and "enable_gqa" in _VARLEN_PARAMS:
             extra["enable_gqa"] = True
+        elif gqa:  # this torch's varlen_attn wants one key/value head per query head
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         return _varlen_attn(q, k, v, cu, cu, info.max_len, info.max_len, scale=scale, **extra)
     if backend == "loop":
         if bias is not None or dropout_p:

@@ -34,6 +34,24 @@ if AVAILABLE:
         tl.store(Y + row * stride + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
+    def _residual_layer_norm_kernel(X, R, W, B, Y, N, eps, BLOCK: tl.constexpr):
+        # X += R (rounded to X's dtype, as a separate add would), Y = LayerNorm(X); rows contiguous.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < N
+        x = tl.load(X + row * N + cols, mask=m, other=0.0).to(tl.float32)
+        x += tl.load(R + row * N + cols, mask=m, other=0.0).to(tl.float32)
+        x = x.to(X.dtype.element_ty)
+        tl.store(X + row * N + cols, x, mask=m)
+        x = x.to(tl.float32)
+        mean = tl.sum(x, axis=0) / N
+        d = tl.where(m, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + row * N + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _attention_block(q, acc, m_i, l_i, k_ptrs, v_ptrs, cols, length, qk_scale, MASKED: tl.constexpr):
         # One BLOCK_N slice of keys/values for a block of queries; online softmax in base 2.
         if MASKED:
@@ -152,6 +170,19 @@ def add_layer_norm(
         block = triton.next_power_of_2(n)
         warps = 4 if block <= 1024 else 8
         _add_layer_norm_kernel[(rows,)](x, residual, weight, bias, y, x.stride(0), n, eps, BLOCK=block, num_warps=warps)
+    return y
+
+
+def residual_layer_norm_(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``x += residual`` in place, then return LayerNorm(x); x, residual: (T, N) contiguous, same dtype."""
+    rows, n = x.shape
+    y = torch.empty_like(x)
+    if rows:
+        block = triton.next_power_of_2(n)
+        warps = 4 if block <= 1024 else 8
+        _residual_layer_norm_kernel[(rows,)](x, residual, weight, bias, y, n, eps, BLOCK=block, num_warps=warps)
     return y
 
 

@@ -1,0 +1,61 @@
+"""Where a decode step's time goes: the kernels of one fast-generate step (run eagerly under the profiler), and
+the time of one CUDA-graph replay. Run: ``PYTHONPATH=src python benchmarks/profile_decode.py [--model gpt2|llama]``
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import torch
+from decoder_gpu import build, left_padded, llama_1b
+from transformers import GPT2Config
+
+from bettertransformer import BetterTransformer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="gpt2")
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    config = GPT2Config() if args.model == "gpt2" else llama_1b()
+    model = BetterTransformer.transform(build(config))
+    ids, mask = left_padded([16] * args.batch, config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
+    model.generate(ids, **kwargs)
+    (patch,) = model._bettertransformer_state.patches
+    (runner,) = patch.generation.runners.values()
+
+    def rewind() -> None:  # back to the first decode step, so steps stay inside the buffers
+        runner.slot.fill_(ids.shape[1])
+        runner.step.fill_(1)
+
+    rewind()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(40):
+        runner.graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"graph replay: {start.elapsed_time(end) / 40 * 1e3:.1f} us per step")
+    rewind()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            runner._decode_step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels) / 5
+    print(f"eager step: {len(kernels) / 5:.0f} kernels, {total:.1f} us of kernel time")
+    by_name: Counter[str] = Counter()
+    count: Counter[str] = Counter()
+    for e in kernels:
+        by_name[e.name[:90]] += e.device_time / 5
+        count[e.name[:90]] += 1 / 5
+    for name, us in by_name.most_common(25):
+        print(f"{us:8.1f} us {count[name]:5.0f}x  {name}")
+
+
+if __name__ == "__main__":
+    main()
