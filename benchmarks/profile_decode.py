@@ -41,7 +41,7 @@ def main() -> None:
     torch.cuda.synchronize()
     print(f"graph replay: {start.elapsed_time(end) / 40 * 1e3:.1f} us per step")
     rewind()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             runner._decode_step()
         torch.cuda.synchronize()

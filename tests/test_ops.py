@@ -177,3 +177,88 @@ def test_triton_kernels_match_torch_on_cuda(dtype):
     ref = F.gelu(y.float())
     out = triton_kernels.gelu_(y.clone())
     assert (out.float() - ref).abs().max().item() < (4e-3 if dtype == torch.float16 else 3e-2)
+
+
+def _decode_inputs(device, dtype, batch=3, heads=4, kv_heads=2, dim=16, slots=40, width=64):
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    kv = rand(2, batch, kv_heads, slots, dim)
+    valid = torch.rand(batch, slots, generator=gen) < 0.7
+    valid[:, 5] = True
+    mask = torch.where(valid, 0.0, float("-inf")).to(device, dtype)
+    x = rand(batch, width)
+    weight = rand(width, (heads + 2 * kv_heads) * dim) / width**0.5
+    return kv, mask, x, weight, rand(weight.shape[1])
+
+
+def _run_decode_ops(device, dtype):
+    """Every decode op once, from the same inputs; returns the outputs and the updated cache."""
+    from bettertransformer.ops import decode
+
+    kv, mask, x, weight, bias = _decode_inputs(device, dtype)
+    slot = torch.tensor([5], device=device)
+    q = decode.qkv_into_cache(x, weight, bias, transposed=False, kv=kv, slot=slot, heads=4)
+    att = decode.attention(q, kv, mask, 0.25)
+    fc = decode.linear(x, weight, bias, transposed=False, gelu_tanh=True)
+    lin = decode.linear(x, weight.t().contiguous(), None, transposed=True, out_dtype=torch.float32)
+    wte, wpe = torch.randn(50, 64).to(device, dtype), torch.randn(20, 64).to(device, dtype)
+    emb = decode.embed(torch.tensor([3, 49, 0], device=device), torch.tensor([0, 19, 7], device=device), wte, wpe)
+    return [q, att, fc, lin, emb, kv]
+
+
+def test_decode_ops_reference_path():
+    q, att, fc, lin, emb, kv = _run_decode_ops("cpu", torch.float64)
+    _, mask, x, weight, bias = _decode_inputs("cpu", torch.float64)
+    qkv = x @ weight + bias
+    torch.testing.assert_close(q, qkv[:, :64].view(3, 4, 16))
+    torch.testing.assert_close(kv[0, :, :, 5], qkv[:, 64:96].view(3, 2, 16))  # keys written at the slot
+    torch.testing.assert_close(kv[1, :, :, 5], qkv[:, 96:].view(3, 2, 16))
+    expected = _reference_attention_decode(q, kv, mask, 0.25)
+    torch.testing.assert_close(att, expected)
+    torch.testing.assert_close(fc, F.gelu(qkv, approximate="tanh"))
+    assert lin.dtype == torch.float32
+
+
+def _reference_attention_decode(q, kv, mask, scale):
+    k = kv[0].repeat_interleave(2, dim=1)  # (B, H, S, D)
+    v = kv[1].repeat_interleave(2, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", q, k) * scale + mask[:, None, :]
+    return torch.einsum("bhs,bhsd->bhd", scores.softmax(-1), v)
+
+
+@cuda
+@pytest.mark.cuda
+def test_decode_kernels_match_the_reference_path_on_cuda():
+    got = _run_decode_ops("cuda", torch.float16)
+    expected = _run_decode_ops("cpu", torch.float64)
+    for a, b in zip(got, expected, strict=True):
+        assert (a.double().cpu() - b).abs().max().item() < 2e-2
+
+
+@cuda
+@pytest.mark.cuda
+def test_advance_kernel_matches_the_reference_path_on_cuda():
+    from bettertransformer.ops.sampling import advance
+
+    results = []
+    for device in ("cpu", "cuda"):
+
+        def t(values, dtype=torch.long, device=device):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        state = dict(
+            unfinished=t([True, True, False], torch.bool), eos=t([7, 9]), pad=t(0), out=torch.zeros(3, 6, dtype=torch.long, device=device),
+            tokens=torch.zeros(3, 1, dtype=torch.long, device=device), positions=t([[4], [2], [0]]), step=t([1]),
+            slot=t([3]), valid=torch.zeros(3, 6, dtype=torch.bool, device=device), mask=torch.full((3, 6), float("-inf"), device=device),
+            active=t(0), eos_penalty=torch.zeros(12, device=device).index_fill_(0, t([7, 9]), float("-inf")), ban_steps=t(2),
+        )  # fmt: skip
+        advance(t([9, 5, 5]), **state)
+        results.append({k: v.cpu() for k, v in state.items()})
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+    assert results[0]["unfinished"].tolist() == [False, True, False]
+    assert results[0]["out"][:, 1].tolist() == [9, 5, 0]
+    assert results[0]["eos_penalty"].isfinite().all()  # step 2 reached ban_steps

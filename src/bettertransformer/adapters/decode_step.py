@@ -9,8 +9,6 @@ per step, GELU in one kernel. It computes the same function; only rounding diffe
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import decode
 from ..ops.fused import residual_layer_norm_
 from .encoder import resolve
 
@@ -45,23 +44,29 @@ class DecodeLayout:
     requires: tuple[tuple[str, Any], ...] = (("add_cross_attention", False),)
 
 
-def _projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """x (B, in) -> (B, out) for an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored (in, out))."""
-    if type(module) is nn.Linear:
-        return functools.partial(F.linear, weight=module.weight, bias=module.bias)
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        weight, bias = module.weight, module.bias
-        return lambda x: torch.addmm(bias, x, weight)
-    return None
+@dataclass(frozen=True)
+class _Projection:
+    """A linear map as (weight, bias, transposed): ``nn.Linear`` stores (out, in), transformers' Conv1D (in, out)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    transposed: bool
+
+    @staticmethod
+    def of(module: Any) -> _Projection | None:
+        if type(module) is nn.Linear:
+            return _Projection(module.weight, module.bias, True)
+        if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+            return _Projection(module.weight, module.bias, False)
+        return None
+
+    def __call__(self, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+        return decode.linear(x, self.weight, self.bias, transposed=self.transposed, gelu_tanh=gelu_tanh)
 
 
-def _activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    name = type(module).__name__
-    if name == "NewGELUActivation":  # 0.5x(1 + tanh(...)) in eight kernels; the same formula in one
-        return functools.partial(F.gelu, approximate="tanh")
-    if name in ("GELUActivation", "GELU") and getattr(module, "approximate", "none") == "none":
-        return F.gelu
-    return module
+# Activations computed inside the matrix product before them: the tanh GELU (GPT-2's "gelu_new" in eight
+# PyTorch kernels, the same formula in none).
+_TANH_GELU = {"NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"}
 
 
 class _Layer:
@@ -71,9 +76,10 @@ class _Layer:
         attention = resolve(layer, layout.attention)
         self.heads, self.head_dim = attention.num_heads, attention.head_dim
         self.scaling = float(attention.scaling)
-        self.modules = [resolve(layer, p) for p in (layout.qkv, layout.o, layout.ffn_in, layout.ffn_out)]
-        self.qkv, self.o, self.ffn_in, self.ffn_out = (_projection(m) for m in self.modules)
-        self.act = _activation(resolve(layer, layout.act))
+        modules = [resolve(layer, p) for p in (layout.qkv, layout.o, layout.ffn_in, layout.ffn_out)]
+        self.qkv, self.o, self.ffn_in, self.ffn_out = (_Projection.of(m) for m in modules)
+        self.act: Any = resolve(layer, layout.act)
+        self.gelu_tanh = type(self.act).__name__ in _TANH_GELU
 
     def unsupported(self) -> str | None:
         if any(type(n) is not nn.LayerNorm for n in (self.ln1, self.ln2)):
@@ -86,7 +92,7 @@ class _Layer:
 class FusedDecodeStep:
     """One decode step of a whole GPT-2-shaped model: (tokens, positions, buffers) -> next-token logits."""
 
-    def __init__(self, base: nn.Module, head: nn.Module, layout: DecodeLayout):
+    def __init__(self, base: nn.Module, head: Any, layout: DecodeLayout):
         config: Any = base.config
         for flag, supported in layout.requires:
             if getattr(config, flag, supported) != supported:
@@ -104,7 +110,7 @@ class FusedDecodeStep:
             raise NotImplementedError(problem)
 
     @staticmethod
-    def _module_ids(base: nn.Module, head: nn.Module, layout: DecodeLayout) -> list[int]:
+    def _module_ids(base: nn.Module, head: Any, layout: DecodeLayout) -> list[int]:
         paths = (
             layout.ln1,
             layout.attention,
@@ -119,29 +125,30 @@ class FusedDecodeStep:
         modules += [resolve(layer, p) for layer in resolve(base, layout.layers) for p in paths]
         return [id(m) for m in modules + [head.get_output_embeddings()]]
 
-    def is_current(self, head: nn.Module) -> bool:
+    def is_current(self, head: Any) -> bool:
         """False if modules were swapped since (e.g. adapters added): the step would run stale modules."""
         return self._module_ids(self.base, head, self.layout) == self.module_ids
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: Any) -> torch.Tensor:
         """tokens, positions: (B, 1); state: ``decoder.DecodeState``. Returns (B, V) fp32 logits."""
         batch = tokens.shape[0]
-        x = self.embed(tokens[:, 0]) + self.positions(positions[:, 0])  # (B, E), the residual stream
-        mask = state.additive_mask(None, x.dtype)
+        x = decode.embed(tokens[:, 0], positions[:, 0], self.embed.weight, self.positions.weight)  # residual stream
         update: torch.Tensor | None = None
         for layer, kv in zip(self.layers, state.kv, strict=True):
             if update is None:
                 h = F.layer_norm(x, layer.ln1.normalized_shape, layer.ln1.weight, layer.ln1.bias, layer.ln1.eps)
             else:
                 h = residual_layer_norm_(x, update, layer.ln1)
-            qkv = layer.qkv(h)  # (B, 3E)
-            width = layer.heads * layer.head_dim
-            q = qkv[:, :width].view(batch, layer.heads, 1, layer.head_dim)
-            new_kv = qkv[:, width:].view(batch, 2, layer.heads, layer.head_dim).transpose(0, 1).unsqueeze(3)
-            kv.index_copy_(3, state.slot, new_kv)  # keys and values of this token, one kernel
-            a = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=layer.scaling)
-            h = residual_layer_norm_(x, layer.o(a.reshape(batch, width)), layer.ln2)
-            update = layer.ffn_out(layer.act(layer.ffn_in(h)))
+            qkv = layer.qkv
+            assert qkv is not None and layer.o is not None and layer.ffn_in is not None and layer.ffn_out is not None
+            q = decode.qkv_into_cache(
+                h, qkv.weight, qkv.bias, transposed=qkv.transposed, kv=kv, slot=state.slot, heads=layer.heads
+            )
+            a = decode.attention(q, kv, state.mask, layer.scaling)  # (B, H, D)
+            h = residual_layer_norm_(x, layer.o(a.reshape(batch, -1)), layer.ln2)
+            f = layer.ffn_in(h, gelu_tanh=layer.gelu_tanh)
+            update = layer.ffn_out(f if layer.gelu_tanh else layer.act(f))
         assert update is not None
         h = residual_layer_norm_(x, update, self.final_norm)
-        return F.linear(h, self.head.weight, self.head.bias).float()
+        head = self.head
+        return decode.linear(h, head.weight, head.bias, transposed=True, out_dtype=torch.float32)

@@ -47,12 +47,14 @@ class DecodeState:
     """The static key/value buffers of a decode step (see ``adapters/generation.py``).
 
     kv: per layer (2, B, Hkv, S, D), keys then values; slot: (1,) the slot of the token being fed; valid: (B, S)
-    which slots hold real tokens (the current one included). Layers are taken in call order, one per attention call.
+    which slots hold real tokens (the current one included); mask: (B, S) the same as an additive mask (0 or -inf).
+    Layers are taken in call order, one per attention call.
     """
 
     kv: list[torch.Tensor]
     slot: torch.Tensor
     valid: torch.Tensor
+    mask: torch.Tensor
     layer: int = 0
     masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
@@ -60,6 +62,8 @@ class DecodeState:
         """(B, 1, 1, S): 0 for the keys the current token sees, -inf elsewhere; built once per step.
 
         A sliding window counts slots, as transformers' caches do (padding slots included)."""
+        if window is None and dtype == self.mask.dtype:
+            return self.mask[:, None, None, :]
         key = (window, dtype)
         if key not in self.masks:
             allowed = self.valid

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..ops.sampling import Sampling, next_tokens
+from ..ops.sampling import Sampling, advance, next_tokens
 from .decode_step import FusedDecodeStep
 from .decoder import DecodeState, decode_context
 
@@ -83,7 +83,16 @@ class _Plan:
 class _Runner:
     """Static buffers and the captured step for one (batch bucket, length bucket, sampling) key."""
 
-    def __init__(self, head: Any, cache_name: str, batch: int, length: int, plan: _Plan, fused: FusedDecodeStep | None):
+    def __init__(
+        self,
+        head: Any,
+        cache_name: str,
+        batch: int,
+        length: int,
+        plan: _Plan,
+        fused: FusedDecodeStep | None,
+        bans: bool,
+    ):
         self.head, self.cache_name, self.fused = head, cache_name, fused
         self.batch, self.length = batch, length
         self.sampling, self.eos_ids = plan.sampling, plan.eos
@@ -104,6 +113,8 @@ class _Runner:
         self.real = new(batch, dtype=torch.bool)
         self.seen = new(batch, vocab, dtype=torch.bool) if plan.sampling.repetition_penalty != 1.0 else None
         self.eos = torch.tensor(plan.eos, dtype=torch.long, device=device)
+        # -inf at the end-of-sequence ids while min_new_tokens / min_length are not reached (advance lifts it).
+        self.eos_penalty = new(vocab, dtype=torch.float32) if bans else None
         self.out = new(batch, length, dtype=torch.long)
         self.state: DecodeState | None = None
         self.graph: Any = None
@@ -116,6 +127,8 @@ class _Runner:
         logits = self._prefill(ids, mask)
         self.pad.fill_(plan.pad)
         self.ban_steps.fill_(plan.ban_steps)
+        if self.eos_penalty is not None:
+            self.eos_penalty.zero_().index_fill_(0, self.eos, float("-inf"))
         self.real.zero_()
         self.real[:batch] = True
         self.unfinished.copy_(self.real)
@@ -156,9 +169,11 @@ class _Runner:
                 kv=[k.new_zeros(2, self.batch, k.shape[1], self.length, k.shape[3]) for k, _ in layers],
                 slot=self.slot,
                 valid=self.valid,
+                mask=layers[0][0].new_zeros(self.batch, self.length),
             )
         self.valid.zero_()
         self.valid[:batch, :prompt] = mask.bool()
+        self.state.mask.copy_(torch.where(self.valid, 0.0, float("-inf")))
         for buffer, (keys, values) in zip(self.state.kv, layers, strict=True):
             buffer.zero_()
             buffer[0, :batch, :, :prompt] = keys
@@ -174,22 +189,18 @@ class _Runner:
         batch = logits.shape[0]
         if batch < self.batch:
             logits = torch.cat([logits, logits.new_zeros(self.batch - batch, logits.shape[1])])
-        chosen = next_tokens(logits, self.sampling, seen=self.seen, ban_eos=self.step < self.ban_steps, eos=self.eos)
-        self.active += self.unfinished.any().long()
-        if self.eos_ids:
-            chosen = torch.where(self.unfinished, chosen, self.pad)
-            self.unfinished &= ~torch.isin(chosen, self.eos)
-        self.out.index_copy_(1, self.step, chosen[:, None])
+        chosen = next_tokens(logits, self.sampling, seen=self.seen, eos_penalty=self.eos_penalty)
         if self.seen is not None:
             self.seen.scatter_(1, chosen[:, None], True)
-        self.tok.copy_(chosen[:, None])
-        self.pos += 1
-        self.slot += 1
-        self.step += 1
+        assert self.state is not None
+        advance(
+            chosen, unfinished=self.unfinished, eos=self.eos, pad=self.pad, out=self.out, tokens=self.tok,
+            positions=self.pos, step=self.step, slot=self.slot, valid=self.valid, mask=self.state.mask,
+            active=self.active, eos_penalty=self.eos_penalty, ban_steps=self.ban_steps,
+        )  # fmt: skip
 
     def _decode_step(self) -> None:
         assert self.state is not None
-        self.valid.index_fill_(1, self.slot, True)
         if self.fused is not None:
             self.state.masks.clear()
             self._select(self.fused(self.tok, self.pos, self.state))
@@ -222,7 +233,8 @@ class _Runner:
     def _mutable(self) -> list[torch.Tensor]:
         assert self.state is not None
         tensors = [self.tok, self.pos, self.slot, self.step, self.valid, self.unfinished, self.active, self.out]
-        tensors += self.state.kv
+        tensors += self.state.kv + [self.state.mask]
+        tensors += [self.eos_penalty] if self.eos_penalty is not None else []
         return tensors + ([self.seen] if self.seen is not None else [])
 
 
@@ -268,12 +280,14 @@ class FastGenerate:
 
     def _runner(self, plan: _Plan) -> _Runner:
         batch, prompt = plan.input_ids.shape
-        key = (_bucket_batch(batch), _bucket_length(prompt + plan.new_tokens), plan.sampling, plan.eos)
+        # Room for the warm-up steps of a graph capture past the last token.
+        bans = plan.ban_steps > 0 and bool(plan.eos)
+        key = (_bucket_batch(batch), _bucket_length(prompt + plan.new_tokens + 4), plan.sampling, plan.eos, bans)
         runner = self.runners.pop(key, None)
         if runner is None:
             while len(self.runners) >= _MAX_RUNNERS:
                 self.runners.popitem(last=False)
-            runner = _Runner(self.head, self.cache_name, key[0], key[1], plan, self.fused)
+            runner = _Runner(self.head, self.cache_name, key[0], key[1], plan, self.fused, bans)
         self.runners[key] = runner
         return runner
 
