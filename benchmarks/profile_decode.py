@@ -24,6 +24,15 @@ def main() -> None:
     ids, mask = left_padded([16] * args.batch, config.vocab_size)
     kwargs = dict(attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
     model.generate(ids, **kwargs)
+    import time
+
+    for new in (1, 1, 2, 2, 64):  # the second call of each is warm
+        short = dict(kwargs, max_new_tokens=new, min_new_tokens=new)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, **short)
+        torch.cuda.synchronize()
+        print(f"generate with {new} new tokens: {(time.perf_counter() - start) * 1e3:.2f} ms")
     (patch,) = model._bettertransformer_state.patches
     (runner,) = patch.generation.runners.values()
 

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from . import triton_kernels
 from .fused import _use_triton
 
-# Decode attention over at most this many cache slots runs our kernel; longer caches use SDPA's split kernels
-# (measured on an H100: ours faster up to 128-256 slots, see BENCHMARKS.md).
-MAX_TRITON_SLOTS = 256
+# Decode attention runs our kernel while rows x cache slots stays under this; beyond it SDPA's kernels were faster
+# (H200, GPT-2 heads: ours 3.6 vs 4.6 us at 1 x 128, 5.0 vs 6.9 at 1 x 256, 6.6 vs 7.3 at 16 x 128, but 10.2 vs
+# 7.7 at 16 x 256; see BENCHMARKS.md).
+MAX_TRITON_ROW_SLOTS = 2048
 
 
 def embed(tokens: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
@@ -35,10 +36,7 @@ def linear(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """act(x @ W + bias); W = ``weight`` (in, out), or ``weight.T`` for an (out, in) ``nn.Linear`` weight."""
-    out_features = weight.shape[0] if transposed else weight.shape[1]
-    # cuBLAS's split-K kernels measured faster for narrow outputs of long rows (3072 -> 768); ours elsewhere.
-    ours = gelu_tanh or out_features >= x.shape[1]
-    if ours and _use_triton(x) and x.shape[0] <= 16 and x.is_contiguous():
+    if _use_triton(x) and x.shape[0] <= 16 and x.is_contiguous():
         return triton_kernels.skinny_matmul(
             x, weight, bias, transposed=transposed, gelu_tanh=gelu_tanh, out_dtype=out_dtype
         )
@@ -77,8 +75,9 @@ def qkv_into_cache(
 
 def attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, H, D) over the cache kv (2, B, Hkv, S, D) with an additive mask (B, S) -> (B, H, D)."""
-    if _use_triton(q) and kv.shape[3] <= MAX_TRITON_SLOTS and q.shape[-1] in (16, 32, 64, 128):
-        return triton_kernels.decode_attention(q, kv[0], kv[1], mask, scale, block_s=128)
+    slots = kv.shape[3]
+    if _use_triton(q) and q.shape[0] * slots <= MAX_TRITON_ROW_SLOTS and q.shape[-1] in (16, 32, 64, 128):
+        return triton_kernels.decode_attention(q, kv[0], kv[1], mask, scale, block_s=min(256, max(16, slots)))
     batch, heads, dim = q.shape
     grouped = q.reshape(batch, kv.shape[2], heads // kv.shape[2], dim)  # query heads sharing a key/value head
     out = F.scaled_dot_product_attention(grouped, kv[0], kv[1], attn_mask=mask[:, None, None, :], scale=scale)

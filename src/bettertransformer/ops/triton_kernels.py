@@ -317,10 +317,10 @@ def skinny_matmul(
     slot: torch.Tensor | None = None,
     split: int = 0,
     head_dim: int = 0,
-    block_n: int = 32,
+    block_n: int | None = None,
     block_k: int = 128,
-    warps: int = 4,
-    stages: int = 3,
+    warps: int | None = None,
+    stages: int = 4,
 ) -> torch.Tensor:
     """act(x @ W + bias) for x (M <= 16, K) contiguous; W is ``weight`` (K, N) or, if ``transposed``, ``weight.T``
     of an (N, K) weight (nn.Linear). For decode steps, where a matrix product is a stream over the weight.
@@ -330,6 +330,10 @@ def skinny_matmul(
     """
     m, k = x.shape
     n = weight.shape[0] if transposed else weight.shape[1]
+    if block_n is None:  # the best of a sweep for GPT-2 shapes, weights streamed from HBM (BENCHMARKS.md)
+        block_n, block_k, warps = (8, 256, 2) if n <= 1024 else (64, 128, 4) if n >= 16384 else (32, 128, 2)
+        stages = 2 if n >= 16384 else 4
+    warps = warps or (2 if m == 1 else 4)
     stride_wk, stride_wn = (weight.stride(1), weight.stride(0)) if transposed else (weight.stride(0), weight.stride(1))
     y = torch.empty(m, split if kv is not None else n, device=x.device, dtype=out_dtype or x.dtype)
     kv_args = (
