@@ -77,7 +77,9 @@ def attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: floa
     """q (B, H, D) over the cache kv (2, B, Hkv, S, D) with an additive mask (B, S) -> (B, H, D)."""
     slots = kv.shape[3]
     if _use_triton(q) and q.shape[0] * slots <= MAX_TRITON_ROW_SLOTS and q.shape[-1] in (16, 32, 64, 128):
-        return triton_kernels.decode_attention(q, kv[0], kv[1], mask, scale, block_s=min(256, max(16, slots)))
+        return triton_kernels.decode_attention(
+            q, kv[0], kv[1], mask, scale, block_s=min(256, max(16, 1 << (slots - 1).bit_length()))
+        )
     batch, heads, dim = q.shape
     grouped = q.reshape(batch, kv.shape[2], heads // kv.shape[2], dim)  # query heads sharing a key/value head
     out = F.scaled_dot_product_attention(grouped, kv[0], kv[1], attn_mask=mask[:, None, None, :], scale=scale)
