@@ -100,7 +100,6 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="directory for the JSON results")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--profile", action="store_true", help="also write a kernel profile of each model")
-    parser.add_argument("--ffn-chunks", type=int, nargs="*", default=[], help="experiment: FFN row-chunk sizes")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -152,12 +151,9 @@ def main() -> None:
     fused.USE_TRITON = False
     run("bettertransformer, no Triton fusion", hf(fast))
     fused.USE_TRITON = True
-    from bettertransformer.adapters import encoder as encoder_adapter
-
-    for chunk in args.ffn_chunks:
-        encoder_adapter.FFN_CHUNK_TOKENS = chunk
-        run(f"bettertransformer, FFN in chunks of {chunk} tokens", hf(fast))
-    encoder_adapter.FFN_CHUNK_TOKENS = 0
+    fused.GELU_EPILOGUE = False
+    run("bettertransformer, exact GELU (Triton kernel, no epilogue)", hf(fast))
+    fused.GELU_EPILOGUE = True
     attention.FORCED_BACKEND = "dense"
     run("bettertransformer, dense (padded) attention", hf(fast))
     attention.FORCED_BACKEND = None

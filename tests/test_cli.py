@@ -83,3 +83,21 @@ def test_no_gpu_is_a_one_line_error(tiny_dir):
     result = _run("bench", str(tiny_dir), "--device", "cuda")
     assert result.returncode == 2 and "no CUDA GPU" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder_dir(tmp_path_factory):
+    """A saved tiny GPT-2 with no tokenizer (random prompts, padded on the left)."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    make_decoder("gpt2").save_pretrained(path)
+    return path
+
+
+def test_check_and_bench_a_decoder(tiny_decoder_dir, capsys):
+    assert cli.main(["check", str(tiny_decoder_dir), "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "logits" in out and "generate" in out and out.strip().endswith("PASSED")
+    args = ["bench", str(tiny_decoder_dir), "--device", "cpu", "--batch", "2", "--repeats", "1", "--new-tokens", "3"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "generate, 3 new tokens" in out and "| 2 | 2x" in out

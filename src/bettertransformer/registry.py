@@ -124,7 +124,11 @@ MEGATRON_BERT = EncoderLayout(
 )
 
 # Causal LMs: one adapter for every model whose attention goes through transformers' attention interface.
-DECODER = Support(adapter=CausalDecoder, layout=None, fast_paths=("padding-free prefill", "packed-sequence training"))
+DECODER = Support(
+    adapter=CausalDecoder,
+    layout=None,
+    fast_paths=("padding-free prefill", "packed-sequence training", "static-cache CUDA-graph generate"),
+)
 NEEDS_INTERFACE = "needs a transformers release whose model routes attention through the attention interface"
 
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model.
@@ -155,7 +159,7 @@ REGISTRY: dict[str, Support] = {
     "gemma": DECODER,
     "gemma2": replace(DECODER, notes="attention logit softcapping"),
     "gemma3_text": replace(DECODER, notes="sliding-window layers"),
-    "gpt2": replace(DECODER, layout=DecodeLayout(), notes="fused decode step"),
+    "gpt2": replace(DECODER, layout=DecodeLayout(), fast_paths=(*DECODER.fast_paths, "fused decode step")),
     "gpt_bigcode": replace(DECODER, notes="multi-query attention"),
     "gpt_neox": DECODER,
     "gptj": replace(DECODER, notes=f"{NEEDS_INTERFACE} (5.24 does, 5.17 does not)"),
