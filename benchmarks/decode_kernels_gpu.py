@@ -8,6 +8,7 @@ Run: ``PYTHONPATH=src python benchmarks/decode_kernels_gpu.py``
 
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import torch
@@ -41,12 +42,20 @@ def graph_us(fn) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--block-k", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--no-lm-head", action="store_true")
+    args = parser.parse_args()
     torch.manual_seed(0)
     dev, dt = "cuda", torch.float16
     rows = []
-    for m in (1, 16):
+    for m in args.batches:
         shapes = ((768, 2304, False, False), (768, 768, False, False), (768, 3072, True, False))
-        shapes += ((3072, 768, False, False), (768, 50257, False, True))
+        shapes += ((3072, 768, False, False),) + (() if args.no_lm_head else ((768, 50257, False, True),))
         for k, n, gelu, transposed in shapes:
             x = torch.randn(m, k, device=dev, dtype=dt)
             copies = 4 if n > 10000 else COPIES
@@ -62,7 +71,7 @@ def main() -> None:
 
             base = graph_us(cublas)
             best = None
-            for bn, bk, warps, stages in itertools.product((8, 16, 32, 64), (64, 128, 256), (1, 2, 4), (2, 3, 4)):
+            for bn, bk, warps, stages in itertools.product(args.block_n, args.block_k, args.warps, args.stages):
 
                 def ours(
                     i, x=x, ws=ws, b=b, gelu=gelu, transposed=transposed, copies=copies, c=(bn, bk, warps, stages)

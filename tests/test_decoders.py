@@ -256,7 +256,13 @@ def test_gpt2_generates_through_the_fused_decode_step(fast_loop_on_cpu, monkeypa
     kwargs = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=PAD)
     assert torch.equal(model.generate(ids, **kwargs), stock.generate(ids, **kwargs))
     assert len(steps) == 9  # every token after the first (which comes from the prefill)
+    counts = call_counts(model)
+    assert counts["fast"] + counts["stock"] == 0  # the prefill ran the fused layers too, not the model's forward
+    # A row with no real token: the prefill falls back to the model's own forward, the result is still stock's.
+    empty_ids, empty_mask = left_padded_batch(stock.config.vocab_size, (6, 0, 3))
+    empty = dict(kwargs, attention_mask=empty_mask)
+    assert torch.equal(model.generate(empty_ids, **empty), stock.generate(empty_ids, **empty))
     # A module swapped in after transform (an adapter, say) is not one the fused step knows: stock generate runs.
     model.transformer.h[0].mlp.c_fc = torch.nn.Sequential(model.transformer.h[0].mlp.c_fc)
     model.generate(ids, **kwargs)
-    assert call_counts(model)["stock generate"] == 1
+    assert call_counts(model)["stock generate"] == 1 and call_counts(model)["fast generate"] == 2

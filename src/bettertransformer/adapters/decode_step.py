@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import decode
+from ..ops.attention import packed_attention
 from ..ops.fused import residual_layer_norm_
+from ..ops.padding import pack_info
 from .encoder import resolve
 
 
@@ -128,6 +130,47 @@ class FusedDecodeStep:
     def is_current(self, head: Any) -> bool:
         """False if modules were swapped since (e.g. adapters added): the step would run stale modules."""
         return self._module_ids(self.base, head, self.layout) == self.module_ids
+
+    def new_cache(self, batch: int, slots: int) -> list[torch.Tensor]:
+        """Zeroed per-layer key/value buffers (2, batch, heads, slots, head_dim) for ``DecodeState.kv``."""
+        weight = self.embed.weight
+        return [
+            weight.new_zeros(2, batch, layer.heads, slots, layer.head_dim) for layer in self.layers
+        ]  # fmt: skip
+
+    def prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, state: Any
+    ) -> torch.Tensor | None:
+        """Run the prompts (B, L), padded on the left, on their real tokens only; write their keys/values into
+        ``state.kv`` at their columns. Returns the (B, V) fp32 logits of each row's last token, or None when a row
+        has no real token (the caller then runs the model's own forward)."""
+        batch, length = ids.shape
+        info = pack_info(mask, batch, length, ids.device)
+        if int(info.host_lengths.min()) == 0:
+            return None
+        flat = info.indices if info.indices is not None else torch.arange(batch * length, device=ids.device)
+        rows, columns = flat // length, flat % length
+        x = decode.embed(ids.reshape(-1)[flat], positions.reshape(-1)[flat], self.embed.weight, self.positions.weight)
+        tokens = x.shape[0]
+        update: torch.Tensor | None = None
+        for layer, kv in zip(self.layers, state.kv, strict=True):
+            if update is None:
+                h = F.layer_norm(x, layer.ln1.normalized_shape, layer.ln1.weight, layer.ln1.bias, layer.ln1.eps)
+            else:
+                h = residual_layer_norm_(x, update, layer.ln1)
+            assert layer.qkv is not None and layer.o is not None and layer.ffn_in is not None
+            assert layer.ffn_out is not None
+            q, k, v = layer.qkv(h).view(tokens, 3, layer.heads, layer.head_dim).unbind(1)  # (T, H, D) each
+            kv[0][rows, :, columns] = k
+            kv[1][rows, :, columns] = v
+            a = packed_attention(q, k, v, info, scale=layer.scaling, causal=True)
+            h = residual_layer_norm_(x, layer.o(a.reshape(tokens, -1)), layer.ln2)
+            f = layer.ffn_in(h, gelu_tanh=layer.gelu_tanh)
+            update = layer.ffn_out(f if layer.gelu_tanh else layer.act(f))
+        assert update is not None
+        h = residual_layer_norm_(x, update, self.final_norm)
+        last = h[info.cu_seqlens[1:].long() - 1]  # (B, E): each row's last token
+        return decode.linear(last, self.head.weight, self.head.bias, transposed=True, out_dtype=torch.float32)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: Any) -> torch.Tensor:
         """tokens, positions: (B, 1); state: ``decoder.DecodeState``. Returns (B, V) fp32 logits."""

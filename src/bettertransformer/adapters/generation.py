@@ -161,10 +161,42 @@ class _Runner:
         return torch.cat([ids, self.out[:batch, :count]], dim=1)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run the prompts, fill the buffers with their keys/values; returns the last tokens' (B, V) logits."""
+        batch, prompt = ids.shape
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        logits = None
+        if self.fused is not None:
+            if self.state is None:
+                self.state = self._new_state(self.fused.new_cache(self.batch, self.length))
+            for buffer in self.state.kv:
+                buffer[:, :batch].zero_()
+            logits = self.fused.prefill(ids, mask, positions, self._rows(batch))
+        if logits is None:
+            logits = self._model_prefill(ids, mask, positions)
+        assert self.state is not None
+        self.valid.zero_()
+        self.valid[:batch, :prompt] = mask.bool()
+        self.state.mask.copy_(torch.where(self.valid, 0.0, float("-inf")))
+        self.tok.fill_(0)
+        self.pos.zero_()
+        self.pos[:batch] = positions[:, -1:]
+        self.slot.fill_(prompt - 1)
+        return logits
+
+    def _rows(self, batch: int) -> Any:
+        """The decode state seen by the first ``batch`` rows (the runner's batch is bucketed)."""
+        assert self.state is not None
+        return DecodeState(kv=[kv[:, :batch] for kv in self.state.kv], slot=self.slot, valid=self.valid,
+                           mask=self.state.mask)  # fmt: skip
+
+    def _new_state(self, kv: list[torch.Tensor]) -> DecodeState:
+        return DecodeState(kv=kv, slot=self.slot, valid=self.valid, mask=kv[0].new_zeros(self.batch, self.length))
+
+    def _model_prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The prefill through the model's own forward (padding-free when padded), copied into the buffers."""
         from transformers import DynamicCache
 
         batch, prompt = ids.shape
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = DynamicCache()  # full keys/values for every layer; sliding windows are applied by the mask
         kwargs: dict[str, Any] = {self.cache_name: cache, "use_cache": True}
         if "logits_to_keep" in self.signature:
@@ -172,23 +204,13 @@ class _Runner:
         out = self.head(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         layers: list[tuple[Any, Any]] = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr]
         if self.state is None:
-            self.state = DecodeState(
-                kv=[k.new_zeros(2, self.batch, k.shape[1], self.length, k.shape[3]) for k, _ in layers],
-                slot=self.slot,
-                valid=self.valid,
-                mask=layers[0][0].new_zeros(self.batch, self.length),
+            self.state = self._new_state(
+                [k.new_zeros(2, self.batch, k.shape[1], self.length, k.shape[3]) for k, _ in layers]
             )
-        self.valid.zero_()
-        self.valid[:batch, :prompt] = mask.bool()
-        self.state.mask.copy_(torch.where(self.valid, 0.0, float("-inf")))
         for buffer, (keys, values) in zip(self.state.kv, layers, strict=True):
             buffer.zero_()
             buffer[0, :batch, :, :prompt] = keys
             buffer[1, :batch, :, :prompt] = values
-        self.tok.fill_(0)
-        self.pos.zero_()
-        self.pos[:batch] = positions[:, -1:]
-        self.slot.fill_(prompt - 1)
         return out.logits[:, -1].float()
 
     def _select(self, logits: torch.Tensor) -> None:
