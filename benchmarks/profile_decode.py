@@ -18,6 +18,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gpt2")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--cprofile", action="store_true", help="host-side profile of warm two-token generates")
     args = parser.parse_args()
     config = GPT2Config() if args.model == "gpt2" else llama_1b()
     model = BetterTransformer.transform(build(config))
@@ -33,6 +34,20 @@ def main() -> None:
         model.generate(ids, **short)
         torch.cuda.synchronize()
         print(f"generate with {new} new tokens: {(time.perf_counter() - start) * 1e3:.2f} ms")
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        short = dict(kwargs, max_new_tokens=2, min_new_tokens=2)
+        model.generate(ids, **short)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(10):
+            model.generate(ids, **short)
+        torch.cuda.synchronize()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        return
     (patch,) = model._bettertransformer_state.patches
     runner = list(patch.generation.runners.values())[-1]  # the 64-token call's
 

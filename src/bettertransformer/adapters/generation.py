@@ -125,6 +125,7 @@ class _Runner:
         self.out = new(batch, length, dtype=torch.long)
         self.state: DecodeState | None = None
         self.graph: Any = None
+        self.capturable = True  # False once a capture failed: the steps then run eagerly
         self.signature = inspect.signature(head.forward).parameters
 
     # -- one call ----------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ class _Runner:
             self.seen.zero_()
             self.seen[:batch].scatter_(1, ids, True)
         self._select(logits)  # the first new token, from the prefill
-        if self.graph is None and self.device.type == "cuda":
+        if self.graph is None and self.capturable and self.device.type == "cuda":
             self._capture()
         produced = 1
         while produced < plan.new_tokens:
@@ -252,12 +253,18 @@ class _Runner:
                 self._decode_step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._decode_step()
+        try:
+            with torch.cuda.graph(graph):
+                self._decode_step()
+        except Exception as problem:  # e.g. a host sync in the model's step (data-dependent expert routing)
+            torch.cuda.synchronize()
+            self.capturable = False
+            logger.info("bettertransformer: decode step not capturable (%s); it runs eagerly", problem)
+        else:
+            self.graph = graph
         for tensor, value in zip(self._mutable(), saved, strict=True):
             tensor.copy_(value)
         torch.cuda.set_rng_state(rng, self.device)
-        self.graph = graph
 
     def _mutable(self) -> list[torch.Tensor]:
         assert self.state is not None
