@@ -170,6 +170,7 @@ def _compare(model: Any, fast: Any, ids: Any, mask: Any) -> dict[str, float]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """``bettertransformer list``: the supported model types, their fast paths and notes."""
     from .registry import REGISTRY, supported_model_types
 
     width = max(len(t) for t in supported_model_types())
@@ -182,6 +183,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """``bettertransformer check MODEL_DIR``: compare transformed and stock outputs; 0 if all pass, else 1."""
     import torch
 
     from .api import BetterTransformer, call_counts
@@ -212,6 +214,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``bettertransformer bench [MODEL_DIR]``: time stock vs transformed; a table, and a chart with --plot."""
     import torch
     from tqdm.auto import tqdm
 
@@ -284,6 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bettertransformer`` command."""
     parser = argparse.ArgumentParser(prog="bettertransformer", description="Make transformers models faster.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="the supported model types and their fast paths")
@@ -308,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status (2 with a one-line message on bad input)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

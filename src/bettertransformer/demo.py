@@ -12,6 +12,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``make demo``: all-MiniLM-L6-v2 on a padded batch of real sentences, stock vs transformed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--batch", type=int, default=64, help="sentences per batch")

@@ -56,6 +56,7 @@ class _Projection:
 
     @staticmethod
     def of(module: Any) -> _Projection | None:
+        """The projection of an ``nn.Linear`` or ``Conv1D``; None for anything else."""
         if type(module) is nn.Linear:
             return _Projection(module.weight, module.bias, True)
         if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
@@ -84,6 +85,7 @@ class _Layer:
         self.gelu_tanh = type(self.act).__name__ in _TANH_GELU
 
     def unsupported(self) -> str | None:
+        """Why this layer's modules cannot run in the fused step, or None."""
         if any(type(n) is not nn.LayerNorm for n in (self.ln1, self.ln2)):
             return "a norm that is not nn.LayerNorm"
         if any(p is None for p in (self.qkv, self.o, self.ffn_in, self.ffn_out)):

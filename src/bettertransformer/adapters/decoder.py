@@ -222,6 +222,7 @@ class CausalDecoder:
             return None
 
     def attach(self) -> None:
+        """Register our attention, switch the model to it, and wrap the base model's forward (and generate)."""
         register_attention(ATTENTION_NAME, decoder_attention, _mask_function)
         self._previous_attention = self.config._attn_implementation
         if not set_attention(self.base, ATTENTION_NAME):
@@ -235,6 +236,7 @@ class CausalDecoder:
             self.generation.attach()
 
     def detach(self) -> None:
+        """Undo ``attach``: the previous attention implementation, the stock forward and generate."""
         if self.generation is not None:
             self.generation.detach()
         for patch in reversed(self._patches):

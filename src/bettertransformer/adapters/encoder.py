@@ -191,6 +191,7 @@ class PackedLayer:
         return weight, bias
 
     def clear_cache(self) -> None:
+        """Drop the cached fused QKV weight."""
         self._qkv_cache = None
 
     def __call__(self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None) -> torch.Tensor:
@@ -246,6 +247,7 @@ class InstanceForward:
         module.forward = forward
 
     def restore(self) -> None:
+        """Put back the forward that was there before."""
         if self.previous is not None:
             self.module.forward = self.previous
         else:
@@ -325,12 +327,14 @@ class PackedEncoder:
 
     # -- installing and removing ----------------------------------------------------------------------------
     def attach(self) -> None:
+        """Wrap the base model's and the encoder's forward."""
         self._patches = [
             InstanceForward(self.base, self._base_forward),
             InstanceForward(self.encoder, self.forward),
         ]
 
     def detach(self) -> None:
+        """Restore both forwards and drop the fused weights."""
         for patch in reversed(self._patches):
             patch.restore()
         self._patches = []

@@ -130,6 +130,7 @@ class _Runner:
 
     # -- one call ----------------------------------------------------------------------------------------------
     def run(self, plan: _Plan) -> torch.Tensor:
+        """Generate for one planned call; returns the prompts followed by the new tokens, as stock generate."""
         ids, mask = plan.input_ids, plan.mask
         batch, prompt = ids.shape
         logits = self._prefill(ids, mask)
@@ -286,6 +287,7 @@ class FastGenerate:
         self._stock_params = frozenset(inspect.signature(head.generate).parameters)
 
     def attach(self) -> None:
+        """Install the fast ``generate`` on the head (an instance attribute)."""
         self._previous = self.head.__dict__.get("generate")
         stock = self.head.generate
 
@@ -296,6 +298,7 @@ class FastGenerate:
         self.head.generate = generate
 
     def detach(self) -> None:
+        """Restore the head's ``generate``; drop the buffers and captured graphs."""
         if self._previous is not None:
             self.head.generate = self._previous
         else:
@@ -303,6 +306,7 @@ class FastGenerate:
         self.runners.clear()  # frees the buffers and graph pools
 
     def generate(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run ``stock`` (transformers' generate) unless the fast loop covers this call."""
         plan = self._plan(args, kwargs)
         if isinstance(plan, str):
             self.calls["stock generate"] += 1

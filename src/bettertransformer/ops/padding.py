@@ -65,6 +65,7 @@ class PendingPack:
             self.host = self.lengths
 
     def finish(self) -> PackInfo:
+        """Wait for the row lengths to reach the host and build the ``PackInfo``."""
         if self.event is not None:
             self.event.synchronize()
         batch, seqlen, host = self.batch, self.seqlen, self.host

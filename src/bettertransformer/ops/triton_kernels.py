@@ -20,36 +20,24 @@ except ImportError:  # CPU-only installs
 if AVAILABLE:
 
     @triton.jit
-    def _add_layer_norm_kernel(X, R, W, B, Y, stride, N, eps, BLOCK: tl.constexpr):
+    def _add_layer_norm_kernel(X, R, W, B, Y, stride, N, eps, STORE_SUM: tl.constexpr, BLOCK: tl.constexpr):
+        # Y = LayerNorm(X + R), statistics in fp32. STORE_SUM: also X = X + R, rounded to X's dtype as a separate
+        # add would round it, and the LayerNorm reads that rounded sum (the residual stream of a decoder).
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         m = cols < N
         x = tl.load(X + row * stride + cols, mask=m, other=0.0).to(tl.float32)
         x += tl.load(R + row * stride + cols, mask=m, other=0.0).to(tl.float32)
+        if STORE_SUM:
+            rounded = x.to(X.dtype.element_ty)
+            tl.store(X + row * stride + cols, rounded, mask=m)
+            x = rounded.to(tl.float32)
         mean = tl.sum(x, axis=0) / N
         d = tl.where(m, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
         w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(Y + row * stride + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=m)
-
-    @triton.jit
-    def _residual_layer_norm_kernel(X, R, W, B, Y, N, eps, BLOCK: tl.constexpr):
-        # X += R (rounded to X's dtype, as a separate add would), Y = LayerNorm(X); rows contiguous.
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        m = cols < N
-        x = tl.load(X + row * N + cols, mask=m, other=0.0).to(tl.float32)
-        x += tl.load(R + row * N + cols, mask=m, other=0.0).to(tl.float32)
-        x = x.to(X.dtype.element_ty)
-        tl.store(X + row * N + cols, x, mask=m)
-        x = x.to(tl.float32)
-        mean = tl.sum(x, axis=0) / N
-        d = tl.where(m, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(Y + row * N + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
     def _skinny_matmul_kernel(
@@ -277,32 +265,32 @@ if AVAILABLE:
         tl.store(X + offs, y.to(X.dtype.element_ty), mask=m)
 
 
-def add_layer_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+def _layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, store_sum: bool
 ) -> torch.Tensor:
-    """LayerNorm(x + residual); x, residual: (T, N) contiguous, same dtype."""
-    x = x.contiguous()
-    residual = residual.contiguous()
     rows, n = x.shape
     y = torch.empty_like(x)
     if rows:
         block = triton.next_power_of_2(n)
-        warps = 4 if block <= 1024 else 8
-        _add_layer_norm_kernel[(rows,)](x, residual, weight, bias, y, x.stride(0), n, eps, BLOCK=block, num_warps=warps)
+        _add_layer_norm_kernel[(rows,)](
+            x, residual, weight, bias, y, x.stride(0), n, eps, STORE_SUM=store_sum, BLOCK=block,
+            num_warps=4 if block <= 1024 else 8,
+        )  # fmt: skip
     return y
+
+
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """LayerNorm(x + residual); x, residual: (T, N), same dtype."""
+    return _layer_norm(x.contiguous(), residual.contiguous(), weight, bias, eps, store_sum=False)
 
 
 def residual_layer_norm_(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """``x += residual`` in place, then return LayerNorm(x); x, residual: (T, N) contiguous, same dtype."""
-    rows, n = x.shape
-    y = torch.empty_like(x)
-    if rows:
-        block = triton.next_power_of_2(n)
-        warps = 4 if block <= 1024 else 8
-        _residual_layer_norm_kernel[(rows,)](x, residual, weight, bias, y, n, eps, BLOCK=block, num_warps=warps)
-    return y
+    return _layer_norm(x, residual.contiguous(), weight, bias, eps, store_sum=True)
 
 
 def skinny_matmul(
