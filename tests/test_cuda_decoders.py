@@ -23,7 +23,10 @@ def _runners(model):
     return patch.generation.runners
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "gpt_bigcode", "gemma3_text", "mixtral", "gemma2"])
+@pytest.mark.parametrize(
+    "name",
+    ["gpt2", "llama", "mistral", "gpt_bigcode", "gemma3_text", "mixtral", "gemma2", "bloom", "falcon", "gpt_neo-local"],
+)
 def test_graph_generate_matches_stock_fp32(name):
     stock = make_decoder(name).cuda()
     model = BetterTransformer.transform(stock, keep_original_model=True)

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 from bettertransformer import BetterTransformer, call_counts, is_transformed
 from bettertransformer.adapters import generation
+from bettertransformer.adapters.attention_modules import ModuleAttention
 from bettertransformer.registry import REGISTRY, support_for
 
 LENGTHS = (20, 5, 13, 1)  # longer than the sliding windows (8) of the zoo
@@ -23,6 +24,10 @@ def _supported(name: str) -> bool:
     model_type = DECODER_VARIANTS[name][0] if name in DECODER_VARIANTS else name
     if model_type not in REGISTRY:
         return False
+    layout = REGISTRY[model_type].layout
+    if isinstance(layout, ModuleAttention):  # routed module by module, for the configurations it covers
+        config = decoder_config(name)
+        return all(getattr(config, flag) == value for flag, value in layout.requires)
     model = make_decoder(name)
     return type(model.base_model)._can_set_attn_implementation()
 
@@ -44,7 +49,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def test_generate_and_logits_match_stock(name):
     stock = make_decoder(name)
     if not _supported(name):
-        with pytest.raises(NotImplementedError, match="model type|attention interface"):
+        with pytest.raises(NotImplementedError, match="model type|attention interface|alibi=True is not supported"):
             BetterTransformer.transform(stock)
         return
     ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
@@ -63,7 +68,9 @@ def test_generate_and_logits_match_stock(name):
     assert torch.equal(model.generate(ids[:1], **single), stock.generate(ids[:1], **single))
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "mistral", "gpt_bigcode", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize(
+    "name", ["llama", "gpt2", "mistral", "gpt_bigcode", "qwen2", "gemma3_text", "gpt_neo-local", "bloom", "falcon"]
+)
 def test_fast_generate_loop_matches_stock(name, fast_loop_on_cpu):
     stock = make_decoder(name)
     ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
@@ -134,9 +141,10 @@ def test_cache_continues_after_packed_prefill():
     assert_close_at(results[1], results[0], None, atol=2e-5)
 
 
-def test_output_attentions_are_exact():
-    eager = make_decoder("llama", attn_implementation="eager")
-    model = BetterTransformer.transform(make_decoder("llama"))
+@pytest.mark.parametrize("name", ["llama", "bloom", "gpt_neo-local", "falcon"])
+def test_output_attentions_are_exact(name):
+    eager = make_decoder(name, attn_implementation="eager")
+    model = BetterTransformer.transform(make_decoder(name))
     ids, mask = left_padded_batch(eager.config.vocab_size, LENGTHS)
     with torch.no_grad():
         expected = eager(ids, attention_mask=mask, output_attentions=True).attentions
@@ -166,7 +174,7 @@ def test_softcap_matches_eager():
     assert call_counts(model)["fast"] == 1
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2", "gpt_neo-local", "falcon"])
 def test_packed_rows_train_like_separate_sequences(name):
     """One row holding three sequences, position_ids restarting at 0 (DataCollatorWithFlattening)."""
     stock = make_decoder(name).train()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters.attention_modules import ModuleAttention, bloom_attention, falcon_attention, gpt_neo_attention
 from .adapters.decode_step import DecodeLayout
 from .adapters.decoder import CausalDecoder
 from .adapters.encoder import EncoderLayout, PackedEncoder
@@ -155,12 +156,28 @@ REGISTRY: dict[str, Support] = {
     "xlm-roberta": Support(layout=BERT),
     "xlm-roberta-xl": Support(layout=XLM_ROBERTA_XL, notes="pre-LayerNorm"),
     # Decoders (causal LMs)
+    "bloom": replace(
+        DECODER,
+        layout=ModuleAttention("BloomAttention", bloom_attention, requires=(("pretraining_tp", 1),)),
+        fast_paths=("padding-free prefill", "static-cache CUDA-graph generate"),
+        notes="ALiBi; attention modules routed through ours; no packed-row training (no position_ids input)",
+    ),
     "codegen": replace(DECODER, notes=f"{NEEDS_INTERFACE} (5.24 does, 5.17 does not)"),
+    "falcon": replace(
+        DECODER,
+        layout=ModuleAttention("FalconAttention", falcon_attention, requires=(("alibi", False),)),
+        notes="rotary configs (ALiBi ones are refused); attention modules routed through ours",
+    ),
     "gemma": DECODER,
     "gemma2": replace(DECODER, notes="attention logit softcapping"),
     "gemma3_text": replace(DECODER, notes="sliding-window layers"),
     "gpt2": replace(DECODER, layout=DecodeLayout(), fast_paths=(*DECODER.fast_paths, "fused decode step")),
     "gpt_bigcode": replace(DECODER, notes="multi-query attention"),
+    "gpt_neo": replace(
+        DECODER,
+        layout=ModuleAttention("GPTNeoSelfAttention", gpt_neo_attention),
+        notes="attention modules routed through ours (they bypass the interface); local layers' sliding window",
+    ),
     "gpt_neox": DECODER,
     "gptj": replace(DECODER, notes=f"{NEEDS_INTERFACE} (5.24 does, 5.17 does not)"),
     "llama": DECODER,
@@ -174,13 +191,6 @@ REGISTRY: dict[str, Support] = {
     "starcoder2": replace(DECODER, notes="sliding window"),
 }
 
-# Model types whose layers do not use transformers' attention interface in any release we support.
-UNSUPPORTED_DECODERS = {
-    "bloom": "ALiBi attention computed inside BloomAttention",
-    "falcon": "attention classes picked at construction, not through the interface",
-    "gpt_neo": "attention classes picked at construction, not through the interface",
-}
-
 
 def support_for(base: nn.Module, root: nn.Module) -> Support | None:
     """The registry entry for base model ``base`` inside ``root``; causal LMs of unlisted types that use the
@@ -188,7 +198,7 @@ def support_for(base: nn.Module, root: nn.Module) -> Support | None:
     model_type = getattr(base.config, "model_type", None) or ""
     if model_type in REGISTRY:
         return REGISTRY[model_type]
-    if model_type in UNSUPPORTED_DECODERS or getattr(base.config, "is_encoder_decoder", False):
+    if getattr(base.config, "is_encoder_decoder", False):
         return None
     is_lm_head = any(
         type(m).__name__.endswith("ForCausalLM") and getattr(m, "base_model", None) is base for m in root.modules()

@@ -16,6 +16,7 @@ Everything else (decode steps, right padding, chunked prefill, static caches) ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from collections import Counter
@@ -30,6 +31,7 @@ from torch import nn
 from .._compat import capturing, register_attention, set_attention
 from ..ops.attention import attention, attention_with_weights, packed_attention
 from ..ops.padding import PackInfo, pack_info, unpack
+from .attention_modules import ModuleAttention
 from .encoder import InstanceForward
 
 logger = logging.getLogger("bettertransformer")
@@ -82,14 +84,24 @@ class DecodeState:
         scale: float,
         window: int | None,
         softcap: float | None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Write this layer's new key/value (B, Hkv, 1, D) into its buffer; attend (B, H, 1, D) over it."""
+        """Write this layer's new key/value (B, Hkv, 1, D) into its buffer; attend (B, H, 1, D) over it.
+
+        ALiBi (``alibi_slopes``, (H,)) adds slope * (key slot - current slot), relative so it stays small for the
+        keys that matter (the stock absolute form differs by a per-row constant, which softmax ignores)."""
         kv = self.kv[self.layer]
         self.layer = (self.layer + 1) % len(self.kv)
         kv[0].index_copy_(2, self.slot, key.to(kv.dtype))
         kv[1].index_copy_(2, self.slot, value.to(kv.dtype))
         mask = self.additive_mask(window, query.dtype)
         batch, heads, _, dim = query.shape
+        if alibi_slopes is not None:
+            slots = torch.arange(mask.shape[-1], device=mask.device, dtype=torch.float32)
+            relative = alibi_slopes.float()[None, :, None, None] * (slots - self.slot.float())  # (1, H, 1, S)
+            mask = (mask + relative).to(query.dtype)  # (B, H, 1, S)
+            out = attention(query, kv[0], kv[1], mask, scale=scale, softcap=softcap)
+            return out
         kv_heads = kv.shape[2]
         # Grouped-query heads of one key/value head become the query rows of one attention call (no repeated keys).
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
@@ -129,25 +141,32 @@ def decoder_attention(
     is_causal: bool | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention-function contract: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), weights).
 
-    The mask is the one ``sdpa_mask`` builds (bool, True = attend), or None when plain causal attention is exact.
+    The mask is the one ``sdpa_mask`` builds (bool, True = attend), or None when plain causal attention is exact;
+    or, from our module adapters, an additive mask. ``alibi_slopes`` (H,): the module's ALiBi, already in the mask
+    of an ordinary call; packed and decode-step calls rebuild it relative to each query.
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     decode = _DECODE.get()
     if decode is not None and query.shape[2] == 1:
-        out = decode.attend(query, key, value, scale, sliding_window if causal else None, softcap)
+        out = decode.attend(query, key, value, scale, sliding_window if causal else None, softcap, alibi_slopes)
         return out.transpose(1, 2), None
     info = _PACKED.get()
     if info is not None and query.shape[0] == 1 and query.shape[2] == info.total and key.shape[2] == info.total:
         # (1, H, T, D) -> (T, H, D): views of the projections' (T, H, D) layout, no copy.
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        bias = None
+        if alibi_slopes is not None:  # slope * (key position - query position) inside each sequence
+            positions = torch.arange(info.max_len, device=q.device, dtype=torch.float32)
+            bias = alibi_slopes.float()[None, :, None, None] * (positions[None, :] - positions[:, None])
         out = packed_attention(
-            q, k, v, info, scale=scale, dropout_p=dropout, causal=causal, window=sliding_window if causal else None,
-            softcap=softcap,
+            q, k, v, info, scale=scale, dropout_p=dropout, bias=bias, causal=causal,
+            window=sliding_window if causal else None, softcap=softcap,
         )  # fmt: skip
         return out.unsqueeze(0), None
     weights = capturing("attentions") or bool(kwargs.get("output_attentions"))
@@ -195,8 +214,17 @@ class CausalDecoder:
         self._signature = inspect.signature(base.forward)
         params = self._signature.parameters
         self.cache_name = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.24
+        self.takes_positions = "position_ids" in params  # ALiBi models (BLOOM) take none
         self._patches: list[InstanceForward] = []
         self._previous_attention: Any = None
+        self.layout = layout
+        config: Any = base.config
+        for flag, supported in getattr(layout, "requires", ()):
+            if getattr(config, flag, supported) != supported:
+                raise NotImplementedError(
+                    f"{config.model_type} with {flag}={getattr(config, flag)!r} is not supported "
+                    f"(only {flag}={supported!r})"
+                )
         # The language-model head whose generate gets the static-cache loop.
         heads: list[Any] = [
             m for m in (root.modules() if root is not None else ())
@@ -225,13 +253,21 @@ class CausalDecoder:
         """Register our attention, switch the model to it, and wrap the base model's forward (and generate)."""
         register_attention(ATTENTION_NAME, decoder_attention, _mask_function)
         self._previous_attention = self.config._attn_implementation
-        if not set_attention(self.base, ATTENTION_NAME):
+        if isinstance(self.layout, ModuleAttention):  # attention computed in the model's own modules
+            self._patches = [
+                InstanceForward(module, functools.partial(self._module_forward, module))
+                for module in self.base.modules()
+                if type(module).__name__ == self.layout.module_class
+            ]
+            if not self._patches:
+                raise NotImplementedError(f"{self.config.model_type}: no {self.layout.module_class} modules found")
+        elif not set_attention(self.base, ATTENTION_NAME):
             set_attention(self.base, self._previous_attention)
             raise NotImplementedError(
                 f"{self.config.model_type} does not route its attention through transformers' attention interface "
                 "in this transformers release, so bettertransformer cannot speed it up"
             )
-        self._patches = [InstanceForward(self.base, self._forward)]
+        self._patches.append(InstanceForward(self.base, self._forward))
         if self.generation is not None:
             self.generation.attach()
 
@@ -243,6 +279,10 @@ class CausalDecoder:
             patch.restore()
         self._patches = []
         self.config._attn_implementation = self._previous_attention
+
+    def _module_forward(self, module: nn.Module, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+        assert isinstance(self.layout, ModuleAttention)
+        return self.layout.forward(module, decoder_attention, *args, **kwargs)
 
     # -- the base model's forward --------------------------------------------------------------------------------
     def _forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -279,7 +319,7 @@ class CausalDecoder:
         if cache is not None and (not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0):
             return None
         mask, positions = arguments.get("attention_mask"), arguments.get("position_ids")
-        if not isinstance(positions, torch.Tensor) or positions.dim() != 2:
+        if self.takes_positions and (not isinstance(positions, torch.Tensor) or positions.dim() != 2):
             return None  # stock's default positions are model-specific (OPT counts them from the mask)
         tokens = arguments.get("input_ids")
         if tokens is None:
@@ -287,8 +327,8 @@ class CausalDecoder:
         if tokens is None:
             return None
         batch, length = tokens.shape[:2]
-        if mask is None:
-            return "rows" if batch == 1 and length > 1 else None
+        if mask is None:  # sequences packed in a row are told apart by their restarting positions
+            return "rows" if batch == 1 and length > 1 and positions is not None else None
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != (batch, length):
             return None
         # Padding-free prefill is for inference: a training loss would also see the logits at pad positions.
@@ -331,7 +371,9 @@ class CausalDecoder:
             if run.get(name) is not None:
                 value = run[name]
                 run[name] = value.reshape(batch * length, *value.shape[2:]).index_select(0, flat)[None]
-        run["position_ids"] = arguments["position_ids"].expand(batch, length).reshape(-1).index_select(0, flat)[None]
+        if self.takes_positions:
+            positions = arguments["position_ids"].expand(batch, length)
+            run["position_ids"] = positions.reshape(-1).index_select(0, flat)[None]
         run["attention_mask"] = None
         use_cache = arguments.get("use_cache")
         use_cache = self.config.use_cache if use_cache is None else use_cache

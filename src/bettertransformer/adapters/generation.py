@@ -203,7 +203,9 @@ class _Runner:
         kwargs: dict[str, Any] = {self.cache_name: cache, "use_cache": True}
         if "logits_to_keep" in self.signature:
             kwargs["logits_to_keep"] = 1
-        out = self.head(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        if "position_ids" in self.signature:
+            kwargs["position_ids"] = positions
+        out = self.head(input_ids=ids, attention_mask=mask, **kwargs)
         layers: list[tuple[Any, Any]] = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr]
         if self.state is None:
             self.state = self._new_state(
@@ -239,8 +241,10 @@ class _Runner:
         kwargs: dict[str, Any] = {"use_cache": False}
         if "logits_to_keep" in self.signature:
             kwargs["logits_to_keep"] = 1
+        if "position_ids" in self.signature:
+            kwargs["position_ids"] = self.pos
         with decode_context(self.state):
-            out = self.head(input_ids=self.tok, attention_mask=self.ones, position_ids=self.pos, **kwargs)
+            out = self.head(input_ids=self.tok, attention_mask=self.ones, **kwargs)
         self._select(out.logits[:, -1].float())
 
     def _capture(self) -> None:

@@ -1,0 +1,146 @@
+"""Decoders whose layers compute attention inside their own modules, outside transformers' attention interface.
+
+For these the model cannot be switched to our attention function by name. ``ModuleAttention`` names the attention
+module class of such a model and a forward that computes the module's projections itself and hands the attention
+to ``decoder.decoder_attention``; ``CausalDecoder`` installs it on every such module (an instance attribute, undone
+by ``reverse``). From there the packed prefill, packed rows and the static-cache decode step work as for any other
+decoder.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModuleAttention:
+    """module_class: the class name of the attention modules to route; forward(module, attention, *args, **kwargs)
+    replaces their forward, ``attention`` being ``decoder_attention``."""
+
+    module_class: str
+    forward: Callable[..., Any]
+    requires: tuple[tuple[str, Any], ...] = ()  # (config attribute, the only supported value)
+
+
+def _window_bias(query: torch.Tensor, key: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """(q, kv) additive mask: query i (at cache slot kv - q + i) sees key slots j with i - j < window."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    rows = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+    keys = torch.arange(kv_len, device=query.device)[None, :]
+    return torch.where(rows - keys < window, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def gpt_neo_attention(
+    module: nn.Module,
+    attention: Callable[..., Any],
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    layer_past: Any = None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GPT-Neo's ``GPTNeoSelfAttention``: separate q/k/v projections, no 1/sqrt(d) scaling, and on "local" layers
+    a sliding window (``config.window_size`` slots, the current one included) that the module applies itself."""
+    m: Any = module
+    batch, length, _ = hidden_states.shape
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, length, m.num_heads, m.head_dim).transpose(1, 2)
+
+    query, key, value = heads(m.q_proj(hidden_states)), heads(m.k_proj(hidden_states)), heads(m.v_proj(hidden_states))
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, m.layer_id)
+    window = m.config.window_size if m.attention_type == "local" else None
+    mask = attention_mask
+    if window is not None and mask is not None and mask.dim() == 4:  # the model's mask is causal only
+        mask = mask + _window_bias(query, key, window, mask.dtype)
+    dropout = m.attn_dropout.p if m.training else 0.0
+    out, weights = attention(
+        m, query, key, value, mask, dropout=dropout, scaling=1.0, sliding_window=window,
+        output_attentions=output_attentions,
+    )  # fmt: skip
+    out = m.resid_dropout(m.out_proj(out.reshape(batch, length, -1)))
+    return out, weights
+
+
+def falcon_attention(
+    module: nn.Module,
+    attention: Callable[..., Any],
+    hidden_states: torch.Tensor,
+    alibi: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    layer_past: Any = None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Falcon's ``FalconAttention`` with rotary positions (``alibi=False``; ALiBi configs are refused at
+    ``transform``): fused QKV in any of its three layouts, split by the module's own ``_split_heads``."""
+    m: Any = module
+    if alibi is not None or position_embeddings is None:
+        raise NotImplementedError("falcon with ALiBi positions is not supported")
+    query, key, value = m._split_heads(m.query_key_value(hidden_states))  # (B, L, heads, D) each
+    batch, length = query.shape[:2]
+    query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, heads, L, D)
+    cos, sin = position_embeddings
+    rotate = sys.modules[type(m).__module__].apply_rotary_pos_emb  # the model file's own rotary helper
+    query, key = rotate(query, key, cos, sin)
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, m.layer_idx)
+    dropout = m.attention_dropout.p if m.training else 0.0
+    out, weights = attention(
+        m, query, key, value, attention_mask, dropout=dropout, scaling=m.inv_norm_factor,
+        output_attentions=output_attentions,
+    )  # fmt: skip
+    return m.dense(out.reshape(batch, length, -1)), weights
+
+
+def alibi_slopes(module: nn.Module, heads: int) -> torch.Tensor:
+    """(heads,) fp32 ALiBi slopes, from the model file's own ``build_alibi_tensor`` (position 1 of a 2-token row)."""
+    build = sys.modules[type(module).__module__].build_alibi_tensor
+    ones = torch.ones(1, 2, dtype=torch.long)
+    return build(ones, heads, torch.float32)[:, 0, 1]  # (heads,)
+
+
+def bloom_attention(
+    module: nn.Module,
+    attention: Callable[..., Any],
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+    alibi: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer_past: Any = None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """BLOOM's ``BloomAttention``: ALiBi (a per-head bias proportional to the key's position), fused QKV interleaved
+    per head, and the residual dropout-add inside the module (``pretraining_tp`` slicing is not reproduced)."""
+    m: Any = module
+    batch, length, _ = hidden_states.shape
+    query, key, value = m._reshape(m.query_key_value(hidden_states))  # (B, H, L, D) each
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, m.layer_idx)
+    bias = alibi.view(batch, m.num_heads, 1, key.shape[2])  # the model's ALiBi, from the mask's positions
+    mask = bias if attention_mask is None else bias + attention_mask
+    slopes = getattr(m, "_bettertransformer_slopes", None)
+    if slopes is None or slopes.device != query.device:
+        slopes = alibi_slopes(m, m.num_heads).to(query.device)
+        m._bettertransformer_slopes = slopes
+    dropout = m.attention_dropout.p if m.training else 0.0
+    out, weights = attention(
+        m, query, key, value, mask, dropout=dropout, scaling=m.inv_norm_factor, alibi_slopes=slopes,
+        output_attentions=output_attentions,
+    )  # fmt: skip
+    out = m.dense(out.reshape(batch, length, -1))
+    out = torch.nn.functional.dropout(out, p=m.hidden_dropout, training=m.training) + residual
+    return out, weights
