@@ -274,3 +274,29 @@ def test_gpt2_generates_through_the_fused_decode_step(fast_loop_on_cpu, monkeypa
     model.transformer.h[0].mlp.c_fc = torch.nn.Sequential(model.transformer.h[0].mlp.c_fc)
     model.generate(ids, **kwargs)
     assert call_counts(model)["stock generate"] == 1 and call_counts(model)["fast generate"] == 2
+
+
+def test_save_pretrained_writes_a_stock_checkpoint(tmp_path):
+    stock = make_decoder("llama")
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    model.save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    assert "bettertransformer" not in config
+    loaded = type(stock).from_pretrained(tmp_path)
+    assert loaded.config._attn_implementation != "bettertransformer"
+    for key, value in stock.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
+def test_right_padding_runs_stock_and_matches(name):
+    """Right padding (a training-style batch) is not a prefill layout: the call runs the stock forward, exactly."""
+    stock = make_decoder(name)
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    ids, mask = ids.flip(1), mask.flip(1)  # padded on the right
+    with torch.no_grad():
+        expected = stock(ids, attention_mask=mask).logits
+        got = model(ids, attention_mask=mask).logits
+    assert_close_at(got, expected, mask, atol=2e-5)
+    assert call_counts(model) == {"fast": 0, "stock": 1}
