@@ -69,7 +69,8 @@ def test_generate_and_logits_match_stock(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["llama", "gpt2", "mistral", "gpt_bigcode", "qwen2", "gemma3_text", "gpt_neo-local", "bloom", "falcon"]
+    "name",
+    ["llama", "gpt2", "mistral", "gpt_bigcode", "qwen2", "gemma3_text", "gpt_neo-local", "bloom", "falcon", "gptj"],
 )
 def test_fast_generate_loop_matches_stock(name, fast_loop_on_cpu):
     stock = make_decoder(name)
@@ -141,7 +142,7 @@ def test_cache_continues_after_packed_prefill():
     assert_close_at(results[1], results[0], None, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "bloom", "gpt_neo-local", "falcon"])
+@pytest.mark.parametrize("name", ["llama", "bloom", "gpt_neo-local", "falcon", "gptj", "codegen"])
 def test_output_attentions_are_exact(name):
     eager = make_decoder(name, attn_implementation="eager")
     model = BetterTransformer.transform(make_decoder(name))

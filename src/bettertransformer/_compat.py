@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -78,3 +79,13 @@ def set_attention(model: Any, name: Any) -> bool:
         return False
     model.config._attn_implementation = name
     return model.config._attn_implementation == name
+
+
+@functools.cache
+def repetition_penalty_skips_left_padding() -> bool:
+    """Whether generate's repetition penalty ignores each row's left padding (newer 5.x; 5.17 counts the pad ids)."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    return "prompt_ignore_length=padding_lengths" in inspect.getsource(GenerationMixin._get_logits_processor)

@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.attention_modules import ModuleAttention, bloom_attention, falcon_attention, gpt_neo_attention
+from .adapters.attention_modules import (
+    ModuleAttention,
+    bloom_attention,
+    falcon_attention,
+    gpt_neo_attention,
+    scaled_attention,
+)
 from .adapters.decode_step import DecodeLayout
 from .adapters.decoder import CausalDecoder
 from .adapters.encoder import EncoderLayout, PackedEncoder
@@ -130,7 +136,7 @@ DECODER = Support(
     layout=None,
     fast_paths=("padding-free prefill", "packed-sequence training", "static-cache CUDA-graph generate"),
 )
-NEEDS_INTERFACE = "needs a transformers release whose model routes attention through the attention interface"
+OLD_ATTN = "transformers < 5.24 (no attention interface in this model): its _attn method is routed through ours"
 
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model.
 REGISTRY: dict[str, Support] = {
@@ -162,7 +168,11 @@ REGISTRY: dict[str, Support] = {
         fast_paths=("padding-free prefill", "static-cache CUDA-graph generate"),
         notes="ALiBi; attention modules routed through ours; no packed-row training (no position_ids input)",
     ),
-    "codegen": replace(DECODER, notes=f"{NEEDS_INTERFACE} (5.24 does, 5.17 does not)"),
+    "codegen": replace(
+        DECODER,
+        layout=ModuleAttention("CodeGenAttention", scaled_attention, method="_attn", fallback=True),
+        notes=OLD_ATTN,
+    ),
     "falcon": replace(
         DECODER,
         layout=ModuleAttention("FalconAttention", falcon_attention, requires=(("alibi", False),)),
@@ -179,7 +189,11 @@ REGISTRY: dict[str, Support] = {
         notes="attention modules routed through ours (they bypass the interface); local layers' sliding window",
     ),
     "gpt_neox": DECODER,
-    "gptj": replace(DECODER, notes=f"{NEEDS_INTERFACE} (5.24 does, 5.17 does not)"),
+    "gptj": replace(
+        DECODER,
+        layout=ModuleAttention("GPTJAttention", scaled_attention, method="_attn", fallback=True),
+        notes=OLD_ATTN,
+    ),
     "llama": DECODER,
     "mistral": replace(DECODER, notes="sliding window"),
     "mixtral": replace(DECODER, notes="sliding window; mixture of experts"),

@@ -21,11 +21,14 @@ from torch import nn
 @dataclass(frozen=True)
 class ModuleAttention:
     """module_class: the class name of the attention modules to route; forward(module, attention, *args, **kwargs)
-    replaces their forward, ``attention`` being ``decoder_attention``."""
+    replaces their ``method``, ``attention`` being ``decoder_attention``. ``fallback``: used only when the model
+    cannot switch to the attention interface (a model that moved to it in a later transformers release)."""
 
     module_class: str
     forward: Callable[..., Any]
     requires: tuple[tuple[str, Any], ...] = ()  # (config attribute, the only supported value)
+    method: str = "forward"
+    fallback: bool = False
 
 
 def _window_bias(query: torch.Tensor, key: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
@@ -144,3 +147,20 @@ def bloom_attention(
     out = m.dense(out.reshape(batch, length, -1))
     out = torch.nn.functional.dropout(out, p=m.hidden_dropout, training=m.training) + residual
     return out, weights
+
+
+def scaled_attention(
+    module: nn.Module,
+    attention: Callable[..., Any],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``_attn(query, key, value, attention_mask)`` of GPT-J and CodeGen before transformers 5.24: q/k/v
+    (B, H, L, D) after rotary positions and the cache, logits divided by ``scale_attn``, an additive causal mask.
+    Returns (B, H, L, D) as the stock method does."""
+    m: Any = module
+    dropout = m.attn_dropout.p if m.training else 0.0
+    out, weights = attention(m, query, key, value, attention_mask, dropout=dropout, scaling=1.0 / float(m.scale_attn))
+    return out.transpose(1, 2), weights

@@ -40,6 +40,9 @@ ATTENTION_NAME = "bettertransformer"
 
 # The packing of the base-model call running now: set while its layers run on packed tokens.
 _PACKED: ContextVar[PackInfo | None] = ContextVar("bettertransformer_packed", default=None)
+# Set while the base-model call asked for attention weights through an explicit argument (models that return them
+# from their modules rather than through transformers' output capture).
+_WEIGHTS: ContextVar[bool] = ContextVar("bettertransformer_weights", default=False)
 # Set while a caller computes the attention pattern itself (a packed call, a captured decode step): no mask needed.
 _NO_MASK: ContextVar[bool] = ContextVar("bettertransformer_no_mask", default=False)
 
@@ -169,7 +172,7 @@ def decoder_attention(
             window=sliding_window if causal else None, softcap=softcap,
         )  # fmt: skip
         return out.unsqueeze(0), None
-    weights = capturing("attentions") or bool(kwargs.get("output_attentions"))
+    weights = capturing("attentions") or bool(kwargs.get("output_attentions")) or _WEIGHTS.get()
     q_len, kv_len = query.shape[2], key.shape[2]
     # As stock SDPA: with no mask, a multi-token query is causal, aligned to the start of the keys.
     causal = causal and q_len > 1 and attention_mask is None
@@ -253,14 +256,18 @@ class CausalDecoder:
         """Register our attention, switch the model to it, and wrap the base model's forward (and generate)."""
         register_attention(ATTENTION_NAME, decoder_attention, _mask_function)
         self._previous_attention = self.config._attn_implementation
-        if isinstance(self.layout, ModuleAttention):  # attention computed in the model's own modules
+        layout = self.layout
+        by_module = isinstance(layout, ModuleAttention) and not (
+            layout.fallback and type(self.base)._can_set_attn_implementation()  # type: ignore[attr-defined]
+        )
+        if by_module:  # attention computed in the model's own modules
             self._patches = [
-                InstanceForward(module, functools.partial(self._module_forward, module))
+                InstanceForward(module, functools.partial(self._module_forward, module), layout.method)
                 for module in self.base.modules()
-                if type(module).__name__ == self.layout.module_class
+                if type(module).__name__ == layout.module_class
             ]
             if not self._patches:
-                raise NotImplementedError(f"{self.config.model_type}: no {self.layout.module_class} modules found")
+                raise NotImplementedError(f"{self.config.model_type}: no {layout.module_class} modules found")
         elif not set_attention(self.base, ATTENTION_NAME):
             set_attention(self.base, self._previous_attention)
             raise NotImplementedError(
@@ -295,7 +302,12 @@ class CausalDecoder:
         mode = self._packable(arguments) if arguments is not None else None
         if mode is None:
             self.calls["stock"] += 1
-            return stock(*args, **kwargs)
+            wants = arguments is not None and arguments.get("output_attentions")
+            token = _WEIGHTS.set(bool(wants if wants is not None else getattr(self.config, "output_attentions", False)))
+            try:
+                return stock(*args, **kwargs)
+            finally:
+                _WEIGHTS.reset(token)
         assert arguments is not None
         if mode == "rows":
             info = self._row_segments(arguments["position_ids"])

@@ -232,26 +232,27 @@ class InstanceForward:
     """Route ``module.forward`` (and so ``module(...)``) through ``replacement(stock_forward, *args, **kwargs)``.
 
     The replacement is an instance attribute that carries the stock forward's signature and docstring; the
-    class and its parameters are untouched. ``restore`` puts back exactly what was there before.
+    class and its parameters are untouched. ``restore`` puts back exactly what was there before. ``method``
+    names another method to route the same way (``_attn``, say).
     """
 
-    def __init__(self, module: nn.Module, replacement: Callable):
-        self.module = module
-        self.previous = module.__dict__.get("forward")  # an instance-level forward someone else installed
-        stock = module.forward
+    def __init__(self, module: nn.Module, replacement: Callable, method: str = "forward"):
+        self.module, self.method = module, method
+        self.previous = module.__dict__.get(method)  # an instance-level method someone else installed
+        stock = getattr(module, method)
 
         @functools.wraps(stock)
         def forward(*args: Any, **kwargs: Any) -> Any:
             return replacement(stock, *args, **kwargs)
 
-        module.forward = forward
+        setattr(module, method, forward)
 
     def restore(self) -> None:
-        """Put back the forward that was there before."""
+        """Put back the method that was there before."""
         if self.previous is not None:
-            self.module.forward = self.previous
+            setattr(self.module, self.method, self.previous)
         else:
-            del self.module.forward
+            delattr(self.module, self.method)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .._compat import repetition_penalty_skips_left_padding
 from ..ops.sampling import Sampling, advance, next_tokens
 from .decode_step import FusedDecodeStep
 from .decoder import DecodeState, decode_context
@@ -144,9 +145,15 @@ class _Runner:
         self.out.fill_(plan.pad)
         self.step.zero_()
         self.active.zero_()
-        if self.seen is not None:
+        if self.seen is not None:  # the tokens the repetition penalty counts, as this transformers counts them
             self.seen.zero_()
-            self.seen[:batch].scatter_(1, ids, True)
+            counted = ids
+            if repetition_penalty_skips_left_padding():
+                lead = (mask != 0).int().argmax(dim=1)  # left-padding length of each row
+                skipped = torch.arange(prompt, device=ids.device)[None, :] < lead[:, None]
+                counted = ids.masked_fill(skipped, self.seen.shape[1])  # an extra column, dropped below
+            seen = torch.zeros(batch, self.seen.shape[1] + 1, dtype=torch.bool, device=ids.device)
+            self.seen[:batch] = seen.scatter_(1, counted, True)[:, :-1]
         self._select(logits)  # the first new token, from the prefill
         if self.graph is None and self.capturable and self.device.type == "cuda":
             self._capture()
