@@ -136,7 +136,7 @@ DECODER = Support(
     layout=None,
     fast_paths=("padding-free prefill", "packed-sequence training", "static-cache CUDA-graph generate"),
 )
-OLD_ATTN = "transformers < 5.24 (no attention interface in this model): its _attn method is routed through ours"
+OLD_ATTN = "before transformers 5.24 this model has no attention interface: its _attn method is routed through ours"
 
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model.
 REGISTRY: dict[str, Support] = {
