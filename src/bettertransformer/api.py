@@ -116,6 +116,8 @@ def call_counts(model: nn.Module) -> dict[str, int]:
     state = _state_of(model, "no calls to count")
     total: Counter[str] = Counter(fast=0, stock=0)
     for patch in state.patches:
+        if getattr(patch, "generation", None) is not None:
+            total.update({"fast generate": 0, "stock generate": 0})
         total.update(patch.calls)
     return dict(total)
 

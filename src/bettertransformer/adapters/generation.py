@@ -39,19 +39,33 @@ _SETTINGS = frozenset(
         "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p",
         "repetition_penalty", "eos_token_id", "pad_token_id", "bos_token_id", "_from_model_config",
         "transformers_version",
+        # Beam-search settings, without effect at num_beams=1 (which _NEUTRAL requires); pipelines set them.
+        "early_stopping", "length_penalty",
     }
 )  # fmt: skip
-# Settings that may appear in a config with these values only.
-_NEUTRAL = {
-    "use_cache": True, "num_beams": 1, "num_return_sequences": 1, "output_attentions": False,
-    "output_hidden_states": False, "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
-    "cache_implementation": None,
+# Settings that may appear in a config with these values only: the values that switch them off. (Some pipelines
+# and older configs spell every setting out with its neutral value.)
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "use_cache": (True,), "num_beams": (1,), "num_return_sequences": (1,), "output_attentions": (False,),
+    "output_hidden_states": (False,), "output_scores": (False,), "output_logits": (False,),
+    "return_dict_in_generate": (False,), "cache_implementation": (None,), "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "remove_invalid_values": (None, False),
+    "diversity_penalty": (None, 0.0), "num_beam_groups": (None, 1),
 }  # fmt: skip
+# Settings of assisted decoding, which only an assistant model or prompt lookup (both run stock) would use.
+_ASSISTANT = frozenset(
+    {
+        "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+        "assistant_lookbehind", "target_lookbehind",
+    }
+)  # fmt: skip
 _CHECK_EVERY = 8  # tokens between host checks for "all rows finished"
 _MAX_RUNNERS = 4  # captured graphs kept per model (least recently used dropped)
 
-# Devices the fast loop runs on. CUDA replays graphs; the CPU runs the same static-cache step eagerly (tests use it).
-DEVICES: set[str] = {"cuda"}
+# Devices the fast loop runs on. CUDA replays graphs; the CPU runs the same static-cache step eagerly, which measured
+# 1.07-1.18x stock generate on 2 cores (BENCHMARKS.md). Remove a device to get transformers' generate there.
+DEVICES: set[str] = {"cuda", "cpu"}
 
 
 @functools.cache
@@ -369,10 +383,11 @@ class FastGenerate:
             return f"generate arguments {sorted(unused)}"
         defaults = _default_settings()
         for name, value in vars(config).items():
-            if name in _SETTINGS or name.startswith("_") or (name in defaults and defaults[name] == value):
+            if name in _SETTINGS or name in _ASSISTANT or name.startswith("_"):
                 continue
-            if _NEUTRAL.get(name, object()) != value:
-                return f"generation setting {name}={value!r}"
+            if (name in defaults and defaults[name] == value) or value in _NEUTRAL.get(name, ()):
+                continue
+            return f"generation setting {name}={value!r}"
         batch, prompt = inputs.shape
         if mask is None:
             mask = torch.ones_like(inputs)
