@@ -9,8 +9,9 @@ per step, GELU in one kernel. It computes the same function; only rounding diffe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +80,10 @@ class _Layer:
         attention = resolve(layer, layout.attention)
         self.heads, self.head_dim = attention.num_heads, attention.head_dim
         self.scaling = float(attention.scaling)
-        modules = [resolve(layer, p) for p in (layout.qkv, layout.o, layout.ffn_in, layout.ffn_out)]
-        self.qkv, self.o, self.ffn_in, self.ffn_out = (_Projection.of(m) for m in modules)
+        found = [_Projection.of(resolve(layer, p)) for p in (layout.qkv, layout.o, layout.ffn_in, layout.ffn_out)]
+        self.missing_projection = any(p is None for p in found)
+        # Checked by ``unsupported`` before any step runs.
+        self.qkv, self.o, self.ffn_in, self.ffn_out = (cast(_Projection, p) for p in found)
         self.act: Any = resolve(layer, layout.act)
         self.gelu_tanh = type(self.act).__name__ in _TANH_GELU
 
@@ -88,7 +91,7 @@ class _Layer:
         """Why this layer's modules cannot run in the fused step, or None."""
         if any(type(n) is not nn.LayerNorm for n in (self.ln1, self.ln2)):
             return "a norm that is not nn.LayerNorm"
-        if any(p is None for p in (self.qkv, self.o, self.ffn_in, self.ffn_out)):
+        if self.missing_projection:
             return "a projection that is not nn.Linear or Conv1D (an adapter or quantized layer)"
         return None
 
@@ -154,46 +157,46 @@ class FusedDecodeStep:
         rows, columns = flat // length, flat % length
         x = decode.embed(ids.reshape(-1)[flat], positions.reshape(-1)[flat], self.embed.weight, self.positions.weight)
         tokens = x.shape[0]
-        update: torch.Tensor | None = None
-        for layer, kv in zip(self.layers, state.kv, strict=True):
-            if update is None:
-                h = F.layer_norm(x, layer.ln1.normalized_shape, layer.ln1.weight, layer.ln1.bias, layer.ln1.eps)
-            else:
-                h = residual_layer_norm_(x, update, layer.ln1)
-            assert layer.qkv is not None and layer.o is not None and layer.ffn_in is not None
-            assert layer.ffn_out is not None
-            q, k, v = layer.qkv(h).view(tokens, 3, layer.heads, layer.head_dim).unbind(1)  # (T, H, D) each
+
+        def attend(layer: _Layer, kv: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            q, k, v = layer.qkv(h).view(tokens, 3, layer.heads, layer.head_dim).unbind(1)  # (T, H, D)
             kv[0][rows, :, columns] = k
             kv[1][rows, :, columns] = v
-            a = packed_attention(q, k, v, info, scale=layer.scaling, causal=True)
-            h = residual_layer_norm_(x, layer.o(a.reshape(tokens, -1)), layer.ln2)
-            f = layer.ffn_in(h, gelu_tanh=layer.gelu_tanh)
-            update = layer.ffn_out(f if layer.gelu_tanh else layer.act(f))
-        assert update is not None
-        h = residual_layer_norm_(x, update, self.final_norm)
-        last = h[info.cu_seqlens[1:].long() - 1]  # (B, E): each row's last token
-        return decode.linear(last, self.head.weight, self.head.bias, transposed=True, out_dtype=torch.float32)
+            return packed_attention(q, k, v, info, scale=layer.scaling, causal=True)
+
+        h = self._layers(x, state, attend)
+        return self._logits(h[info.cu_seqlens[1:].long() - 1])  # each row's last token
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: Any) -> torch.Tensor:
         """tokens, positions: (B, 1); state: ``decoder.DecodeState``. Returns (B, V) fp32 logits."""
-        batch = tokens.shape[0]
-        x = decode.embed(tokens[:, 0], positions[:, 0], self.embed.weight, self.positions.weight)  # residual stream
+        x = decode.embed(tokens[:, 0], positions[:, 0], self.embed.weight, self.positions.weight)
+
+        def attend(layer: _Layer, kv: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            qkv = layer.qkv
+            q = decode.qkv_into_cache(
+                h, qkv.weight, qkv.bias, transposed=qkv.transposed, kv=kv, slot=state.slot, heads=layer.heads
+            )
+            return decode.attention(q, kv, state.mask, layer.scaling)  # (B, H, D)
+
+        return self._logits(self._layers(x, state, attend))
+
+    def _layers(
+        self, x: torch.Tensor, state: Any, attend: Callable[[_Layer, torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Every layer over the residual stream ``x`` (N, E), updated in place; ``attend(layer, kv, h)`` returns the
+        attention output (N, H, D) and writes the layer's keys/values into ``kv``. Returns the final norm's output."""
         update: torch.Tensor | None = None
         for layer, kv in zip(self.layers, state.kv, strict=True):
             if update is None:
                 h = F.layer_norm(x, layer.ln1.normalized_shape, layer.ln1.weight, layer.ln1.bias, layer.ln1.eps)
             else:
                 h = residual_layer_norm_(x, update, layer.ln1)
-            qkv = layer.qkv
-            assert qkv is not None and layer.o is not None and layer.ffn_in is not None and layer.ffn_out is not None
-            q = decode.qkv_into_cache(
-                h, qkv.weight, qkv.bias, transposed=qkv.transposed, kv=kv, slot=state.slot, heads=layer.heads
-            )
-            a = decode.attention(q, kv, state.mask, layer.scaling)  # (B, H, D)
-            h = residual_layer_norm_(x, layer.o(a.reshape(batch, -1)), layer.ln2)
+            a = attend(layer, kv, h)
+            h = residual_layer_norm_(x, layer.o(a.reshape(x.shape[0], -1)), layer.ln2)
             f = layer.ffn_in(h, gelu_tanh=layer.gelu_tanh)
             update = layer.ffn_out(f if layer.gelu_tanh else layer.act(f))
         assert update is not None
-        h = residual_layer_norm_(x, update, self.final_norm)
-        head = self.head
-        return decode.linear(h, head.weight, head.bias, transposed=True, out_dtype=torch.float32)
+        return residual_layer_norm_(x, update, self.final_norm)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return decode.linear(h, self.head.weight, self.head.bias, transposed=True, out_dtype=torch.float32)

@@ -211,8 +211,8 @@ class CausalDecoder:
     """Attaches the decoder fast paths to one causal LM's base model, and takes them off again."""
 
     def __init__(self, base: nn.Module, layout: Any = None, root: nn.Module | None = None):
-        self.base = base
-        self.config: Any = base.config
+        config: Any = base.config
+        self.base, self.config = base, config
         self.calls: Counter[str] = Counter()
         self._signature = inspect.signature(base.forward)
         params = self._signature.parameters
@@ -221,7 +221,6 @@ class CausalDecoder:
         self._patches: list[InstanceForward] = []
         self._previous_attention: Any = None
         self.layout = layout
-        config: Any = base.config
         for flag, supported in getattr(layout, "requires", ()):
             if getattr(config, flag, supported) != supported:
                 raise NotImplementedError(
@@ -293,12 +292,12 @@ class CausalDecoder:
 
     # -- the base model's forward --------------------------------------------------------------------------------
     def _forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+        if _DECODE.get() is not None:  # a step of the fast generate loop, counted there
+            return stock(*args, **kwargs)
         try:
             arguments = _flatten(self._signature.bind(*args, **kwargs))
         except TypeError:
             arguments = None
-        if _DECODE.get() is not None:  # a step of the fast generate loop, counted there
-            return stock(*args, **kwargs)
         mode = self._packable(arguments) if arguments is not None else None
         if mode is None:
             self.calls["stock"] += 1

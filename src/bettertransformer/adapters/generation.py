@@ -64,7 +64,7 @@ _CHECK_EVERY = 8  # tokens between host checks for "all rows finished"
 _MAX_RUNNERS = 4  # captured graphs kept per model (least recently used dropped)
 
 # Devices the fast loop runs on. CUDA replays graphs; the CPU runs the same static-cache step eagerly, which measured
-# 1.07-1.18x stock generate on 2 cores (BENCHMARKS.md). Remove a device to get transformers' generate there.
+# 1.05-1.19x stock generate on 2 cores (BENCHMARKS.md). Remove a device to get transformers' generate there.
 DEVICES: set[str] = {"cuda", "cpu"}
 
 
@@ -93,13 +93,16 @@ class _Plan:
         self.eos = tuple([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
         pad = config.pad_token_id
         self.pad = int(pad if pad is not None else (self.eos[0] if self.eos else 0))
-        self.sampling = Sampling(
-            do_sample=bool(config.do_sample),
-            temperature=float(config.temperature if config.temperature is not None else 1.0),
-            top_k=int(config.top_k) if config.top_k else None,
-            top_p=float(config.top_p if config.top_p is not None else 1.0),
-            repetition_penalty=float(config.repetition_penalty if config.repetition_penalty is not None else 1.0),
-        )
+        penalty = float(config.repetition_penalty if config.repetition_penalty is not None else 1.0)
+        self.sampling = Sampling(repetition_penalty=penalty)  # greedy ignores the warpers: one runner key for it
+        if config.do_sample:
+            self.sampling = Sampling(
+                do_sample=True,
+                temperature=float(config.temperature if config.temperature is not None else 1.0),
+                top_k=int(config.top_k) if config.top_k else None,
+                top_p=float(config.top_p if config.top_p is not None else 1.0),
+                repetition_penalty=penalty,
+            )
 
 
 class _Runner:
@@ -132,7 +135,6 @@ class _Runner:
         self.valid = new(batch, length, dtype=torch.bool)
         self.unfinished = new(batch, dtype=torch.bool)
         self.active = new((), dtype=torch.long)  # tokens produced while some real row was unfinished
-        self.real = new(batch, dtype=torch.bool)
         self.seen = new(batch, vocab, dtype=torch.bool) if plan.sampling.repetition_penalty != 1.0 else None
         self.eos = torch.tensor(plan.eos, dtype=torch.long, device=device)
         # -inf at the end-of-sequence ids while min_new_tokens / min_length are not reached (advance lifts it).
@@ -153,9 +155,8 @@ class _Runner:
         self.ban_steps.fill_(plan.ban_steps)
         if self.eos_penalty is not None:
             self.eos_penalty.zero_().index_fill_(0, self.eos, float("-inf"))
-        self.real.zero_()
-        self.real[:batch] = True
-        self.unfinished.copy_(self.real)
+        self.unfinished.zero_()
+        self.unfinished[:batch] = True  # the bucket's extra rows count as finished
         self.out.fill_(plan.pad)
         self.step.zero_()
         self.active.zero_()
@@ -256,7 +257,6 @@ class _Runner:
     def _decode_step(self) -> None:
         assert self.state is not None
         if self.fused is not None:
-            self.state.masks.clear()
             self._select(self.fused(self.tok, self.pos, self.state))
             return
         kwargs: dict[str, Any] = {"use_cache": False}
