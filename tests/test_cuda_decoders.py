@@ -38,8 +38,9 @@ def test_graph_generate_matches_stock_fp32(name):
     stopping = dict(kwargs, eos_token_id=stop)
     assert torch.equal(model.generate(ids, **stopping), stock.generate(ids, **stopping))
     assert call_counts(model)["fast generate"] == 2
-    # Every runner replays a graph, or runs its steps eagerly after a capture that failed (mixture of experts).
-    assert all(runner.graph is not None or not runner.capturable for runner in _runners(model).values())
+    # Every runner replays a graph; only mixtral's expert routing (a copy to the host) cannot be captured.
+    for runner in _runners(model).values():
+        assert (runner.graph is None and not runner.capturable) if name == "mixtral" else runner.graph is not None
 
 
 def test_graph_generate_reuses_memory_and_reverse_frees_it():
