@@ -1,4 +1,4 @@
-"""Decode-step kernels in isolation, as the decode loop runs them: cuBLAS vs our skinny Triton matmul, SDPA vs
+"""Decode-step kernels in isolation, as the decode loop runs them: cuBLAS vs our decode linear kernel, SDPA vs
 our decode attention, over a sweep of launch configurations.
 
 Each op is captured in a CUDA graph over 24 copies of its weights (more bytes than the L2 cache holds, so every
@@ -14,7 +14,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from bettertransformer.ops import triton_kernels as tk
+from bettertransformer.ops import decode_kernels as dk
 
 COPIES = 24
 
@@ -47,7 +47,6 @@ def main() -> None:
     parser.add_argument("--block-n", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--block-k", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--no-lm-head", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -71,16 +70,11 @@ def main() -> None:
 
             base = graph_us(cublas)
             best = None
-            for bn, bk, warps, stages in itertools.product(args.block_n, args.block_k, args.warps, args.stages):
+            for config in itertools.product(args.block_n, args.block_k, args.warps):
 
-                def ours(
-                    i, x=x, ws=ws, b=b, gelu=gelu, transposed=transposed, copies=copies, c=(bn, bk, warps, stages)
-                ):
+                def ours(i, x=x, ws=ws, b=b, gelu=gelu, transposed=transposed, copies=copies, config=config):
                     bias = None if transposed else b
-                    return tk.skinny_matmul(
-                        x, ws[i % copies], bias, transposed=transposed, gelu_tanh=gelu, block_n=c[0], block_k=c[1],
-                        warps=c[2], stages=c[3],
-                    )  # fmt: skip
+                    return dk.linear(x, ws[i % copies], bias, transposed=transposed, gelu_tanh=gelu, config=config)
 
                 try:
                     err = (ours(0).float() - cublas(0).float()).abs().max().item()
@@ -88,7 +82,7 @@ def main() -> None:
                 except Exception:  # a configuration that does not fit (shared memory)
                     continue
                 if best is None or us < best[0]:
-                    best = (us, (bn, bk, warps, stages), err)
+                    best = (us, config, err)
             rows.append((f"matmul m={m} {k}->{n}{' +gelu' if gelu else ''}", base, best))
         for s in (128, 256):
             q = torch.randn(m, 12, 1, 64, device=dev, dtype=dt)
@@ -96,6 +90,7 @@ def main() -> None:
             valid = torch.rand(m, s, device=dev) < 0.8
             valid[:, 0] = True
             mask = torch.where(valid, 0.0, float("-inf")).to(dt)
+            slot = torch.tensor([s - 1], device=dev)
 
             def sdpa(i, q=q, kvs=kvs, mask=mask):
                 kv = kvs[i]
@@ -106,7 +101,7 @@ def main() -> None:
             for bs in (32, 64, 128, 256):
 
                 def ours(i, q=q, kvs=kvs, mask=mask, bs=bs):
-                    return tk.decode_attention(q[:, :, 0], kvs[i][0], kvs[i][1], mask, 0.125, block_s=bs)
+                    return dk.decode_attention(q[:, :, 0], kvs[i][0], kvs[i][1], mask, slot, 0.125, block_s=bs)
 
                 us = graph_us(ours)
                 err = (ours(0).float() - sdpa(0)[:, :, 0].float()).abs().max().item()

@@ -8,6 +8,7 @@ import argparse
 from collections import Counter
 
 import torch
+from decode_step_gpu import graph_replay_us
 from decoder_gpu import build, left_padded, llama_1b
 from transformers import GPT2Config
 
@@ -51,20 +52,7 @@ def main() -> None:
     (patch,) = model._bettertransformer_state.patches
     runner = list(patch.generation.runners.values())[-1]  # the 64-token call's
 
-    def rewind() -> None:  # back to the first decode step, so steps stay inside the buffers
-        runner.slot.fill_(ids.shape[1])
-        runner.step.fill_(1)
-
-    rewind()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(40):
-        runner.graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    print(f"graph replay: {start.elapsed_time(end) / 40 * 1e3:.1f} us per step")
-    rewind()
+    print(f"graph replay: {graph_replay_us(runner, ids.shape[1]):.1f} us per step")
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             runner._decode_step()

@@ -96,3 +96,51 @@ def test_packed_rows_training_on_cuda_bf16():
     assert (packed - separate).abs().max() < 0.05
     for p, q in zip(stock.parameters(), model.parameters(), strict=True):
         assert torch.allclose(p.grad.float(), q.grad.float(), atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("lengths", [(16,), LENGTHS_LONG])
+def test_fused_gpt2_fp16_generate_picks_only_near_maximal_tokens(lengths):
+    """The fused GPT-2 step in fp16 (Triton kernels, graphs): each chosen token's fp32-reference logit is within
+    twice stock fp16's logit error of the best one, so any difference from stock can only be a near-tie."""
+    size = dict(n_embd=128, n_inner=512, vocab_size=1000)  # head_dim 32: our decode attention kernel runs
+    reference = make_decoder("gpt2", **size).cuda()
+    stock = make_decoder("gpt2", dtype=torch.float16, **size).cuda()
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = (t.cuda() for t in left_padded_batch(1000, lengths))
+    new = 24
+    kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=PAD)
+    outputs = [model.generate(ids, **kwargs) for _ in range(3)]  # the second captures the prefill, the third replays
+    (runner,) = _runners(model).values()
+    assert runner.fused is not None and runner.graph is not None and len(runner.prefills) == 1
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
+    out = outputs[0]
+    full = torch.cat([mask, torch.ones_like(out[:, ids.shape[1] :])], dim=1)
+    positions = (full.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = reference(out, attention_mask=full, position_ids=positions).logits.double()
+        stock_logits = stock(out, attention_mask=full, position_ids=positions).logits.double()
+    stock_error = max_error_at(stock_logits, expected, full)
+    predicting = expected[:, ids.shape[1] - 1 : -1]  # (B, new, V): the logits each new token was chosen from
+    chosen = out[:, ids.shape[1] :]
+    gap = predicting.max(-1).values - predicting.gather(-1, chosen[..., None])[..., 0]
+    assert gap.max().item() <= 2 * stock_error, (gap.max().item(), stock_error)
+
+
+def test_captures_run_with_the_cycle_collector_paused(monkeypatch):
+    """A transformed model is a reference cycle; a collection during a capture could destroy its graphs, which
+    invalidates the capture. Both captures (prefill and step) pause the collector."""
+    import gc
+
+    seen = []
+
+    class Spy(torch.cuda.graph):
+        def __enter__(self):
+            seen.append(gc.isenabled())
+            return super().__enter__()
+
+    monkeypatch.setattr(torch.cuda, "graph", Spy)
+    model = BetterTransformer.transform(make_decoder("gpt2", dtype=torch.float16).cuda())
+    ids, mask = (t.cuda() for t in left_padded_batch(model.config.vocab_size, LENGTHS_LONG))
+    for _ in range(2):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
+    assert len(seen) == 2 and not any(seen) and gc.isenabled()

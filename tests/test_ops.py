@@ -194,24 +194,35 @@ def _decode_inputs(device, dtype, batch=3, heads=4, kv_heads=2, dim=16, slots=40
     return kv, mask, x, weight, rand(weight.shape[1])
 
 
-def _run_decode_ops(device, dtype):
+def _run_decode_ops(device, dtype, batch=3):
     """Every decode op once, from the same inputs; returns the outputs and the updated cache."""
     from bettertransformer.ops import decode
 
-    kv, mask, x, weight, bias = _decode_inputs(device, dtype)
+    kv, mask, x, weight, bias = _decode_inputs(device, dtype, batch=batch)
     slot = torch.tensor([5], device=device)
     q = decode.qkv_into_cache(x, weight, bias, transposed=False, kv=kv, slot=slot, heads=4)
-    att = decode.attention(q, kv, mask, 0.25)
+    att = decode.attention(q, kv, mask, 0.25, slot)
     fc = decode.linear(x, weight, bias, transposed=False, gelu_tanh=True)
     lin = decode.linear(x, weight.t().contiguous(), None, transposed=True, out_dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
     wte, wpe = (torch.randn(n, 64, generator=gen).to(device, dtype) for n in (50, 20))
-    emb = decode.embed(torch.tensor([3, 49, 0], device=device), torch.tensor([0, 19, 7], device=device), wte, wpe)
-    return [q, att, fc, lin, emb, kv]
+    emb = decode.embed(
+        torch.tensor([3, 49, 0, 7][:batch], device=device), torch.tensor([0, 19, 7, 2][:batch], device=device), wte, wpe
+    )
+    norm = (
+        torch.rand(64, generator=gen).to(device, dtype) + 0.5,
+        torch.randn(64, generator=gen).to(device, dtype),
+        1e-5,
+    )
+    normed = decode.linear(x + 3, weight, bias, transposed=False, norm=norm)  # LayerNorm prologue
+    residual = decode.linear(x, weight[:, :64], bias[:64], transposed=False, residual=x.clone() * 2)  # in place
+    kv2 = torch.zeros_like(kv)
+    q2 = decode.qkv_into_cache(x + 3, weight, bias, transposed=False, kv=kv2, slot=slot, heads=4, norm=norm)
+    return [q, att, fc, lin, emb, kv, normed, residual, q2, kv2]
 
 
 def test_decode_ops_reference_path():
-    q, att, fc, lin, emb, kv = _run_decode_ops("cpu", torch.float64)
+    q, att, fc, lin, emb, kv, normed, residual, q2, kv2 = _run_decode_ops("cpu", torch.float64)
     _, mask, x, weight, bias = _decode_inputs("cpu", torch.float64)
     qkv = x @ weight + bias
     torch.testing.assert_close(q, qkv[:, :64].view(3, 4, 16))
@@ -221,6 +232,14 @@ def test_decode_ops_reference_path():
     torch.testing.assert_close(att, expected)
     torch.testing.assert_close(fc, F.gelu(qkv, approximate="tanh"))
     assert lin.dtype == torch.float32
+    torch.testing.assert_close(residual, 2 * x + qkv[:, :64])
+    gen = torch.Generator().manual_seed(1)
+    torch.randn(50 + 20, 64, generator=gen)  # the embeddings' draws
+    w, b = torch.rand(64, generator=gen).double() + 0.5, torch.randn(64, generator=gen).double()
+    expected = F.layer_norm(x + 3, (64,), w, b, 1e-5) @ weight + bias
+    torch.testing.assert_close(normed, expected)
+    torch.testing.assert_close(q2, expected[:, :64].view(3, 4, 16))
+    torch.testing.assert_close(kv2[1, :, :, 5], expected[:, 96:].view(3, 2, 16))
 
 
 def _reference_attention_decode(q, kv, mask, scale):
@@ -232,11 +251,43 @@ def _reference_attention_decode(q, kv, mask, scale):
 
 @cuda
 @pytest.mark.cuda
-def test_decode_kernels_match_the_reference_path_on_cuda():
-    got = _run_decode_ops("cuda", torch.float16)
-    expected = _run_decode_ops("cpu", torch.float64)
-    for a, b in zip(got, expected, strict=True):
-        assert (a.double().cpu() - b).abs().max().item() < 2e-2
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_kernels_match_the_reference_path_on_cuda(batch):
+    got = _run_decode_ops("cuda", torch.float16, batch)
+    expected = _run_decode_ops("cpu", torch.float64, batch)
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        error = (a.double().cpu() - b).abs().max().item()
+        assert error < 2e-2 * max(1.0, b.abs().max().item()), (i, error)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_greedy_head_picks_the_first_maximum_of_the_rounded_logits_on_cuda(batch, with_norm):
+    from bettertransformer.ops import decode
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 96, generator=gen).cuda().half()
+    weight = (torch.randn(5000, 96, generator=gen) / 10).cuda().half()  # (V, E): many programs per row
+    norm = (torch.ones(96).cuda().half(), torch.zeros(96).cuda().half(), 1e-5) if with_norm else None
+    penalty = torch.zeros(5000, device="cuda")
+    penalty[4] = float("-inf")
+    chosen = decode.greedy_head(x, weight, None, transposed=True, norm=norm, eos_penalty=penalty)
+    logits = decode.linear(x, weight, None, transposed=True, norm=norm, out_dtype=torch.float32)
+    inputs = F.layer_norm(x.float(), (96,), eps=1e-5).half() if with_norm else x
+    torch.testing.assert_close(logits, inputs.float() @ weight.float().t(), atol=5e-3, rtol=5e-3)
+    assert torch.equal(logits, logits.half().float())  # rounded to fp16, as a stock LM head's logits are
+    assert torch.equal(chosen, (logits + penalty).argmax(-1))
+    # Exact ties in different programs: the first index wins, a banned id never does.
+    tied = weight.clone()
+    tied[[40, 1200, 3001]] = 0
+    tied[[40, 1200, 3001], 0] = 60.0  # logit 60 for every row below; the others stay under ~6
+    penalty[40] = float("-inf")
+    xs = x.clone()
+    xs[:, 0] = 1.0
+    got = decode.greedy_head(xs, tied, None, transposed=True, norm=None, eos_penalty=penalty)
+    assert got.tolist() == [1200] * batch
 
 
 @cuda

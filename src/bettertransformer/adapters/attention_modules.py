@@ -73,6 +73,21 @@ def gpt_neo_attention(
     return out, weights
 
 
+def _falcon_split_heads(m: Any, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The module's ``_split_heads`` with slices where it indexes with lists: a list index is a host-to-device
+    copy, which a CUDA graph cannot capture. The same values, as views."""
+    batch, length, _ = fused.shape
+    if m.new_decoder_architecture:
+        qkv = fused.view(batch, length, -1, m.num_heads // m.num_kv_heads + 2, m.head_dim)
+        query, key, value = qkv[:, :, :, :-2], qkv[:, :, :, -2:-1], qkv[:, :, :, -1:]
+        key, value = torch.broadcast_to(key, query.shape), torch.broadcast_to(value, query.shape)
+        return query.flatten(2, 3), key.flatten(2, 3), value.flatten(2, 3)
+    if m.multi_query:
+        qkv = fused.view(batch, length, m.num_heads + 2, m.head_dim)
+        return qkv[..., :-2, :], qkv[..., -2:-1, :], qkv[..., -1:, :]
+    return m._split_heads(fused)
+
+
 def falcon_attention(
     module: nn.Module,
     attention: Callable[..., Any],
@@ -87,11 +102,11 @@ def falcon_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Falcon's ``FalconAttention`` with rotary positions (``alibi=False``; ALiBi configs are refused at
-    ``transform``): fused QKV in any of its three layouts, split by the module's own ``_split_heads``."""
+    ``transform``): fused QKV in any of its three layouts."""
     m: Any = module
     if alibi is not None or position_embeddings is None:
         raise NotImplementedError("falcon with ALiBi positions is not supported")
-    query, key, value = m._split_heads(m.query_key_value(hidden_states))  # (B, L, heads, D) each
+    query, key, value = _falcon_split_heads(m, m.query_key_value(hidden_states))  # (B, L, heads, D) each
     batch, length = query.shape[:2]
     query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, heads, L, D)
     cos, sin = position_embeddings

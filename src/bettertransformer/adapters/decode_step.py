@@ -1,10 +1,12 @@
-"""A decode step that runs the layers of a GPT-2-shaped decoder directly, in about nine kernels per layer.
+"""A decode step that runs the layers of a GPT-2-shaped decoder directly, in five kernels per layer.
 
 The general decode step (``generation._Runner``) calls the model's own forward, which launches ~25 kernels per
-GPT-2 layer; at batch 1 every kernel costs ~2 us however small, so the launch count sets the speed. This step
-reads the same modules through attribute paths (``DecodeLayout``) and fuses what the stock forward splits:
-the residual add with the next LayerNorm, the key/value write into one buffer, the attention mask built once
-per step, GELU in one kernel. It computes the same function; only rounding differs (fewer intermediate roundings).
+GPT-2 layer; at batch 1 every kernel costs microseconds however small, so the launch count sets the speed. This
+step reads the same modules through attribute paths (``DecodeLayout``) and fuses what the stock forward splits
+(``ops.decode``): each LayerNorm into the matrix product after it, the residual add into the one before it, the
+key/value write into the QKV projection, GELU into the FFN's first product, and for greedy decoding the choice of
+the next token into the LM head. It computes the same function; only rounding differs (fewer intermediate
+roundings).
 """
 
 from __future__ import annotations
@@ -14,13 +16,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import decode
 from ..ops.attention import packed_attention
-from ..ops.fused import residual_layer_norm_
-from ..ops.padding import pack_info
+from ..ops.padding import PackInfo, pack_info
 from .encoder import resolve
 
 
@@ -64,8 +64,21 @@ class _Projection:
             return _Projection(module.weight, module.bias, False)
         return None
 
-    def __call__(self, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
-        return decode.linear(x, self.weight, self.bias, transposed=self.transposed, gelu_tanh=gelu_tanh)
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: decode.Norm | None = None,
+        residual: torch.Tensor | None = None,
+        gelu_tanh: bool = False,
+    ) -> torch.Tensor:
+        return decode.linear(
+            x, self.weight, self.bias, transposed=self.transposed, norm=norm, residual=residual, gelu_tanh=gelu_tanh
+        )
+
+
+def _norm(module: nn.LayerNorm) -> decode.Norm:
+    return (module.weight, module.bias, module.eps)
 
 
 # Activations computed inside the matrix product before them: the tanh GELU (GPT-2's "gelu_new" in eight
@@ -73,10 +86,28 @@ class _Projection:
 _TANH_GELU = {"NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"}
 
 
+def _affine_layer_norm(module: Any) -> bool:
+    return type(module) is nn.LayerNorm and module.weight is not None and module.bias is not None
+
+
+@dataclass(frozen=True)
+class Packing:
+    """The real tokens of a left-padded prompt batch: ``info`` (``ops.padding.PackInfo``); ``flat`` (T,) their
+    flat positions, ``rows`` and ``columns`` their coordinates; ``last`` (B,) each row's last token in the packed
+    order."""
+
+    info: PackInfo
+    flat: torch.Tensor
+    rows: torch.Tensor
+    columns: torch.Tensor
+    last: torch.Tensor
+
+
 class _Layer:
     def __init__(self, layer: nn.Module, layout: DecodeLayout):
         self.layer = layer
         self.ln1, self.ln2 = resolve(layer, layout.ln1), resolve(layer, layout.ln2)
+        self.norm1, self.norm2 = _norm(self.ln1), _norm(self.ln2)
         attention = resolve(layer, layout.attention)
         self.heads, self.head_dim = attention.num_heads, attention.head_dim
         self.scaling = float(attention.scaling)
@@ -89,8 +120,8 @@ class _Layer:
 
     def unsupported(self) -> str | None:
         """Why this layer's modules cannot run in the fused step, or None."""
-        if any(type(n) is not nn.LayerNorm for n in (self.ln1, self.ln2)):
-            return "a norm that is not nn.LayerNorm"
+        if not all(_affine_layer_norm(n) for n in (self.ln1, self.ln2)):
+            return "a norm that is not an nn.LayerNorm with weight and bias"
         if self.missing_projection:
             return "a projection that is not nn.Linear or Conv1D (an adapter or quantized layer)"
         return None
@@ -111,8 +142,8 @@ class FusedDecodeStep:
         self.head: Any = head.get_output_embeddings()
         self.base, self.layout, self.module_ids = base, layout, self._module_ids(base, head, layout)
         problem = next((p for p in (layer.unsupported() for layer in self.layers) if p), None)
-        if problem is None and type(self.final_norm) is not nn.LayerNorm:
-            problem = "a final norm that is not nn.LayerNorm"
+        if problem is None and not _affine_layer_norm(self.final_norm):
+            problem = "a final norm that is not an nn.LayerNorm with weight and bias"
         if problem:
             raise NotImplementedError(problem)
 
@@ -143,60 +174,79 @@ class FusedDecodeStep:
             weight.new_zeros(2, batch, layer.heads, slots, layer.head_dim) for layer in self.layers
         ]  # fmt: skip
 
-    def prefill(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, state: Any
-    ) -> torch.Tensor | None:
-        """Run the prompts (B, L), padded on the left, on their real tokens only; write their keys/values into
-        ``state.kv`` at their columns. Returns the (B, V) fp32 logits of each row's last token, or None when a row
-        has no real token (the caller then runs the model's own forward)."""
-        batch, length = ids.shape
-        info = pack_info(mask, batch, length, ids.device)
+    def pack(self, mask: torch.Tensor) -> Packing | None:
+        """Where the real tokens of left-padded prompts (mask (B, L)) are, for ``prefill``; None when a row has no
+        real token (the caller then runs the model's own forward). Waits for the GPU (the row lengths)."""
+        batch, length = mask.shape
+        info = pack_info(mask, batch, length, mask.device)
         if int(info.host_lengths.min()) == 0:
             return None
-        flat = info.indices if info.indices is not None else torch.arange(batch * length, device=ids.device)
-        rows, columns = flat // length, flat % length
-        x = decode.embed(ids.reshape(-1)[flat], positions.reshape(-1)[flat], self.embed.weight, self.positions.weight)
+        flat = info.indices if info.indices is not None else torch.arange(batch * length, device=mask.device)
+        return Packing(info, flat, flat // length, flat % length, info.cu_seqlens[1:].long() - 1)
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, state: Any, packing: Packing) -> torch.Tensor:
+        """Run the prompts (B, L) on their real tokens only (``packing``); write their keys/values into ``state.kv``
+        at their columns. Returns the (B, V) fp32 logits of each row's last token. No host synchronisation: a CUDA
+        graph can hold it."""
+        x = decode.embed(
+            ids.reshape(-1)[packing.flat], positions.reshape(-1)[packing.flat], self.embed.weight,
+            self.positions.weight,
+        )  # fmt: skip
         tokens = x.shape[0]
 
-        def attend(layer: _Layer, kv: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-            q, k, v = layer.qkv(h).view(tokens, 3, layer.heads, layer.head_dim).unbind(1)  # (T, H, D)
-            kv[0][rows, :, columns] = k
-            kv[1][rows, :, columns] = v
-            return packed_attention(q, k, v, info, scale=layer.scaling, causal=True)
+        def attend(layer: _Layer, kv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = layer.qkv(x, norm=layer.norm1).view(tokens, 3, layer.heads, layer.head_dim).unbind(1)  # (T, H, D)
+            kv[0][packing.rows, :, packing.columns] = k
+            kv[1][packing.rows, :, packing.columns] = v
+            return packed_attention(q, k, v, packing.info, scale=layer.scaling, causal=True)
 
         h = self._layers(x, state, attend)
-        return self._logits(h[info.cu_seqlens[1:].long() - 1])  # each row's last token
+        return self._logits(h[packing.last])
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: Any) -> torch.Tensor:
         """tokens, positions: (B, 1); state: ``decoder.DecodeState``. Returns (B, V) fp32 logits."""
+        return self._logits(self._step(tokens, positions, state))
+
+    def greedy(
+        self, tokens: torch.Tensor, positions: torch.Tensor, state: Any, eos_penalty: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The step with a greedy choice: the (B,) argmax of (logits + ``eos_penalty`` (V,)), chosen as stock
+        generate chooses it from the fp16/bf16 logits."""
+        head = self.head
+        return decode.greedy_head(
+            self._step(tokens, positions, state), head.weight, head.bias, transposed=True,
+            norm=_norm(self.final_norm), eos_penalty=eos_penalty,
+        )  # fmt: skip
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: Any) -> torch.Tensor:
         x = decode.embed(tokens[:, 0], positions[:, 0], self.embed.weight, self.positions.weight)
 
-        def attend(layer: _Layer, kv: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        def attend(layer: _Layer, kv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             qkv = layer.qkv
             q = decode.qkv_into_cache(
-                h, qkv.weight, qkv.bias, transposed=qkv.transposed, kv=kv, slot=state.slot, heads=layer.heads
-            )
-            return decode.attention(q, kv, state.mask, layer.scaling)  # (B, H, D)
+                x, qkv.weight, qkv.bias, transposed=qkv.transposed, kv=kv, slot=state.slot, heads=layer.heads,
+                norm=layer.norm1,
+            )  # fmt: skip
+            return decode.attention(q, kv, state.mask, layer.scaling, state.slot)  # (B, H, D)
 
-        return self._logits(self._layers(x, state, attend))
+        return self._layers(x, state, attend)
 
     def _layers(
         self, x: torch.Tensor, state: Any, attend: Callable[[_Layer, torch.Tensor, torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        """Every layer over the residual stream ``x`` (N, E), updated in place; ``attend(layer, kv, h)`` returns the
-        attention output (N, H, D) and writes the layer's keys/values into ``kv``. Returns the final norm's output."""
-        update: torch.Tensor | None = None
+        """Every layer over the residual stream ``x`` (N, E), updated in place and returned; ``attend(layer, kv, x)``
+        applies the layer's first LayerNorm, returns the attention output (N, H, D) and writes the layer's
+        keys/values into ``kv``."""
         for layer, kv in zip(self.layers, state.kv, strict=True):
-            if update is None:
-                h = F.layer_norm(x, layer.ln1.normalized_shape, layer.ln1.weight, layer.ln1.bias, layer.ln1.eps)
-            else:
-                h = residual_layer_norm_(x, update, layer.ln1)
-            a = attend(layer, kv, h)
-            h = residual_layer_norm_(x, layer.o(a.reshape(x.shape[0], -1)), layer.ln2)
-            f = layer.ffn_in(h, gelu_tanh=layer.gelu_tanh)
-            update = layer.ffn_out(f if layer.gelu_tanh else layer.act(f))
-        assert update is not None
-        return residual_layer_norm_(x, update, self.final_norm)
+            a = attend(layer, kv, x)
+            layer.o(a.reshape(x.shape[0], -1), residual=x)
+            f = layer.ffn_in(x, norm=layer.norm2, gelu_tanh=layer.gelu_tanh)
+            layer.ffn_out(f if layer.gelu_tanh else layer.act(f), residual=x)
+        return x
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return decode.linear(h, self.head.weight, self.head.bias, transposed=True, out_dtype=torch.float32)
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, V) fp32 logits of the residual stream's rows ``x`` (N, E): final norm, LM head."""
+        head = self.head
+        return decode.linear(
+            x, head.weight, head.bias, transposed=True, norm=_norm(self.final_norm), out_dtype=torch.float32
+        )

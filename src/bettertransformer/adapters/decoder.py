@@ -219,6 +219,7 @@ class CausalDecoder:
         self.cache_name = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.24
         self.takes_positions = "position_ids" in params  # ALiBi models (BLOOM) take none
         self._patches: list[InstanceForward] = []
+        self._by_module = False  # attention computed in the model's own modules (set by attach)
         self._previous_attention: Any = None
         self.layout = layout
         for flag, supported in getattr(layout, "requires", ()):
@@ -259,6 +260,7 @@ class CausalDecoder:
         by_module = isinstance(layout, ModuleAttention) and not (
             layout.fallback and type(self.base)._can_set_attn_implementation()  # type: ignore[attr-defined]
         )
+        self._by_module = by_module
         if by_module:  # attention computed in the model's own modules
             self._patches = [
                 InstanceForward(module, functools.partial(self._module_forward, module), layout.method)
@@ -293,7 +295,16 @@ class CausalDecoder:
     # -- the base model's forward --------------------------------------------------------------------------------
     def _forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
         if _DECODE.get() is not None:  # a step of the fast generate loop, counted there
-            return stock(*args, **kwargs)
+            if not self._by_module:
+                return stock(*args, **kwargs)
+            # A step attends with the decode state's own mask. Mask creation goes to our mask function, which makes
+            # none: the model's own (e.g. transformers' eager_mask) copies a host scalar to the GPU, which a CUDA
+            # graph cannot capture. Our module forwards do not read the implementation name.
+            previous, self.config._attn_implementation = self.config._attn_implementation, ATTENTION_NAME
+            try:
+                return stock(*args, **kwargs)
+            finally:
+                self.config._attn_implementation = previous
         try:
             arguments = _flatten(self._signature.bind(*args, **kwargs))
         except TypeError:

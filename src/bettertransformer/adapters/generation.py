@@ -16,8 +16,10 @@ Anything else (beam search, streamers, custom processors, ...) runs transformers
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import gc
 import inspect
 import logging
 from collections import Counter, OrderedDict
@@ -105,6 +107,52 @@ class _Plan:
             )
 
 
+@contextlib.contextmanager
+def _capturing(graph: Any) -> Any:
+    """``torch.cuda.graph(graph)`` with Python's cycle collector paused. A collection during the capture may free an
+    unreachable model's CUDA graph (a transformed model is a reference cycle), and destroying a graph while a
+    capture runs invalidates the capture."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _PrefillGraph:
+    """``run(ids, positions) -> logits`` (device work only) captured in a CUDA graph over static inputs. The
+    warm-up before the capture computes this call's result; ``graph`` stays None if the capture failed."""
+
+    def __init__(self, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ids: torch.Tensor,
+                 positions: torch.Tensor):  # fmt: skip
+        self.ids, self.positions = ids.clone(), positions.clone()
+        self.run = run  # the graph reads the tensors ``run`` holds (the packing): they must outlive it
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.logits = run(self.ids, self.positions)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        self.graph: Any = None
+        try:
+            with _capturing(graph):
+                logits = run(self.ids, self.positions)
+        except Exception as problem:
+            torch.cuda.synchronize()
+            logger.info("bettertransformer: prefill not capturable (%s); it runs eagerly", problem)
+        else:
+            self.graph, self.static_logits = graph, logits
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.static_logits
+
+
 class _Runner:
     """Static buffers and the captured step for one (batch bucket, length bucket, sampling) key."""
 
@@ -141,6 +189,10 @@ class _Runner:
         self.eos_penalty = new(vocab, dtype=torch.float32) if bans else None
         self.out = new(batch, length, dtype=torch.long)
         self.state: DecodeState | None = None
+        # Prefill graphs by (prompt shape, mask bytes), and the keys seen once (captured when seen again).
+        self.prefills: OrderedDict[tuple, _PrefillGraph] = OrderedDict()
+        self.prefills_seen: OrderedDict[tuple, None] = OrderedDict()
+        self.prefill_capturable = True
         self.graph: Any = None
         self.capturable = True  # False once a capture failed: the steps then run eagerly
         self.signature = inspect.signature(head.forward).parameters
@@ -179,7 +231,9 @@ class _Runner:
             else:
                 self._decode_step()
             produced += 1
-            if self.eos_ids and produced % _CHECK_EVERY == 0 and not bool(self.unfinished.any()):
+            # No row can finish while end-of-sequence ids are banned (min_new_tokens): no check, no sync.
+            check = self.eos_ids and produced % _CHECK_EVERY == 0 and produced > plan.ban_steps
+            if check and not bool(self.unfinished.any()):
                 break
         count = min(int(self.active), plan.new_tokens)
         return torch.cat([ids, self.out[:batch, :count]], dim=1)
@@ -192,9 +246,7 @@ class _Runner:
         if self.fused is not None:
             if self.state is None:
                 self.state = self._new_state(self.fused.new_cache(self.batch, self.length))
-            for buffer in self.state.kv:
-                buffer[:, :batch].zero_()
-            logits = self.fused.prefill(ids, mask, positions, self._rows(batch))
+            logits = self._fused_prefill(ids, mask, positions)
         if logits is None:
             logits = self._model_prefill(ids, mask, positions)
         assert self.state is not None
@@ -206,6 +258,42 @@ class _Runner:
         self.pos[:batch] = positions[:, -1:]
         self.slot.fill_(prompt - 1)
         return logits
+
+    def _fused_prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The fused step's prefill; replayed from a CUDA graph for a prompt shape and padding seen before (a
+        prefill's Python and launch time exceeds its GPU time many times over for short prompts)."""
+        assert self.fused is not None
+        key = None
+        if self.device.type == "cuda" and self.prefill_capturable:
+            key = (ids.shape, mask.cpu().numpy().tobytes())
+            graph = self.prefills.get(key)
+            if graph is not None:
+                self.prefills.move_to_end(key)
+                return graph(ids, positions)
+        packing = self.fused.pack(mask)
+        if packing is None:
+            return None
+        fused, state = self.fused, self._rows(ids.shape[0])
+
+        def run(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            for buffer in state.kv:
+                buffer.zero_()
+            return fused.prefill(ids, positions, state, packing)
+
+        if key is None or key not in self.prefills_seen:
+            if key is not None:
+                self.prefills_seen[key] = None
+                while len(self.prefills_seen) > 4 * _MAX_RUNNERS:
+                    self.prefills_seen.popitem(last=False)
+            return run(ids, positions)
+        graph = _PrefillGraph(run, ids, positions)  # the second time this prompt shape and padding come
+        if graph.graph is None:
+            self.prefill_capturable = False
+        else:
+            self.prefills[key] = graph
+            while len(self.prefills) > _MAX_RUNNERS:
+                self.prefills.popitem(last=False)
+        return graph.logits
 
     def _rows(self, batch: int) -> Any:
         """The decode state seen by the first ``batch`` rows (the runner's batch is bucketed)."""
@@ -244,7 +332,10 @@ class _Runner:
         batch = logits.shape[0]
         if batch < self.batch:
             logits = torch.cat([logits, logits.new_zeros(self.batch - batch, logits.shape[1])])
-        chosen = next_tokens(logits, self.sampling, seen=self.seen, eos_penalty=self.eos_penalty)
+        self._record(next_tokens(logits, self.sampling, seen=self.seen, eos_penalty=self.eos_penalty))
+
+    def _record(self, chosen: torch.Tensor) -> None:
+        """Record the chosen tokens (B,); advance the inputs of the next step."""
         if self.seen is not None:
             self.seen.scatter_(1, chosen[:, None], True)
         assert self.state is not None
@@ -257,7 +348,10 @@ class _Runner:
     def _decode_step(self) -> None:
         assert self.state is not None
         if self.fused is not None:
-            self._select(self.fused(self.tok, self.pos, self.state))
+            if not self.sampling.do_sample and self.seen is None:  # the choice runs in the LM head's kernel
+                self._record(self.fused.greedy(self.tok, self.pos, self.state, self.eos_penalty))
+            else:
+                self._select(self.fused(self.tok, self.pos, self.state))
             return
         kwargs: dict[str, Any] = {"use_cache": False}
         if "logits_to_keep" in self.signature:
@@ -280,7 +374,7 @@ class _Runner:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with _capturing(graph):
                 self._decode_step()
         except Exception as problem:  # e.g. a host sync in the model's step (data-dependent expert routing)
             torch.cuda.synchronize()

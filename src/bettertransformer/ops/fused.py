@@ -49,11 +49,3 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if _use_triton(y):
         return triton_kernels.gelu_(y)
     return F.gelu(y)
-
-
-def residual_layer_norm_(x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
-    """``x += residual`` in place (the running residual stream), then return ``norm(x)``. x: (T, N) contiguous."""
-    if _use_triton(x) and norm.weight is not None and norm.bias is not None and norm.weight.dtype == x.dtype:
-        return triton_kernels.residual_layer_norm_(x, residual, norm.weight, norm.bias, norm.eps)
-    x += residual
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import triton_kernels
+from . import decode_kernels
 from .fused import _use_triton
 
 
@@ -105,7 +105,7 @@ def advance(
     - once ``step`` reaches ``ban_steps``, the end-of-sequence ids lose their -inf in ``eos_penalty``.
     """
     if _use_triton(mask) and unfinished.numel() <= 1024:
-        triton_kernels.advance(
+        decode_kernels.advance(
             chosen, unfinished, eos, pad, out, tokens, positions, step, slot, valid, mask, active, eos_penalty,
             ban_steps,
         )  # fmt: skip
