@@ -71,10 +71,12 @@ class _Projection:
         norm: decode.Norm | None = None,
         residual: torch.Tensor | None = None,
         gelu_tanh: bool = False,
+        kernels: bool = True,
     ) -> torch.Tensor:
         return decode.linear(
-            x, self.weight, self.bias, transposed=self.transposed, norm=norm, residual=residual, gelu_tanh=gelu_tanh
-        )
+            x, self.weight, self.bias, transposed=self.transposed, norm=norm, residual=residual, gelu_tanh=gelu_tanh,
+            kernels=kernels,
+        )  # fmt: skip
 
 
 def _norm(module: nn.LayerNorm) -> decode.Norm:
@@ -195,13 +197,16 @@ class FusedDecodeStep:
         tokens = x.shape[0]
 
         def attend(layer: _Layer, kv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = layer.qkv(x, norm=layer.norm1).view(tokens, 3, layer.heads, layer.head_dim).unbind(1)  # (T, H, D)
+            qkv = layer.qkv(x, norm=layer.norm1, kernels=False)
+            q, k, v = qkv.view(tokens, 3, layer.heads, layer.head_dim).unbind(1)  # (T, H, D)
             kv[0][packing.rows, :, packing.columns] = k
             kv[1][packing.rows, :, packing.columns] = v
             return packed_attention(q, k, v, packing.info, scale=layer.scaling, causal=True)
 
-        h = self._layers(x, state, attend)
-        return self._logits(h[packing.last])
+        # PyTorch's kernels: a prefill replays from a CUDA graph, where they cost about as much as ours, and a first
+        # call then compiles no Triton kernels for its row count (each ~0.5-1 s with an empty Triton cache).
+        h = self._layers(x, state, attend, kernels=False)
+        return self._logits(h[packing.last], kernels=False)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: Any) -> torch.Tensor:
         """tokens, positions: (B, 1); state: ``decoder.DecodeState``. Returns (B, V) fp32 logits."""
@@ -232,21 +237,26 @@ class FusedDecodeStep:
         return self._layers(x, state, attend)
 
     def _layers(
-        self, x: torch.Tensor, state: Any, attend: Callable[[_Layer, torch.Tensor, torch.Tensor], torch.Tensor]
+        self,
+        x: torch.Tensor,
+        state: Any,
+        attend: Callable[[_Layer, torch.Tensor, torch.Tensor], torch.Tensor],
+        kernels: bool = True,
     ) -> torch.Tensor:
         """Every layer over the residual stream ``x`` (N, E), updated in place and returned; ``attend(layer, kv, x)``
         applies the layer's first LayerNorm, returns the attention output (N, H, D) and writes the layer's
         keys/values into ``kv``."""
         for layer, kv in zip(self.layers, state.kv, strict=True):
             a = attend(layer, kv, x)
-            layer.o(a.reshape(x.shape[0], -1), residual=x)
-            f = layer.ffn_in(x, norm=layer.norm2, gelu_tanh=layer.gelu_tanh)
-            layer.ffn_out(f if layer.gelu_tanh else layer.act(f), residual=x)
+            layer.o(a.reshape(x.shape[0], -1), residual=x, kernels=kernels)
+            f = layer.ffn_in(x, norm=layer.norm2, gelu_tanh=layer.gelu_tanh, kernels=kernels)
+            layer.ffn_out(f if layer.gelu_tanh else layer.act(f), residual=x, kernels=kernels)
         return x
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, kernels: bool = True) -> torch.Tensor:
         """(N, V) fp32 logits of the residual stream's rows ``x`` (N, E): final norm, LM head."""
         head = self.head
         return decode.linear(
-            x, head.weight, head.bias, transposed=True, norm=_norm(self.final_norm), out_dtype=torch.float32
-        )
+            x, head.weight, head.bias, transposed=True, norm=_norm(self.final_norm), out_dtype=torch.float32,
+            kernels=kernels,
+        )  # fmt: skip

@@ -56,10 +56,12 @@ def linear(
     residual: torch.Tensor | None = None,
     gelu_tanh: bool = False,
     out_dtype: torch.dtype | None = None,
+    kernels: bool = True,
 ) -> torch.Tensor:
     """act(norm(x) @ W + bias); W = ``weight`` (in, out), or ``weight.T`` for an (out, in) ``nn.Linear`` weight.
-    With ``residual`` (N, out): ``residual += `` that, in place, and returns ``residual``."""
-    if _kernel_rows(x):
+    With ``residual`` (N, out): ``residual += `` that, in place, and returns ``residual``. ``kernels=False``: PyTorch's
+    kernels (cuBLAS) whatever the row count."""
+    if kernels and _kernel_rows(x):
         return decode_kernels.linear(
             x, weight, bias, transposed=transposed, norm=norm, residual=residual, gelu_tanh=gelu_tanh,
             out_dtype=out_dtype,
