@@ -8,9 +8,10 @@ kernels times how long each one waits, not the bytes moved, so these kernels cut
   the cache), attention, output projection + residual, LN+FFN-in+GELU, FFN-out + residual.
 - On Hopper and newer every kernel here is launched with programmatic dependent launch (PDL): it may start while the
   kernel before it still runs, read its slab of the weights, and only then wait (``gdc_wait``) for that kernel's
-  results. Weights do not change during a step, so reading them early is safe. Everything another kernel of the step
-  writes is read after the wait, and nothing is written before it. A kernel lets its successor start
-  (``gdc_launch_dependents``) only after its own wait, so at most two kernels are in flight.
+  results. A kernel lets its successor start (``gdc_launch_dependents``) only after its own wait, so at most two
+  kernels are in flight and everything written before the previous kernel is complete when a kernel starts. Reads
+  before the wait are therefore limited to weights and to what earlier steps wrote (the attention's older cache
+  slots and mask); what the previous kernel writes is read after the wait, and nothing is written before it.
 - The greedy choice of the next token happens in the LM head's epilogue (a max per program) and one small reduction.
 """
 
