@@ -78,6 +78,7 @@ def test_fast_generate_loop_matches_stock(name, fast_loop_on_cpu):
     stock = make_decoder(name)
     ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
     model = BetterTransformer.transform(stock, keep_original_model=True)
+    implementation = model.config._attn_implementation  # decode steps of BLOOM, Falcon, GPT-Neo switch it briefly
     base = dict(attention_mask=mask, do_sample=False, pad_token_id=PAD)
     reference = stock.generate(ids, max_new_tokens=12, **base)
     stop = int(reference[0, ids.shape[1] + 3])  # row 0's 4th new token: stopping on it ends row 0 there
@@ -95,6 +96,7 @@ def test_fast_generate_loop_matches_stock(name, fast_loop_on_cpu):
         got = model.generate(ids, **{**base, **case})
         assert got.shape == expected.shape and torch.equal(got, expected), case
     assert call_counts(model)["fast generate"] == len(cases)
+    assert model.config._attn_implementation == implementation
     # Every row stopping early stops the whole call where stock stops.
     expected = stock.generate(ids[:1], max_new_tokens=12, eos_token_id=stop, pad_token_id=PAD)
     assert torch.equal(model.generate(ids[:1], max_new_tokens=12, eos_token_id=stop, pad_token_id=PAD), expected)
