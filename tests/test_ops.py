@@ -194,6 +194,20 @@ def _decode_inputs(device, dtype, batch=3, heads=4, kv_heads=2, dim=16, slots=40
     return kv, mask, x, weight, rand(weight.shape[1])
 
 
+def _count_launches(monkeypatch, module, *names):
+    """Count the calls of ``module``'s functions ``names`` (a dict updated as they run)."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*args, name=name, original=original, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts
+
+
 def _run_decode_ops(device, dtype, batch=3):
     """Every decode op once, from the same inputs; returns the outputs and the updated cache."""
     from bettertransformer.ops import decode
@@ -252,8 +266,12 @@ def _reference_attention_decode(q, kv, mask, scale):
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch", [1, 3])
-def test_decode_kernels_match_the_reference_path_on_cuda(batch):
+def test_decode_kernels_match_the_reference_path_on_cuda(batch, monkeypatch):
+    from bettertransformer.ops import decode_kernels
+
+    launches = _count_launches(monkeypatch, decode_kernels, "linear", "decode_attention", "embed")
     got = _run_decode_ops("cuda", torch.float16, batch)
+    assert launches == {"linear": 6, "decode_attention": 1, "embed": 1}  # the kernels ran, not the reference path
     expected = _run_decode_ops("cpu", torch.float64, batch)
     for i, (a, b) in enumerate(zip(got, expected, strict=True)):
         error = (a.double().cpu() - b).abs().max().item()
@@ -264,8 +282,10 @@ def test_decode_kernels_match_the_reference_path_on_cuda(batch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_greedy_head_picks_the_first_maximum_of_the_rounded_logits_on_cuda(batch, with_norm):
-    from bettertransformer.ops import decode
+def test_greedy_head_picks_the_first_maximum_of_the_rounded_logits_on_cuda(batch, with_norm, monkeypatch):
+    from bettertransformer.ops import decode, decode_kernels
+
+    launches = _count_launches(monkeypatch, decode_kernels, "linear")
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 96, generator=gen).cuda().half()
@@ -288,6 +308,7 @@ def test_greedy_head_picks_the_first_maximum_of_the_rounded_logits_on_cuda(batch
     xs[:, 0] = 1.0
     got = decode.greedy_head(xs, tied, None, transposed=True, norm=None, eos_penalty=penalty)
     assert got.tolist() == [1200] * batch
+    assert launches == {"linear": 3}  # both greedy heads and the logits ran our kernel
 
 
 @cuda

@@ -16,7 +16,6 @@ Anything else (beam search, streamers, custom processors, ...) runs transformers
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import gc
@@ -107,19 +106,35 @@ class _Plan:
             )
 
 
-@contextlib.contextmanager
-def _capturing(graph: Any) -> Any:
-    """``torch.cuda.graph(graph)`` with Python's cycle collector paused. A collection during the capture may free an
-    unreachable model's CUDA graph (a transformed model is a reference cycle), and destroying a graph while a
-    capture runs invalidates the capture."""
+def _captured(run: Callable[[], Any], warmups: int, what: str) -> tuple[Any, Any, Any]:
+    """Run ``run`` ``warmups`` times on a side stream, then capture one more call in a CUDA graph. Returns (the last
+    warm-up's result, the graph, the captured call's output); graph and output are None if the capture failed
+    (logged as ``what``).
+
+    Python's cycle collector is paused during the capture: a collection may free an unreachable model's CUDA graph
+    (a transformed model is a reference cycle), and destroying a graph while a capture runs invalidates the
+    capture."""
+    result = None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            result = run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
     enabled = gc.isenabled()
     gc.disable()
     try:
         with torch.cuda.graph(graph):
-            yield
+            output = run()
+    except Exception as problem:  # e.g. a host sync in the model's step (data-dependent expert routing)
+        torch.cuda.synchronize()
+        logger.info("bettertransformer: %s not capturable (%s); it runs eagerly", what, problem)
+        return result, None, None
     finally:
         if enabled:
             gc.enable()
+    return result, graph, output
 
 
 class _PrefillGraph:
@@ -130,21 +145,7 @@ class _PrefillGraph:
                  positions: torch.Tensor):  # fmt: skip
         self.ids, self.positions = ids.clone(), positions.clone()
         self.run = run  # the graph reads the tensors ``run`` holds (the packing): they must outlive it
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.logits = run(self.ids, self.positions)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        self.graph: Any = None
-        try:
-            with _capturing(graph):
-                logits = run(self.ids, self.positions)
-        except Exception as problem:
-            torch.cuda.synchronize()
-            logger.info("bettertransformer: prefill not capturable (%s); it runs eagerly", problem)
-        else:
-            self.graph, self.static_logits = graph, logits
+        self.logits, self.graph, self.static_logits = _captured(lambda: run(self.ids, self.positions), 1, "prefill")
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
@@ -366,22 +367,8 @@ class _Runner:
         """Record ``_decode_step`` in a CUDA graph. Warm-up steps run first; ``run`` resets every input after."""
         saved = [t.clone() for t in self._mutable()]
         rng = torch.cuda.get_rng_state(self.device)  # warm-up draws must not shift the user's random stream
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._decode_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with _capturing(graph):
-                self._decode_step()
-        except Exception as problem:  # e.g. a host sync in the model's step (data-dependent expert routing)
-            torch.cuda.synchronize()
-            self.capturable = False
-            logger.info("bettertransformer: decode step not capturable (%s); it runs eagerly", problem)
-        else:
-            self.graph = graph
+        _, self.graph, _ = _captured(self._decode_step, 2, "decode step")
+        self.capturable = self.graph is not None
         for tensor, value in zip(self._mutable(), saved, strict=True):
             tensor.copy_(value)
         torch.cuda.set_rng_state(rng, self.device)

@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from . import decode_kernels
+from .decode_kernels import Norm
 from .fused import _use_triton
 
 # Decode attention runs our kernel while rows x cache slots stays under this; beyond it SDPA's kernels were faster
 # (H200, GPT-2 heads: ours 3.6 vs 4.6 us at 1 x 128, 5.0 vs 6.9 at 1 x 256, 6.6 vs 7.3 at 16 x 128, but 10.2 vs
 # 7.7 at 16 x 256; see BENCHMARKS.md).
 MAX_TRITON_ROW_SLOTS = 2048
-
-Norm = tuple[torch.Tensor, torch.Tensor, float]  # LayerNorm (weight, bias, eps)
 
 
 def _kernel_rows(x: torch.Tensor) -> bool:
@@ -123,7 +122,7 @@ def qkv_into_cache(
 
 def attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: float, slot: torch.Tensor) -> torch.Tensor:
     """q (B, H, D) over the cache kv (2, B, Hkv, S, D) with an additive mask (B, S) -> (B, H, D). ``slot`` (1,) is
-    the slot of the token being decoded, whose key/value the previous step wrote."""
+    the slot of the token being decoded, whose key/value this step's QKV projection has just written."""
     slots = kv.shape[3]
     if _use_triton(q) and q.shape[0] * slots <= MAX_TRITON_ROW_SLOTS and q.shape[-1] in (16, 32, 64, 128):
         block_s = min(256, max(16, 1 << (slots - 1).bit_length()))

@@ -18,7 +18,6 @@ kernels times how long each one waits, not the bytes moved, so these kernels cut
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -51,8 +50,7 @@ def _pdl(x: torch.Tensor) -> dict:
     on = (
         USE_PDL
         and _HAS_GDC
-        and x.is_cuda
-        and os.environ.get("TRITON_INTERPRET") != "1"
+        and x.is_cuda  # not under Triton's interpreter, which runs on CPU tensors
         and _device_pdl(x.device.index if x.device.index is not None else torch.cuda.current_device())
     )
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
@@ -316,6 +314,7 @@ if AVAILABLE:
 
 
 MAX_ROWS = 16  # rows one linear kernel takes (one tensor-core tile)
+Norm = tuple[torch.Tensor, torch.Tensor, float]  # LayerNorm (weight, bias, eps)
 
 
 def linear_config(m: int, k: int, n: int) -> tuple[int, int, int]:
@@ -333,7 +332,7 @@ def linear(
     bias: torch.Tensor | None,
     *,
     transposed: bool,
-    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    norm: Norm | None = None,
     residual: torch.Tensor | None = None,
     gelu_tanh: bool = False,
     out_dtype: torch.dtype | None = None,
