@@ -134,3 +134,22 @@ def left_padded_batch(
     for row, length in enumerate(lengths):
         mask[row, seq - length :] = 1
     return ids.masked_fill(mask == 0, pad_id), mask
+
+
+ALL = sorted(DECODER_CONFIGS) + sorted(DECODER_VARIANTS)
+
+
+def supported(name: str) -> bool:
+    """Whether ``transform`` accepts this zoo entry (some configurations and releases are refused by design)."""
+    from bettertransformer.adapters.attention_modules import ModuleAttention
+    from bettertransformer.registry import REGISTRY
+
+    model_type = DECODER_VARIANTS[name][0] if name in DECODER_VARIANTS else name
+    if model_type not in REGISTRY:
+        return False
+    layout = REGISTRY[model_type].layout
+    if isinstance(layout, ModuleAttention):  # routed module by module, for the configurations it covers
+        config = decoder_config(name)
+        return all(getattr(config, flag) == value for flag, value in layout.requires)
+    model = make_decoder(name)
+    return type(model.base_model)._can_set_attn_implementation()

@@ -11,6 +11,7 @@ def assert_close_at(
     """Compare ``actual`` and ``expected`` at the positions where ``mask`` (B, S) is nonzero."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.detach().double(), expected.detach().double()
+    assert_finite_where_expected(a, e, what)
     keep = torch.ones(a.shape[:2], dtype=torch.bool) if mask is None else mask.bool().cpu()
     keep = keep.reshape(*keep.shape, *([1] * (a.dim() - keep.dim()))).expand(a.shape).to(a.device)
     finite = torch.isfinite(a) & torch.isfinite(e) | ~keep
@@ -30,7 +31,23 @@ def assert_close_at(
         )
 
 
+def assert_finite_where_expected(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """``actual`` is finite wherever ``expected`` is, padded positions included.
+
+    A non-finite value at a padded position is not harmless: the next layer multiplies it by a zero attention
+    weight (0 * NaN = NaN) and the real tokens of its row turn NaN too.
+    """
+    bad = torch.isfinite(expected) & ~torch.isfinite(actual)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} non-finite values where the reference is finite, first at index {where}: "
+            f"actual {actual[where].item()}, expected {expected[where].item()}"
+        )
+
+
 def max_error_at(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor) -> float:
-    """Max |actual - expected| over the positions where ``mask`` (B, S) is nonzero."""
+    """Max |actual - expected| over the positions where ``mask`` (B, S) is nonzero; NaN if a value there is."""
     keep = mask.bool().to(actual.device).reshape(*mask.shape, *([1] * (actual.dim() - 2)))
-    return ((actual.double() - expected.double()).abs() * keep).max().item()
+    error = (actual.double() - expected.double()).abs()
+    return torch.where(keep, error, torch.zeros_like(error)).max().item()

@@ -40,15 +40,16 @@ def _count_backends(monkeypatch):
     return seen
 
 
+@pytest.mark.parametrize("layout", ["left", "empty_row"])
 @pytest.mark.parametrize("forced", [None, "varlen"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
-def test_low_precision_error_within_a_small_multiple_of_stock(model_type, dtype, forced, monkeypatch):
+def test_low_precision_error_within_a_small_multiple_of_stock(model_type, dtype, forced, layout, monkeypatch):
     if forced and model_type == "mpnet":
         pytest.skip("MPNet's relative bias always takes the dense kernel")
     # Larger heads than the CPU zoo, so the kernels' head-size rules are exercised (head_dim 32).
     reference = make_model(model_type, hidden_size=128, intermediate_size=256).cuda()
-    ids, mask = (t.cuda() for t in make_batch(*LAYOUTS["left"]))
+    ids, mask = (t.cuda() for t in make_batch(*LAYOUTS[layout]))
     seen = _count_backends(monkeypatch)
     monkeypatch.setattr(attention, "FORCED_BACKEND", forced)
     with torch.no_grad():

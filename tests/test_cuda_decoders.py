@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoder_zoo import PAD, left_padded_batch, make_decoder
-from helpers import max_error_at
+from decoder_zoo import ALL, PAD, left_padded_batch, make_decoder, supported
+from helpers import assert_finite_where_expected, max_error_at
 
 from bettertransformer import BetterTransformer, call_counts
 
@@ -80,6 +80,34 @@ def test_fp16_prefill_error_is_stock_like():
         our_error = max_error_at(model(ids, attention_mask=mask, position_ids=positions).logits, expected, mask)
     assert call_counts(model)["fast"] == 1
     assert our_error <= 3 * stock_error + 1e-3, (our_error, stock_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ALL)
+def test_padded_forward_in_half_precision_is_finite_and_stock_like(name, dtype):
+    """Every zoo decoder in fp16/bf16, a plain forward on left- and right-padded batches, with and without
+    position_ids (the padding-free prefill and our attention inside the stock forward): finite wherever stock is,
+    and the error at real tokens against an fp32 reference within a small multiple of stock's own."""
+    if not supported(name):
+        pytest.skip("transform refuses this configuration")
+    reference = make_decoder(name).cuda()
+    stock = make_decoder(name, dtype=dtype).cuda()
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    left = [t.cuda() for t in left_padded_batch(stock.config.vocab_size, LENGTHS_LONG)]
+    for padding, (ids, mask) in (("left", left), ("right", [t.flip(1) for t in left])):
+        for with_positions in (False, True):
+            extra = {}
+            if with_positions:
+                extra["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            with torch.no_grad():
+                expected = reference(ids, attention_mask=mask, **extra).logits
+                stock_out = stock(ids, attention_mask=mask, **extra).logits
+                ours = model(ids, attention_mask=mask, **extra).logits
+            what = f"{name} {dtype} {padding} padding, position_ids={with_positions}"
+            assert_finite_where_expected(ours, stock_out, what)
+            stock_error = max_error_at(stock_out, expected, mask)
+            our_error = max_error_at(ours, expected, mask)
+            assert our_error <= 3 * stock_error + 1e-3, (what, our_error, stock_error)
 
 
 def test_packed_rows_training_on_cuda_bf16():

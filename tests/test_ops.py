@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bettertransformer.ops import fused
-from bettertransformer.ops.attention import packed_attention
+from bettertransformer.ops.attention import attention_with_weights, packed_attention
 from bettertransformer.ops.padding import pack, pack_info, unpack
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -128,6 +128,22 @@ def test_dense_backend_with_bias_and_gradients():
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
         assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_explicit_softmax_gives_a_query_with_no_key_zero_weights(softcap):
+    """As PyTorch's SDPA: a query row whose mask allows no key gets zero weights and a zero output, not NaN."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    mask[0, :, :3] = False  # batch row 0: its first three queries see nothing (left padding)
+    out, probs = attention_with_weights(q, k, v, mask, scale=0.3, softcap=softcap)
+    assert torch.isfinite(out).all() and torch.isfinite(probs).all()
+    assert probs[0, :, :3].abs().max() == 0 and out[0, :, :3].abs().max() == 0
+    assert torch.allclose(probs[0, :, 3:].sum(-1), torch.ones(4, 3))
+    if softcap is None:
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        assert torch.allclose(out, expected, atol=1e-6)
 
 
 def test_fused_ops_reference_path():

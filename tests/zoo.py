@@ -76,6 +76,7 @@ LAYOUTS: dict[str, tuple[list[int], str]] = {
     "left": ([SEQ, 17, 5, 11], "left"),
     "length1": ([1, SEQ, 1, 9], "right"),
     "one_long": ([SEQ, 2, 3, 2], "right"),
+    "empty_row": ([SEQ, 0, 5, 11], "left"),  # a row with no real token: finite, and no NaN reaches the others
 }
 
 

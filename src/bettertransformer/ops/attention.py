@@ -227,7 +227,13 @@ def attention_with_weights(
         mask = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
-    probs = torch.softmax(logits, dim=-1).to(q.dtype)
+    probs = torch.softmax(logits, dim=-1)
+    if mask is not None:
+        # A query that may see no key (a pad position of a left-padded row, or one past the sliding window of a
+        # right-padded row) gets zero weights, as PyTorch's SDPA gives it. A softmax over nothing is NaN, and the
+        # next layer would spread it to the row's real tokens through 0 * NaN.
+        probs = probs.masked_fill(torch.isneginf(logits).all(dim=-1, keepdim=True), 0.0)
+    probs = probs.to(q.dtype)
     if dropout_p:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v), probs
