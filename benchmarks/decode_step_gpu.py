@@ -18,6 +18,7 @@ from transformers import GPT2Config
 
 from bettertransformer import BetterTransformer
 from bettertransformer.ops import decode_kernels
+from bettertransformer.switches import switched
 
 DEFAULT_CONFIG = decode_kernels.linear_config
 
@@ -39,19 +40,18 @@ def row_config(block_ns: tuple[int, int, int], block_k: int, warps: int, one_row
 
 @contextlib.contextmanager
 def variant(pdl: bool = True, config=None):
-    decode_kernels.USE_PDL = pdl
     decode_kernels.linear_config = config or DEFAULT_CONFIG
     try:
-        yield
+        with switched(pdl=pdl):
+            yield
     finally:
-        decode_kernels.USE_PDL = True
         decode_kernels.linear_config = DEFAULT_CONFIG
 
 
 def rewind(runner, prompt: int) -> None:
     """Back to the first decode step of a ``prompt``-token call, so replayed steps stay inside the buffers."""
-    runner.slot.fill_(prompt)
-    runner.step.fill_(1)
+    runner.buffers.slot.fill_(prompt)
+    runner.buffers.step.fill_(1)
 
 
 def graph_replay_us(runner, prompt: int, replays: int = 64) -> float:
@@ -116,8 +116,8 @@ def host_phases(model, ids, kwargs) -> dict:
         setattr(owner, name, wrapper)
         return original
 
-    targets = [(generation.FastGenerate, "_plan"), (generation._Runner, "_prefill"), (generation._Runner, "_select")]
-    targets += [(generation._Runner, "run"), (generation.FastGenerate, "generate")]
+    targets = [(generation.FastGenerate, "_plan"), (generation.Runner, "_prefill"), (generation.Runner, "_select")]
+    targets += [(generation.Runner, "run"), (generation.FastGenerate, "generate")]
     originals = [(owner, name, timed(owner, name)) for owner, name in targets]
     try:
         for _ in range(5):

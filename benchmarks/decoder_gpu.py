@@ -24,7 +24,7 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, LlamaConfig
 
 from bettertransformer import BetterTransformer, call_counts
-from bettertransformer.adapters import generation
+from bettertransformer.switches import switched
 from encoder_gpu import bench as cuda_ms  # median CUDA-event milliseconds
 
 
@@ -108,7 +108,6 @@ def decode_rows(name: str, config, batch: int, prompt: int, pad_step: int, resul
     kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     stock = build(config)
     fast = BetterTransformer.transform(stock, keep_original_model=True)
-    generation.DEVICES.add("cuda")
     first_ms = wall_ms(lambda: fast.generate(ids, **kwargs))  # includes the capture of a new shape
     second_ms = wall_ms(lambda: fast.generate(ids, **kwargs))  # includes the capture of the prefill
     bt_ms = min(wall_ms(lambda: fast.generate(ids, **kwargs)) for _ in range(3))
@@ -116,9 +115,8 @@ def decode_rows(name: str, config, batch: int, prompt: int, pad_step: int, resul
     ours = fast.generate(ids, **kwargs)
     ref = stock.generate(ids, **kwargs)
     same_rows = int((ours == ref).all(dim=1).sum())
-    generation.DEVICES.discard("cuda")  # our prefill, stock decode steps
-    prefill_only_ms = min(wall_ms(lambda: fast.generate(ids, **kwargs)) for _ in range(3))
-    generation.DEVICES.add("cuda")
+    with switched(generate_devices=()):  # our prefill, stock decode steps
+        prefill_only_ms = min(wall_ms(lambda: fast.generate(ids, **kwargs)) for _ in range(3))
     params = sum(p.numel() * p.element_size() for p in stock.parameters())
     tokens = batch * new
     row = dict(

@@ -23,7 +23,7 @@ import transformers
 from transformers import AutoModel
 
 from bettertransformer import BetterTransformer, call_counts
-from bettertransformer.ops import attention
+from bettertransformer.switches import switched
 
 
 def load_minilm():
@@ -49,11 +49,8 @@ def interleaved(fns: dict, iters: int) -> dict:
 
 def _with_backend(model, backend: str, inputs: dict):
     def run():
-        attention.FORCED_BACKEND = backend
-        try:
+        with switched(attention_backend=backend):
             return model(**inputs)
-        finally:
-            attention.FORCED_BACKEND = None
 
     return run
 

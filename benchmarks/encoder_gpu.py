@@ -26,7 +26,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from bettertransformer import BetterTransformer, call_counts
-from bettertransformer.ops import attention, fused
+from bettertransformer.switches import switched
 
 
 def bench(fn, warmup: int = 5, iters: int = 30) -> float:
@@ -148,15 +148,12 @@ def main() -> None:
     run("torch nn.TransformerEncoder nested fast path", torch_fast_path)
     run("bettertransformer", hf(fast))
     assert call_counts(fast)["stock"] == 0
-    fused.USE_TRITON = False
-    run("bettertransformer, no Triton fusion", hf(fast))
-    fused.USE_TRITON = True
-    fused.GELU_EPILOGUE = False
-    run("bettertransformer, exact GELU (Triton kernel, no epilogue)", hf(fast))
-    fused.GELU_EPILOGUE = True
-    attention.FORCED_BACKEND = "dense"
-    run("bettertransformer, dense (padded) attention", hf(fast))
-    attention.FORCED_BACKEND = None
+    with switched(triton=False):
+        run("bettertransformer, no Triton fusion", hf(fast))
+    with switched(gelu_epilogue=False):
+        run("bettertransformer, exact GELU (Triton kernel, no epilogue)", hf(fast))
+    with switched(attention_backend="dense"):
+        run("bettertransformer, dense (padded) attention", hf(fast))
 
     # The same models on a batch with no padding at all (64 x 512 real tokens): packing must not cost.
     full = torch.ones_like(mask)

@@ -17,7 +17,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from bettertransformer import BetterTransformer
-from bettertransformer.ops import attention, fused
+from bettertransformer.switches import switched
 from bettertransformer.sentences import sentences
 
 
@@ -55,9 +55,8 @@ def main(model_dir: str) -> None:
                 stock_ms = wall_ms(lambda: run(model))
                 cells = []
                 for use_triton, backend in variants.values():
-                    fused.USE_TRITON, attention.FORCED_BACKEND = use_triton, backend
-                    cells.append(f"{wall_ms(lambda: run(fast)):.2f}")
-                fused.USE_TRITON, attention.FORCED_BACKEND = True, None
+                    with switched(triton=use_triton, attention_backend=backend):
+                        cells.append(f"{wall_ms(lambda: run(fast)):.2f}")
                 print(f"| {size} | {what} | {stock_ms:.2f} | " + " | ".join(cells) + " |", flush=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
 

@@ -141,15 +141,14 @@ ALL = sorted(DECODER_CONFIGS) + sorted(DECODER_VARIANTS)
 
 def supported(name: str) -> bool:
     """Whether ``transform`` accepts this zoo entry (some configurations and releases are refused by design)."""
-    from bettertransformer.adapters.attention_modules import ModuleAttention
     from bettertransformer.registry import REGISTRY
 
     model_type = DECODER_VARIANTS[name][0] if name in DECODER_VARIANTS else name
     if model_type not in REGISTRY:
         return False
-    layout = REGISTRY[model_type].layout
-    if isinstance(layout, ModuleAttention):  # routed module by module, for the configurations it covers
+    routed = REGISTRY[model_type].attention
+    if routed is not None:  # routed module by module, for the configurations it covers
         config = decoder_config(name)
-        return all(getattr(config, flag) == value for flag, value in layout.requires)
+        return all(getattr(config, flag) == value for flag, value in routed.requires)
     model = make_decoder(name)
     return type(model.base_model)._can_set_attn_implementation()

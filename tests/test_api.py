@@ -217,10 +217,10 @@ def test_register_a_user_architecture():
         o_dropout=None,
         ffn_dropout=None,
     )
-    register("tiny-user-encoder", Support(layout=layout))
+    register("tiny-user-encoder", Support(encoder=layout))
     try:
         with pytest.raises(ValueError, match="already registered"):
-            register("tiny-user-encoder", Support(layout=layout))
+            register("tiny-user-encoder", Support(encoder=layout))
         ids, mask = make_batch(*LAYOUTS["left"])
         with torch.no_grad():
             expected = model(ids, mask).last_hidden_state

@@ -13,6 +13,7 @@ from zoo import CONFIGS, LAYOUTS, make_batch, make_model
 
 from bettertransformer import BetterTransformer, call_counts
 from bettertransformer.ops import attention
+from bettertransformer.switches import SWITCHES
 
 pytestmark = [
     pytest.mark.cuda,
@@ -29,7 +30,7 @@ def _count_backends(monkeypatch):
     def spy(*args, **kwargs):
         seen.append(
             kwargs.get("backend")
-            or attention.FORCED_BACKEND
+            or SWITCHES.attention_backend
             or attention.pick_backend(args[0], kwargs.get("dropout_p", 0.0), kwargs.get("bias"))
         )
         return original(*args, **kwargs)
@@ -51,7 +52,7 @@ def test_low_precision_error_within_a_small_multiple_of_stock(model_type, dtype,
     reference = make_model(model_type, hidden_size=128, intermediate_size=256).cuda()
     ids, mask = (t.cuda() for t in make_batch(*LAYOUTS[layout]))
     seen = _count_backends(monkeypatch)
-    monkeypatch.setattr(attention, "FORCED_BACKEND", forced)
+    monkeypatch.setattr(SWITCHES, "attention_backend", forced)
     with torch.no_grad():
         ref = reference(input_ids=ids, attention_mask=mask).last_hidden_state
         stock = copy.deepcopy(reference).to(dtype)

@@ -13,8 +13,8 @@ from helpers import assert_close_at
 from transformers import DynamicCache
 
 from bettertransformer import BetterTransformer, call_counts, is_transformed
-from bettertransformer.adapters import generation
 from bettertransformer.registry import support_for
+from bettertransformer.switches import SWITCHES
 
 LENGTHS = (20, 5, 13, 1)  # longer than the sliding windows (8) of the zoo
 
@@ -22,7 +22,7 @@ LENGTHS = (20, 5, 13, 1)  # longer than the sliding windows (8) of the zoo
 @pytest.fixture
 def fast_loop_on_cpu(monkeypatch):
     """Run generate's static-cache loop on the CPU (eagerly; CUDA replays it as a graph)."""
-    monkeypatch.setattr(generation, "DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(SWITCHES, "generate_devices", frozenset({"cuda", "cpu"}))
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -312,3 +312,60 @@ def test_right_padding_runs_stock_and_matches(name):
     assert_close_at(got, expected, mask, atol=2e-5)
     counts = call_counts(model)
     assert counts["fast"] == 0 and counts["stock"] == 1
+
+
+def test_decode_buffers_are_found_by_layer_index():
+    """A decode step writes each layer's key/value into that layer's buffer, whatever order the calls come in;
+    a call it cannot place (no layer index, cross-attention) is refused, never written into a wrong buffer."""
+    from types import SimpleNamespace
+
+    from bettertransformer.adapters.decode_state import DecodeState, DecodeUnsupported
+    from bettertransformer.ops.step_buffers import StepBuffers
+
+    buffers = StepBuffers.allocate(2, 5, 11, (2,), torch.float32, torch.device("cpu"), penalty=False, bans=False)
+    buffers.valid[:, :3] = True
+    buffers.mask.copy_(torch.where(buffers.valid, 0.0, float("-inf")))
+    buffers.slot.fill_(2)
+    state = DecodeState([torch.zeros(2, 2, 1, 5, 4) for _ in range(3)], buffers)
+    q, k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4)
+    for index in (2, 0):
+        state.attend(SimpleNamespace(layer_idx=index), q, k, v, 0.5, None, None)
+        assert torch.equal(state.kv[index][0, :, :, 2], k[:, :, 0]) and torch.equal(
+            state.kv[index][1, :, :, 2], v[:, :, 0]
+        )
+    assert state.kv[1].abs().sum() == 0
+    with pytest.raises(DecodeUnsupported, match="layer index"):
+        state.attend(SimpleNamespace(), q, k, v, 0.5, None, None)
+    with pytest.raises(DecodeUnsupported, match="cross-attention"):
+        state.attend(SimpleNamespace(layer_idx=0, is_cross_attention=True), q, k, v, 0.5, None, None)
+
+
+def test_generate_runs_stock_when_decode_steps_cannot_use_the_buffers(fast_loop_on_cpu, caplog):
+    stock = make_decoder("llama")
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    for layer in model.model.layers:
+        layer.self_attn.is_cross_attention = True  # as if it attended to an encoder: no static buffer serves it
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    with caplog.at_level(logging.INFO, logger="bettertransformer"):
+        for _ in range(2):
+            assert torch.equal(model.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+    assert "cross-attention" in caplog.text
+    assert call_counts(model)["stock generate"] == 2 and call_counts(model)["fast generate"] == 0
+
+
+def test_runners_are_bounded_and_reported(fast_loop_on_cpu, monkeypatch):
+    from bettertransformer import cache_info
+
+    model = BetterTransformer.transform(make_decoder("llama"))
+    assert cache_info(model) == {"runners": 0, "graphs": 0, "buffer_bytes": 0, "graph_bytes": 0}
+    monkeypatch.setattr(SWITCHES, "max_graphs", 2)
+    ids, mask = left_padded_batch(model.config.vocab_size, LENGTHS)
+    for rows in (1, 2, 4):  # three batch buckets
+        model.generate(ids[:rows], attention_mask=mask[:rows], max_new_tokens=4, pad_token_id=PAD)
+    info = cache_info(model)
+    assert info["runners"] == 2 and info["buffer_bytes"] > 0
+    monkeypatch.setattr(SWITCHES, "max_graph_bytes", 1)  # only the runner in use is kept
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
+    assert cache_info(model)["runners"] == 1
+    BetterTransformer.reverse(model)

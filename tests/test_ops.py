@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from bettertransformer.ops import fused
 from bettertransformer.ops.attention import attention_with_weights, packed_attention
 from bettertransformer.ops.padding import pack, pack_info, unpack
+from bettertransformer.switches import SWITCHES
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -358,7 +359,7 @@ def test_advance_kernel_matches_the_reference_path_on_cuda():
 @pytest.mark.parametrize("epilogue", [True, False])
 def test_linear_gelu_in_half_precision_on_cuda(epilogue, monkeypatch):
     """The tanh GELU of the cuBLASLt epilogue stays within fp16 rounding of the exact GELU."""
-    monkeypatch.setattr(fused, "GELU_EPILOGUE", epilogue)
+    monkeypatch.setattr(SWITCHES, "gelu_epilogue", epilogue)
     torch.manual_seed(0)
     x, w, b = (
         torch.randn(300, 768, device="cuda"),

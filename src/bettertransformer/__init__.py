@@ -22,6 +22,7 @@ _PUBLIC = {
     "reverse": "api",
     "is_transformed": "api",
     "call_counts": "api",
+    "cache_info": "api",
     "register": "registry",
     "supported_model_types": "registry",
     "Support": "registry",

@@ -82,9 +82,7 @@ def transform(model: nn.Module, keep_original_model: bool = False) -> nn.Module:
     patches = []
     try:
         for base, support in _targets(model):
-            patch = support.adapter(base, support.layout, model)
-            patch.attach()
-            patches.append(patch)
+            patches.append(support.attach(base, model))
     except Exception:
         for patch in reversed(patches):
             patch.detach()
@@ -118,7 +116,21 @@ def call_counts(model: nn.Module) -> dict[str, int]:
     for patch in state.patches:
         if getattr(patch, "generation", None) is not None:
             total.update({"fast generate": 0, "stock generate": 0})
-        total.update(patch.calls)
+        total.update(patch.calls.snapshot())
+    return dict(total)
+
+
+def cache_info(model: nn.Module) -> dict[str, int]:
+    """What the fast ``generate`` of a transformed decoder holds on the device: ``runners`` (static buffers per
+    batch and length bucket), ``graphs`` (captured CUDA graphs), ``buffer_bytes`` (their key/value and loop
+    buffers) and ``graph_bytes`` (memory reserved by their captures). All zero for encoders. The bounds are
+    ``bettertransformer.switches.SWITCHES.max_graphs`` and ``max_graph_bytes``."""
+    state = _state_of(model, "nothing is cached")
+    total: Counter[str] = Counter(runners=0, graphs=0, buffer_bytes=0, graph_bytes=0)
+    for patch in state.patches:
+        generation = getattr(patch, "generation", None)
+        if generation is not None:
+            total.update(generation.cache_info())
     return dict(total)
 
 
@@ -129,3 +141,4 @@ class BetterTransformer:
     reverse = staticmethod(reverse)
     is_transformed = staticmethod(is_transformed)
     call_counts = staticmethod(call_counts)
+    cache_info = staticmethod(cache_info)

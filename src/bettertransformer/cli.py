@@ -51,11 +51,10 @@ def _default_model_dir() -> Path:
 
 
 def _is_decoder(config: Any) -> bool:
-    from .adapters.decoder import CausalDecoder
     from .registry import REGISTRY
 
     support = REGISTRY.get(config.model_type)
-    return support is not None and support.adapter is CausalDecoder
+    return support is not None and support.encoder is None
 
 
 def _load(model_dir: str | Path, device: Any, dtype: Any) -> tuple[Any, Any]:

@@ -6,7 +6,7 @@ same for users' own architectures.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -14,31 +14,46 @@ from torch import nn
 
 from .adapters.attention_modules import (
     ModuleAttention,
+    bloom_alibi_slopes,
     bloom_attention,
     falcon_attention,
     gpt_neo_attention,
     scaled_attention,
 )
-from .adapters.decode_step import DecodeLayout
+from .adapters.decode_steps import DecodeStep, GPT2DecodeStep
 from .adapters.decoder import CausalDecoder
 from .adapters.encoder import EncoderLayout, PackedEncoder
 
 
 @dataclass(frozen=True)
 class Support:
-    """How one model type is made faster.
+    """How one model type is made faster. An entry with an ``encoder`` layout is a padding-free encoder
+    (``PackedEncoder``); an entry without one is a causal LM (``CausalDecoder``).
 
-    adapter:    the class that attaches to a base model (``adapter(base, layout, root).attach()``, ``root``
-                being the model passed to ``transform``) and undoes it (``.detach()``).
-    layout:     attribute paths and hooks the adapter reads the stock modules through.
-    fast_paths: what the user gets, for the docs.
-    notes:      anything a user of this model type should know, for the docs.
+    encoder:     where a BERT-shaped encoder keeps its modules (attribute paths).
+    attention:   for a causal LM whose attention modules compute attention themselves (no attention interface):
+                 which modules, and the forward that routes them through ours.
+    decode_step: for a causal LM, the family of its fused decode step (a file in ``adapters/decode_steps/``);
+                 None: the generic step (the model's own forward, replayed in a CUDA graph).
+    fast_paths:  what the user gets, for the docs.
+    notes:       anything a user of this model type should know, for the docs.
     """
 
-    adapter: type = PackedEncoder
-    layout: Any = field(default_factory=EncoderLayout)
+    encoder: EncoderLayout | None = None
+    attention: ModuleAttention | None = None
+    decode_step: type[DecodeStep] | None = None
     fast_paths: tuple[str, ...] = ("padding-free encoder",)
     notes: str = ""
+
+    def attach(self, base: nn.Module, root: nn.Module) -> PackedEncoder | CausalDecoder:
+        """The adapter for ``base`` (a base model inside ``root``, the model passed to ``transform``), attached."""
+        adapter: PackedEncoder | CausalDecoder
+        if self.encoder is not None:
+            adapter = PackedEncoder(base, self.encoder, root)
+        else:
+            adapter = CausalDecoder(base, self.attention, self.decode_step, root)
+        adapter.attach()
+        return adapter
 
 
 def _albert_layer_order(encoder: Any) -> list[nn.Module]:
@@ -131,67 +146,65 @@ MEGATRON_BERT = EncoderLayout(
 )
 
 # Causal LMs: one adapter for every model whose attention goes through transformers' attention interface.
-DECODER = Support(
-    adapter=CausalDecoder,
-    layout=None,
-    fast_paths=("padding-free prefill", "packed-sequence training", "static-cache CUDA-graph generate"),
-)
+DECODER = Support(fast_paths=("padding-free prefill", "packed-sequence training", "static-cache CUDA-graph generate"))
 OLD_ATTN = "before transformers 5.24 this model has no attention interface: its _attn method is routed through ours"
 
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model.
 REGISTRY: dict[str, Support] = {
-    "albert": Support(layout=ALBERT, notes="shared layers run once per step, fused QKV cached once"),
-    "bert": Support(layout=BERT),
-    "camembert": Support(layout=BERT),
-    "data2vec-text": Support(layout=BERT),
-    "distilbert": Support(layout=DISTILBERT),
-    "electra": Support(layout=BERT),
-    "ernie": Support(layout=BERT),
-    "layoutlm": Support(layout=BERT),
-    "markuplm": Support(layout=BERT),
-    "megatron-bert": Support(layout=MEGATRON_BERT, notes="pre-LayerNorm"),
+    "albert": Support(encoder=ALBERT, notes="shared layers run once per step, fused QKV cached once"),
+    "bert": Support(encoder=BERT),
+    "camembert": Support(encoder=BERT),
+    "data2vec-text": Support(encoder=BERT),
+    "distilbert": Support(encoder=DISTILBERT),
+    "electra": Support(encoder=BERT),
+    "ernie": Support(encoder=BERT),
+    "layoutlm": Support(encoder=BERT),
+    "markuplm": Support(encoder=BERT),
+    "megatron-bert": Support(encoder=MEGATRON_BERT, notes="pre-LayerNorm"),
     "mpnet": Support(
-        layout=MPNET, notes="relative position bias: attention runs on rows padded to the longest, others packed"
+        encoder=MPNET, notes="relative position bias: attention runs on rows padded to the longest, others packed"
     ),
-    "roberta": Support(layout=BERT),
+    "roberta": Support(encoder=BERT),
     "roberta-prelayernorm": Support(
-        layout=ROBERTA_PRELAYERNORM, notes="pre-LayerNorm; the final LayerNorm (in the base model) runs on padding too"
+        encoder=ROBERTA_PRELAYERNORM, notes="pre-LayerNorm; the final LayerNorm (in the base model) runs on padding too"
     ),
-    "roc_bert": Support(layout=BERT),
-    "splinter": Support(layout=BERT),
-    "xlm-roberta": Support(layout=BERT),
-    "xlm-roberta-xl": Support(layout=XLM_ROBERTA_XL, notes="pre-LayerNorm"),
+    "roc_bert": Support(encoder=BERT),
+    "splinter": Support(encoder=BERT),
+    "xlm-roberta": Support(encoder=BERT),
+    "xlm-roberta-xl": Support(encoder=XLM_ROBERTA_XL, notes="pre-LayerNorm"),
     # Decoders (causal LMs)
     "bloom": replace(
         DECODER,
-        layout=ModuleAttention("BloomAttention", bloom_attention, requires=(("pretraining_tp", 1),)),
+        attention=ModuleAttention(
+            "BloomAttention", bloom_attention, requires=(("pretraining_tp", 1),), alibi=bloom_alibi_slopes
+        ),
         fast_paths=("padding-free prefill", "static-cache CUDA-graph generate"),
         notes="ALiBi; attention modules routed through ours; no packed-row training (no position_ids input)",
     ),
     "codegen": replace(
         DECODER,
-        layout=ModuleAttention("CodeGenAttention", scaled_attention, method="_attn", fallback=True),
+        attention=ModuleAttention("CodeGenAttention", scaled_attention, method="_attn", fallback=True),
         notes=OLD_ATTN,
     ),
     "falcon": replace(
         DECODER,
-        layout=ModuleAttention("FalconAttention", falcon_attention, requires=(("alibi", False),)),
+        attention=ModuleAttention("FalconAttention", falcon_attention, requires=(("alibi", False),)),
         notes="rotary configs (ALiBi ones are refused); attention modules routed through ours",
     ),
     "gemma": DECODER,
     "gemma2": replace(DECODER, notes="attention logit softcapping"),
     "gemma3_text": replace(DECODER, notes="sliding-window layers"),
-    "gpt2": replace(DECODER, layout=DecodeLayout(), fast_paths=(*DECODER.fast_paths, "fused decode step")),
+    "gpt2": replace(DECODER, decode_step=GPT2DecodeStep, fast_paths=(*DECODER.fast_paths, "fused decode step")),
     "gpt_bigcode": replace(DECODER, notes="multi-query attention"),
     "gpt_neo": replace(
         DECODER,
-        layout=ModuleAttention("GPTNeoSelfAttention", gpt_neo_attention),
+        attention=ModuleAttention("GPTNeoSelfAttention", gpt_neo_attention),
         notes="attention modules routed through ours (they bypass the interface); local layers' sliding window",
     ),
     "gpt_neox": DECODER,
     "gptj": replace(
         DECODER,
-        layout=ModuleAttention("GPTJAttention", scaled_attention, method="_attn", fallback=True),
+        attention=ModuleAttention("GPTJAttention", scaled_attention, method="_attn", fallback=True),
         notes=OLD_ATTN,
     ),
     "llama": DECODER,
@@ -227,7 +240,7 @@ def register(model_type: str, support: Support, *, overwrite: bool = False) -> N
 
     Example, for a BERT-shaped encoder whose layers name their projections differently::
 
-        register("my-encoder", Support(layout=EncoderLayout(q="attn.wq", k="attn.wk", v="attn.wv", o="attn.wo")))
+        register("my-encoder", Support(encoder=EncoderLayout(q="attn.wq", k="attn.wk", v="attn.wv", o="attn.wo")))
     """
     if model_type in REGISTRY and not overwrite:
         raise ValueError(f"model type {model_type!r} is already registered; pass overwrite=True to replace it")

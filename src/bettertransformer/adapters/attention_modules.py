@@ -29,6 +29,8 @@ class ModuleAttention:
     requires: tuple[tuple[str, Any], ...] = ()  # (config attribute, the only supported value)
     method: str = "forward"
     fallback: bool = False
+    # ALiBi models: module -> (heads,) fp32 slopes; the adapter passes them to the attention as ``alibi_slopes``.
+    alibi: Callable[[nn.Module], torch.Tensor] | None = None
 
 
 def _window_bias(query: torch.Tensor, key: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
@@ -122,11 +124,11 @@ def falcon_attention(
     return m.dense(out.reshape(batch, length, -1)), weights
 
 
-def alibi_slopes(module: nn.Module, heads: int) -> torch.Tensor:
+def bloom_alibi_slopes(module: nn.Module) -> torch.Tensor:
     """(heads,) fp32 ALiBi slopes, from the model file's own ``build_alibi_tensor`` (position 1 of a 2-token row)."""
     build = sys.modules[type(module).__module__].build_alibi_tensor
     ones = torch.ones(1, 2, dtype=torch.long)
-    return build(ones, heads, torch.float32)[:, 0, 1]  # (heads,)
+    return build(ones, module.num_heads, torch.float32)[:, 0, 1]  # (heads,)
 
 
 def bloom_attention(
@@ -142,7 +144,8 @@ def bloom_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """BLOOM's ``BloomAttention``: ALiBi (a per-head bias proportional to the key's position), fused QKV interleaved
-    per head, and the residual dropout-add inside the module (``pretraining_tp`` slicing is not reproduced)."""
+    per head, and the residual dropout-add inside the module (``pretraining_tp`` slicing is not reproduced).
+    ``attention`` comes with this module's ALiBi slopes bound (``bloom_alibi_slopes``)."""
     m: Any = module
     batch, length, _ = hidden_states.shape
     query, key, value = m._reshape(m.query_key_value(hidden_states))  # (B, H, L, D) each
@@ -150,15 +153,11 @@ def bloom_attention(
         key, value = layer_past.update(key, value, m.layer_idx)
     bias = alibi.view(batch, m.num_heads, 1, key.shape[2])  # the model's ALiBi, from the mask's positions
     mask = bias if attention_mask is None else bias + attention_mask
-    slopes = getattr(m, "_bettertransformer_slopes", None)
-    if slopes is None or slopes.device != query.device:
-        slopes = alibi_slopes(m, m.num_heads).to(query.device)
-        m._bettertransformer_slopes = slopes
     dropout = m.attention_dropout.p if m.training else 0.0
+    # ``attention`` carries the module's slopes (ModuleAttention.alibi) for packed calls and decode steps.
     out, weights = attention(
-        m, query, key, value, mask, dropout=dropout, scaling=m.inv_norm_factor, alibi_slopes=slopes,
-        output_attentions=output_attentions,
-    )  # fmt: skip
+        m, query, key, value, mask, dropout=dropout, scaling=m.inv_norm_factor, output_attentions=output_attentions
+    )
     out = m.dense(out.reshape(batch, length, -1))
     out = torch.nn.functional.dropout(out, p=m.hidden_dropout, training=m.training) + residual
     return out, weights

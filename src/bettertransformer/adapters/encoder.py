@@ -12,12 +12,8 @@ Calls the packed path cannot honour exactly run the stock encoder forward instea
 
 from __future__ import annotations
 
-import functools
 import inspect
-import logging
 import math
-from collections import Counter
-from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from types import UnionType
 from typing import Any, Callable, Union, get_args, get_origin
@@ -31,8 +27,8 @@ from .._compat import output_capture_active
 from ..ops.attention import packed_attention
 from ..ops.fused import add_layer_norm, linear_gelu
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
-
-logger = logging.getLogger(__name__)
+from .call_state import EncoderCall, current_encoder_call, encoder_call
+from .patching import Calls, InstanceForward, LogOnce, bind, check_requires, flat_arguments, resolve
 
 
 @dataclass(frozen=True)
@@ -77,14 +73,6 @@ class EncoderLayout:
     relative_bias: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     # Config flags that change the layer's math away from the shape above, each with the value we support.
     requires: tuple[tuple[str, Any], ...] = (("is_decoder", False), ("add_cross_attention", False))
-
-
-def resolve(root: nn.Module, path: str) -> Any:
-    """``resolve(layer, "attention.self.query")`` -> that submodule (or attribute)."""
-    obj: Any = root
-    for name in path.split("."):
-        obj = obj[int(name)] if name.isdigit() else getattr(obj, name)
-    return obj
 
 
 def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -228,42 +216,6 @@ class PackedLayer:
         return h
 
 
-class InstanceForward:
-    """Route ``module.forward`` (and so ``module(...)``) through ``replacement(stock_forward, *args, **kwargs)``.
-
-    The replacement is an instance attribute that carries the stock forward's signature and docstring; the
-    class and its parameters are untouched. ``restore`` puts back exactly what was there before. ``method``
-    names another method to route the same way (``_attn``, say).
-    """
-
-    def __init__(self, module: nn.Module, replacement: Callable, method: str = "forward"):
-        self.module, self.method = module, method
-        self.previous = module.__dict__.get(method)  # an instance-level method someone else installed
-        stock = getattr(module, method)
-
-        @functools.wraps(stock)
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return replacement(stock, *args, **kwargs)
-
-        setattr(module, method, forward)
-
-    def restore(self) -> None:
-        """Put back the method that was there before."""
-        if self.previous is not None:
-            setattr(self.module, self.method, self.previous)
-        else:
-            delattr(self.module, self.method)
-
-
-@dataclass(frozen=True)
-class _Call:
-    owner: int  # id of the PackedEncoder whose base model is running
-    mask: torch.Tensor | None
-    blocked: str | None  # why the base model's arguments rule the packed path out, if they do
-    mask_dropped: bool = False  # the stock forward runs without the mask (we hold it)
-    pending: PendingPack | None = None  # the mask's packing, started before the stock forward runs
-
-
 class _Restart(Exception):
     """Raised by the encoder when a call whose mask was withheld from the stock model must run stock."""
 
@@ -271,9 +223,6 @@ class _Restart(Exception):
         super().__init__(reason)
         self.reason = reason
 
-
-# The base-model calls running in this thread/context, innermost last.
-_CALLS: ContextVar[tuple[_Call, ...]] = ContextVar("bettertransformer_calls", default=())
 
 # Encoder arguments the packed path may ignore whatever their value: positions are already in the embeddings,
 # and an encoder that is not a decoder (see EncoderLayout.requires) keeps no cache whatever use_cache says.
@@ -285,12 +234,7 @@ class PackedEncoder:
 
     def __init__(self, base: nn.Module, layout: EncoderLayout, root: nn.Module | None = None):
         config: Any = base.config
-        for flag, supported in layout.requires:
-            if getattr(config, flag, supported) != supported:
-                raise NotImplementedError(
-                    f"{config.model_type} with {flag}={getattr(config, flag)!r} has no padding-free path "
-                    f"(only {flag}={supported!r} is supported)"
-                )
+        check_requires(config, layout.requires, "padding-free path")
         self.base = base
         self.layout = layout
         self.encoder: nn.Module = resolve(base, layout.encoder)
@@ -302,8 +246,8 @@ class PackedEncoder:
             )
         self.pre = resolve(self.encoder, layout.pre) if layout.pre else None
         self.final_norm = resolve(self.encoder, layout.final_norm) if layout.final_norm else None
-        self.calls: Counter[str] = Counter()
-        self._fallbacks_logged: set[str] = set()
+        self.calls = Calls()
+        self.log = LogOnce()
         self._signature = inspect.signature(base.forward)
         self._patches: list[InstanceForward] = []
         self.output_type = _output_type(self.encoder.forward)
@@ -330,7 +274,7 @@ class PackedEncoder:
     def attach(self) -> None:
         """Wrap the base model's and the encoder's forward."""
         self._patches = [
-            InstanceForward(self.base, self._base_forward),
+            InstanceForward(self.base, self.base_forward),
             InstanceForward(self.encoder, self.forward),
         ]
 
@@ -342,7 +286,7 @@ class PackedEncoder:
         for layer in self.layers:
             layer.clear_cache()
 
-    def _base_forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+    def base_forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward, with this call's padding mask held for the encoder while it runs.
 
         When the packed path will likely run, the stock forward gets ``attention_mask=None``: the encoder reads
@@ -359,26 +303,18 @@ class PackedEncoder:
             mask = call.mask
             pending = PendingPack(mask, mask.shape[0], mask.shape[1], self.layers[0].q.weight.device)
             call = replace(call, mask_dropped=True, pending=pending)
-        token = _CALLS.set(_CALLS.get() + (call,))
         try:
-            return stock(*run_args, **run_kwargs)
+            with encoder_call(call):
+                return stock(*run_args, **run_kwargs)
         except _Restart as restart:
-            _CALLS.reset(token)
-            token = _CALLS.set(_CALLS.get() + (replace(call, blocked=restart.reason, mask_dropped=False),))
-            return stock(*args, **kwargs)
-        finally:
-            _CALLS.reset(token)
+            with encoder_call(replace(call, blocked=restart.reason, mask_dropped=False, pending=None)):
+                return stock(*args, **kwargs)
 
-    def _describe_call(self, args: tuple, kwargs: dict) -> tuple[_Call, inspect.BoundArguments | None]:
-        bound: inspect.BoundArguments | None
-        try:
-            bound = self._signature.bind(*args, **kwargs)
-        except TypeError:
-            return _Call(id(self), None, "arguments the base model's signature does not take"), None
-        arguments = dict(bound.arguments)
-        for name, param in self._signature.parameters.items():
-            if param.kind is inspect.Parameter.VAR_KEYWORD:
-                arguments.update(arguments.pop(name, {}))
+    def _describe_call(self, args: tuple, kwargs: dict) -> tuple[EncoderCall, inspect.BoundArguments | None]:
+        bound = bind(self._signature, args, kwargs)
+        if bound is None:
+            return EncoderCall(id(self), None, "arguments the base model's signature does not take"), None
+        arguments = flat_arguments(bound)
         mask = arguments.get("attention_mask")
         blocked = None
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
@@ -392,17 +328,11 @@ class PackedEncoder:
             if value:
                 blocked = flag
         if "attention_mask" not in bound.arguments:  # passed through **kwargs: leave the call as it is
-            bound = None
-        return _Call(id(self), mask, blocked), bound
+            return EncoderCall(id(self), mask, blocked), None
+        return EncoderCall(id(self), mask, blocked), bound
 
     # -- the forward -------------------------------------------------------------------------------------------
-    def _current_call(self) -> _Call | None:
-        for call in reversed(_CALLS.get()):
-            if call.owner == id(self):
-                return call
-        return None
-
-    def _stock_reason(self, call: _Call | None, hidden_states: Any, args: tuple, kwargs: dict) -> str | None:
+    def _stock_reason(self, call: EncoderCall | None, hidden_states: Any, args: tuple, kwargs: dict) -> str | None:
         """Why this call must run the stock computation, or None when the packed path is exact."""
         if call is None:
             return "the encoder was called outside its base model's forward"
@@ -427,17 +357,15 @@ class PackedEncoder:
         self, stock: Callable, hidden_states: torch.Tensor, attention_mask: Any = None, *args: Any, **kwargs: Any
     ) -> Any:
         """The encoder's forward: packed when exact, else ``stock`` (the encoder's own forward)."""
-        call = self._current_call()
+        call = current_encoder_call(id(self))
         reason = self._stock_reason(call, hidden_states, args, kwargs)
         if reason is not None:
             if call is not None and call.mask_dropped:
                 raise _Restart(reason)
-            self.calls["stock"] += 1
-            if reason not in self._fallbacks_logged:
-                self._fallbacks_logged.add(reason)
-                logger.info("bettertransformer: stock %s forward for %s", type(self.encoder).__name__, reason)
+            self.calls.add("stock")
+            self.log(reason, "stock %s forward for %s", type(self.encoder).__name__, reason)
             return stock(hidden_states, attention_mask, *args, **kwargs)
-        self.calls["fast"] += 1
+        self.calls.add("fast")
         assert call is not None
         batch, seqlen, _ = hidden_states.shape
         if call.pending is not None and call.pending.device == hidden_states.device:

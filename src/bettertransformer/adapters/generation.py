@@ -4,14 +4,21 @@ The user's ``model.generate(...)`` call is unchanged. When its settings are ones
 sampling with temperature / top-k / top-p / repetition penalty, end-of-sequence ids, length limits, a left-padded
 batch), it runs here:
 
-1. Prefill: the model's own forward on the prompt (padding-free when padded), into a plain dynamic cache.
-2. The keys/values are copied into preallocated per-layer buffers ``(B, Hkv, S, D)``; ``S`` (prompt + new tokens)
-   and the batch are rounded up to buckets, so one captured graph serves many calls.
-3. Each new token is one replay of a CUDA graph of the whole step: the model forward (our attention writes the new
-   key/value into the buffers and attends over them), the choice of the next token, the end-of-sequence
-   bookkeeping. The host only checks every few tokens whether all rows have finished.
+1. Prefill: the prompt through the fused step's prefill (``decode_steps/``) or the model's own forward
+   (padding-free when padded), its keys/values into preallocated per-layer buffers ``(B, Hkv, S, D)``. ``S``
+   (prompt + new tokens) and the batch are rounded up to buckets, so one runner serves many calls.
+2. Each new token is one replay of a CUDA graph of the whole step (the model forward or the fused step, the choice
+   of the next token, the end-of-sequence bookkeeping). The host only checks every few tokens whether all rows
+   have finished. On the CPU the same step runs eagerly.
 
 Anything else (beam search, streamers, custom processors, ...) runs transformers' own generate, with one log line.
+
+Concurrency: calls on one model from several threads queue on the model's lock (one call at a time uses its static
+buffers), so each gets the tokens it would get alone. Captures run one at a time in the process, in CUDA's
+thread-local capture mode, so work other threads launch meanwhile neither fails nor spoils a capture.
+
+Memory: a model keeps at most ``SWITCHES.max_graphs`` runners holding at most ``SWITCHES.max_graph_bytes`` of
+static buffers, dropping the least recently used; its graphs share one memory pool. ``api.cache_info`` reports it.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ import copy
 import functools
 import gc
 import inspect
-import logging
-from collections import Counter, OrderedDict
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -29,10 +36,12 @@ import torch
 
 from .._compat import repetition_penalty_skips_left_padding
 from ..ops.sampling import Sampling, advance, next_tokens
-from .decode_step import FusedDecodeStep
-from .decoder import DecodeState, decode_context
-
-logger = logging.getLogger("bettertransformer")
+from ..ops.step_buffers import StepBuffers
+from ..switches import SWITCHES
+from .call_state import decoding
+from .decode_state import DecodeState, DecodeUnsupported
+from .decode_steps import DecodeStep
+from .patching import Calls, InstanceForward, LogOnce
 
 # Generation settings the fast loop implements; any other difference from the defaults runs stock generate.
 _SETTINGS = frozenset(
@@ -62,11 +71,11 @@ _ASSISTANT = frozenset(
     }
 )  # fmt: skip
 _CHECK_EVERY = 8  # tokens between host checks for "all rows finished"
-_MAX_RUNNERS = 4  # captured graphs kept per model (least recently used dropped)
+_PREFILL_GRAPHS = 4  # prefill graphs kept per runner (least recently used dropped)
 
-# Devices the fast loop runs on. CUDA replays graphs; the CPU runs the same static-cache step eagerly, which measured
-# 1.05-1.19x stock generate on 2 cores (BENCHMARKS.md). Remove a device to get transformers' generate there.
-DEVICES: set[str] = {"cuda", "cpu"}
+# One capture at a time in this process: entering a capture synchronizes the device, which another thread's
+# capture in progress would not survive.
+_CAPTURE_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -106,35 +115,44 @@ class _Plan:
             )
 
 
-def _captured(run: Callable[[], Any], warmups: int, what: str) -> tuple[Any, Any, Any]:
-    """Run ``run`` ``warmups`` times on a side stream, then capture one more call in a CUDA graph. Returns (the last
-    warm-up's result, the graph, the captured call's output); graph and output are None if the capture failed
-    (logged as ``what``).
+class _Captured:
+    """A CUDA graph of ``run()``, captured after ``warmups`` eager calls on a side stream.
+
+    ``result``: the last warm-up's result; ``graph`` and ``output`` (the captured call's output): None if the
+    capture failed. ``nbytes``: the device memory the capture reserved (the graph's share of the pool).
 
     Python's cycle collector is paused during the capture: a collection may free an unreachable model's CUDA graph
-    (a transformed model is a reference cycle), and destroying a graph while a capture runs invalidates the
-    capture."""
-    result = None
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmups):
-            result = run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        with torch.cuda.graph(graph):
-            output = run()
-    except Exception as problem:  # e.g. a host sync in the model's step (data-dependent expert routing)
-        torch.cuda.synchronize()
-        logger.info("bettertransformer: %s not capturable (%s); it runs eagerly", what, problem)
-        return result, None, None
-    finally:
-        if enabled:
-            gc.enable()
-    return result, graph, output
+    (a transformed model is a reference cycle), and destroying a graph while a capture runs invalidates the capture.
+    """
+
+    def __init__(self, run: Callable[[], Any], warmups: int, pool: Any, log: LogOnce, what: str):
+        self.result: Any = None
+        self.graph: Any = None
+        self.output: Any = None
+        self.nbytes = 0
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmups):
+                self.result = run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with _CAPTURE_LOCK:
+            enabled = gc.isenabled()
+            gc.disable()
+            before = torch.cuda.memory_reserved()
+            try:
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    output = run()
+            except Exception as problem:  # e.g. a host sync in the model's step (data-dependent expert routing)
+                torch.cuda.synchronize()
+                log(f"capture {what}", "%s not capturable (%s); it runs eagerly", what, problem)
+                return
+            finally:
+                if enabled:
+                    gc.enable()
+            self.nbytes = max(0, torch.cuda.memory_reserved() - before)
+        self.graph, self.output = graph, output
 
 
 class _PrefillGraph:
@@ -142,10 +160,12 @@ class _PrefillGraph:
     warm-up before the capture computes this call's result; ``graph`` stays None if the capture failed."""
 
     def __init__(self, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ids: torch.Tensor,
-                 positions: torch.Tensor):  # fmt: skip
+                 positions: torch.Tensor, pool: Any, log: LogOnce):  # fmt: skip
         self.ids, self.positions = ids.clone(), positions.clone()
         self.run = run  # the graph reads the tensors ``run`` holds (the packing): they must outlive it
-        self.logits, self.graph, self.static_logits = _captured(lambda: run(self.ids, self.positions), 1, "prefill")
+        captured = _Captured(lambda: run(self.ids, self.positions), 1, pool, log, "prefill")
+        self.logits, self.graph, self.static_logits = captured.result, captured.graph, captured.output
+        self.nbytes = captured.nbytes
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
@@ -154,74 +174,70 @@ class _PrefillGraph:
         return self.static_logits
 
 
-class _Runner:
+class Runner:
     """Static buffers and the captured step for one (batch bucket, length bucket, sampling) key."""
 
-    def __init__(
-        self,
-        head: Any,
-        cache_name: str,
-        batch: int,
-        length: int,
-        plan: _Plan,
-        fused: FusedDecodeStep | None,
-        bans: bool,
-    ):
-        self.head, self.cache_name, self.fused = head, cache_name, fused
+    def __init__(self, owner: FastGenerate, batch: int, length: int, plan: _Plan, step: DecodeStep | None, bans: bool):
+        head = owner.head
+        self.head, self.cache_name, self.fused = head, owner.cache_name, step
+        self.pool, self.log = owner.pool, owner.log
         self.batch, self.length = batch, length
         self.sampling, self.eos_ids = plan.sampling, plan.eos
-        device = next(head.parameters()).device
-        self.device = device
-        vocab = head.get_output_embeddings().weight.shape[0]
-        new = functools.partial(torch.zeros, device=device)
-        self.tok = new(batch, 1, dtype=torch.long)
-        self.pos = new(batch, 1, dtype=torch.long)
-        self.ones = torch.ones(batch, 1, dtype=torch.long, device=device)
-        self.slot = new(1, dtype=torch.long)  # the buffer slot of the token being fed
-        self.step = new(1, dtype=torch.long)  # index of the token being produced
-        self.ban_steps = new((), dtype=torch.long)
-        self.pad = new((), dtype=torch.long)
-        self.valid = new(batch, length, dtype=torch.bool)
-        self.unfinished = new(batch, dtype=torch.bool)
-        self.active = new((), dtype=torch.long)  # tokens produced while some real row was unfinished
-        self.seen = new(batch, vocab, dtype=torch.bool) if plan.sampling.repetition_penalty != 1.0 else None
-        self.eos = torch.tensor(plan.eos, dtype=torch.long, device=device)
-        # -inf at the end-of-sequence ids while min_new_tokens / min_length are not reached (advance lifts it).
-        self.eos_penalty = new(vocab, dtype=torch.float32) if bans else None
-        self.out = new(batch, length, dtype=torch.long)
-        self.state: DecodeState | None = None
+        weight = head.get_output_embeddings().weight
+        self.device = weight.device
+        self.buffers = StepBuffers.allocate(
+            batch, length, weight.shape[0], plan.eos, weight.dtype, self.device,
+            penalty=plan.sampling.repetition_penalty != 1.0, bans=bans,
+        )  # fmt: skip
+        self.ones = torch.ones(batch, 1, dtype=torch.long, device=self.device)  # the step's attention mask
+        self.state: DecodeState | None = None  # key/value buffers, made at the first prefill
         # Prefill graphs by (prompt shape, mask bytes), and the keys seen once (captured when seen again).
         self.prefills: OrderedDict[tuple, _PrefillGraph] = OrderedDict()
         self.prefills_seen: OrderedDict[tuple, None] = OrderedDict()
         self.prefill_capturable = True
         self.graph: Any = None
+        self.graph_bytes = 0
         self.capturable = True  # False once a capture failed: the steps then run eagerly
         self.signature = inspect.signature(head.forward).parameters
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of its static buffers (key/values and loop state)."""
+        return self.state.nbytes if self.state is not None else self.buffers.nbytes
+
+    @property
+    def graphs(self) -> int:
+        return (self.graph is not None) + len(self.prefills)
+
+    @property
+    def graph_nbytes(self) -> int:
+        return self.graph_bytes + sum(p.nbytes for p in self.prefills.values())
 
     # -- one call ----------------------------------------------------------------------------------------------
     def run(self, plan: _Plan) -> torch.Tensor:
         """Generate for one planned call; returns the prompts followed by the new tokens, as stock generate."""
         ids, mask = plan.input_ids, plan.mask
         batch, prompt = ids.shape
+        b = self.buffers
         logits = self._prefill(ids, mask)
-        self.pad.fill_(plan.pad)
-        self.ban_steps.fill_(plan.ban_steps)
-        if self.eos_penalty is not None:
-            self.eos_penalty.zero_().index_fill_(0, self.eos, float("-inf"))
-        self.unfinished.zero_()
-        self.unfinished[:batch] = True  # the bucket's extra rows count as finished
-        self.out.fill_(plan.pad)
-        self.step.zero_()
-        self.active.zero_()
-        if self.seen is not None:  # the tokens the repetition penalty counts, as this transformers counts them
-            self.seen.zero_()
+        b.pad.fill_(plan.pad)
+        b.ban_steps.fill_(plan.ban_steps)
+        if b.eos_penalty is not None:
+            b.eos_penalty.zero_().index_fill_(0, b.eos, float("-inf"))
+        b.unfinished.zero_()
+        b.unfinished[:batch] = True  # the bucket's extra rows count as finished
+        b.out.fill_(plan.pad)
+        b.step.zero_()
+        b.active.zero_()
+        if b.seen is not None:  # the tokens the repetition penalty counts, as this transformers counts them
+            b.seen.zero_()
             counted = ids
             if repetition_penalty_skips_left_padding():
                 lead = (mask != 0).int().argmax(dim=1)  # left-padding length of each row
                 skipped = torch.arange(prompt, device=ids.device)[None, :] < lead[:, None]
-                counted = ids.masked_fill(skipped, self.seen.shape[1])  # an extra column, dropped below
-            seen = torch.zeros(batch, self.seen.shape[1] + 1, dtype=torch.bool, device=ids.device)
-            self.seen[:batch] = seen.scatter_(1, counted, True)[:, :-1]
+                counted = ids.masked_fill(skipped, b.seen.shape[1])  # an extra column, dropped below
+            seen = torch.zeros(batch, b.seen.shape[1] + 1, dtype=torch.bool, device=ids.device)
+            b.seen[:batch] = seen.scatter_(1, counted, True)[:, :-1]
         self._select(logits)  # the first new token, from the prefill
         if self.graph is None and self.capturable and self.device.type == "cuda":
             self._capture()
@@ -234,10 +250,10 @@ class _Runner:
             produced += 1
             # No row can finish while end-of-sequence ids are banned (min_new_tokens): no check, no sync.
             check = self.eos_ids and produced % _CHECK_EVERY == 0 and produced > plan.ban_steps
-            if check and not bool(self.unfinished.any()):
+            if check and not bool(b.unfinished.any()):
                 break
-        count = min(int(self.active), plan.new_tokens)
-        return torch.cat([ids, self.out[:batch, :count]], dim=1)
+        count = min(int(b.active), plan.new_tokens)
+        return torch.cat([ids, b.out[:batch, :count]], dim=1)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the prompts, fill the buffers with their keys/values; returns the last tokens' (B, V) logits."""
@@ -246,24 +262,24 @@ class _Runner:
         logits = None
         if self.fused is not None:
             if self.state is None:
-                self.state = self._new_state(self.fused.new_cache(self.batch, self.length))
+                self.state = DecodeState(self.fused.new_cache(self.batch, self.length), self.buffers)
             logits = self._fused_prefill(ids, mask, positions)
         if logits is None:
             logits = self._model_prefill(ids, mask, positions)
-        assert self.state is not None
-        self.valid.zero_()
-        self.valid[:batch, :prompt] = mask.bool()
-        self.state.mask.copy_(torch.where(self.valid, 0.0, float("-inf")))
-        self.tok.fill_(0)
-        self.pos.zero_()
-        self.pos[:batch] = positions[:, -1:]
-        self.slot.fill_(prompt - 1)
+        b = self.buffers
+        b.valid.zero_()
+        b.valid[:batch, :prompt] = mask.bool()
+        b.mask.copy_(torch.where(b.valid, 0.0, float("-inf")))
+        b.tokens.fill_(0)
+        b.positions.zero_()
+        b.positions[:batch] = positions[:, -1:]
+        b.slot.fill_(prompt - 1)
         return logits
 
     def _fused_prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """The fused step's prefill; replayed from a CUDA graph for a prompt shape and padding seen before (a
         prefill's Python and launch time exceeds its GPU time many times over for short prompts)."""
-        assert self.fused is not None
+        assert self.fused is not None and self.state is not None
         key = None
         if self.device.type == "cuda" and self.prefill_capturable:
             key = (ids.shape, mask.cpu().numpy().tobytes())
@@ -274,7 +290,7 @@ class _Runner:
         packing = self.fused.pack(mask)
         if packing is None:
             return None
-        fused, state = self.fused, self._rows(ids.shape[0])
+        fused, state = self.fused, self.state.rows(ids.shape[0])
 
         def run(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             for buffer in state.kv:
@@ -284,26 +300,17 @@ class _Runner:
         if key is None or key not in self.prefills_seen:
             if key is not None:
                 self.prefills_seen[key] = None
-                while len(self.prefills_seen) > 4 * _MAX_RUNNERS:
+                while len(self.prefills_seen) > 4 * _PREFILL_GRAPHS:
                     self.prefills_seen.popitem(last=False)
             return run(ids, positions)
-        graph = _PrefillGraph(run, ids, positions)  # the second time this prompt shape and padding come
+        graph = _PrefillGraph(run, ids, positions, self.pool, self.log)  # the second time this shape comes
         if graph.graph is None:
             self.prefill_capturable = False
         else:
             self.prefills[key] = graph
-            while len(self.prefills) > _MAX_RUNNERS:
+            while len(self.prefills) > _PREFILL_GRAPHS:
                 self.prefills.popitem(last=False)
         return graph.logits
-
-    def _rows(self, batch: int) -> Any:
-        """The decode state seen by the first ``batch`` rows (the runner's batch is bucketed)."""
-        assert self.state is not None
-        return DecodeState(kv=[kv[:, :batch] for kv in self.state.kv], slot=self.slot, valid=self.valid,
-                           mask=self.state.mask)  # fmt: skip
-
-    def _new_state(self, kv: list[torch.Tensor]) -> DecodeState:
-        return DecodeState(kv=kv, slot=self.slot, valid=self.valid, mask=kv[0].new_zeros(self.batch, self.length))
 
     def _model_prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The prefill through the model's own forward (padding-free when padded), copied into the buffers."""
@@ -319,9 +326,8 @@ class _Runner:
         out = self.head(input_ids=ids, attention_mask=mask, **kwargs)
         layers: list[tuple[Any, Any]] = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr]
         if self.state is None:
-            self.state = self._new_state(
-                [k.new_zeros(2, self.batch, k.shape[1], self.length, k.shape[3]) for k, _ in layers]
-            )
+            kv = [k.new_zeros(2, self.batch, k.shape[1], self.length, k.shape[3]) for k, _ in layers]
+            self.state = DecodeState(kv, self.buffers)
         for buffer, (keys, values) in zip(self.state.kv, layers, strict=True):
             buffer.zero_()
             buffer[0, :batch, :, :prompt] = keys
@@ -330,121 +336,143 @@ class _Runner:
 
     def _select(self, logits: torch.Tensor) -> None:
         """Choose and record the next token from (B, V) logits; advance the inputs of the next step."""
+        b = self.buffers
         batch = logits.shape[0]
         if batch < self.batch:
             logits = torch.cat([logits, logits.new_zeros(self.batch - batch, logits.shape[1])])
-        self._record(next_tokens(logits, self.sampling, seen=self.seen, eos_penalty=self.eos_penalty))
+        self._record(next_tokens(logits, self.sampling, seen=b.seen, eos_penalty=b.eos_penalty))
 
     def _record(self, chosen: torch.Tensor) -> None:
         """Record the chosen tokens (B,); advance the inputs of the next step."""
-        if self.seen is not None:
-            self.seen.scatter_(1, chosen[:, None], True)
-        assert self.state is not None
-        advance(
-            chosen, unfinished=self.unfinished, eos=self.eos, pad=self.pad, out=self.out, tokens=self.tok,
-            positions=self.pos, step=self.step, slot=self.slot, valid=self.valid, mask=self.state.mask,
-            active=self.active, eos_penalty=self.eos_penalty, ban_steps=self.ban_steps,
-        )  # fmt: skip
+        if self.buffers.seen is not None:
+            self.buffers.seen.scatter_(1, chosen[:, None], True)
+        advance(chosen, self.buffers)
 
     def _decode_step(self) -> None:
-        assert self.state is not None
+        state, b = self.state, self.buffers
+        assert state is not None
         if self.fused is not None:
-            if not self.sampling.do_sample and self.seen is None:  # the choice runs in the LM head's kernel
-                self._record(self.fused.greedy(self.tok, self.pos, self.state, self.eos_penalty))
+            if not self.sampling.do_sample and b.seen is None:  # the choice runs in the LM head's kernel
+                self._record(self.fused.greedy(b.tokens, b.positions, state, b.eos_penalty))
             else:
-                self._select(self.fused(self.tok, self.pos, self.state))
+                self._select(self.fused(b.tokens, b.positions, state))
             return
         kwargs: dict[str, Any] = {"use_cache": False}
         if "logits_to_keep" in self.signature:
             kwargs["logits_to_keep"] = 1
         if "position_ids" in self.signature:
-            kwargs["position_ids"] = self.pos
-        with decode_context(self.state):
-            out = self.head(input_ids=self.tok, attention_mask=self.ones, **kwargs)
+            kwargs["position_ids"] = b.positions
+        with decoding(state):
+            out = self.head(input_ids=b.tokens, attention_mask=self.ones, **kwargs)
         self._select(out.logits[:, -1].float())
 
     def _capture(self) -> None:
         """Record ``_decode_step`` in a CUDA graph. Warm-up steps run first; ``run`` resets every input after."""
-        saved = [t.clone() for t in self._mutable()]
-        rng = torch.cuda.get_rng_state(self.device)  # warm-up draws must not shift the user's random stream
-        _, self.graph, _ = _captured(self._decode_step, 2, "decode step")
-        self.capturable = self.graph is not None
-        for tensor, value in zip(self._mutable(), saved, strict=True):
-            tensor.copy_(value)
-        torch.cuda.set_rng_state(rng, self.device)
-
-    def _mutable(self) -> list[torch.Tensor]:
         assert self.state is not None
-        tensors = [self.tok, self.pos, self.slot, self.step, self.valid, self.unfinished, self.active, self.out]
-        tensors += self.state.kv + [self.state.mask]
-        tensors += [self.eos_penalty] if self.eos_penalty is not None else []
-        return tensors + ([self.seen] if self.seen is not None else [])
+        mutable = self.buffers.tensors() + self.state.kv
+        saved = [t.clone() for t in mutable]
+        rng = torch.cuda.get_rng_state(self.device)  # warm-up draws must not shift the user's random stream
+        try:
+            captured = _Captured(self._decode_step, 2, self.pool, self.log, "decode step")
+        finally:
+            for tensor, value in zip(mutable, saved, strict=True):
+                tensor.copy_(value)
+            torch.cuda.set_rng_state(rng, self.device)
+        self.graph, self.graph_bytes = captured.graph, captured.nbytes
+        self.capturable = self.graph is not None
 
 
 class FastGenerate:
     """Replaces ``generate`` on one causal LM head (an instance attribute; ``detach`` restores it)."""
 
-    def __init__(self, head: Any, cache_name: str, calls: Counter[str], fused: FusedDecodeStep | None = None):
-        self.head, self.cache_name, self.fused = head, cache_name, fused
+    def __init__(self, head: Any, cache_name: str, calls: Calls, step: DecodeStep | None = None):
+        self.head, self.cache_name, self.fused = head, cache_name, step
         self.calls = calls  # shared with the decoder adapter, for ``call_counts``
-        self.runners: OrderedDict[tuple, _Runner] = OrderedDict()
-        self._logged: set[str] = set()
-        self._previous: Any = None
+        self.runners: OrderedDict[tuple, Runner] = OrderedDict()
+        self.log = LogOnce()
+        self.lock = threading.Lock()  # one call at a time uses the static buffers
+        self.pool: Any = None  # the memory pool this model's graphs share (they never run at the same time)
+        self.unsupported: str | None = None  # why decode steps cannot run on the static buffers, once seen
+        self._patch: InstanceForward | None = None
         self._stock_params = frozenset(inspect.signature(head.generate).parameters)
 
     def attach(self) -> None:
         """Install the fast ``generate`` on the head (an instance attribute)."""
-        self._previous = self.head.__dict__.get("generate")
-        stock = self.head.generate
-
-        @functools.wraps(stock)
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            return self.generate(stock, *args, **kwargs)
-
-        self.head.generate = generate
+        self._patch = InstanceForward(self.head, self.generate, method="generate")
 
     def detach(self) -> None:
         """Restore the head's ``generate``; drop the buffers and captured graphs."""
-        if self._previous is not None:
-            self.head.generate = self._previous
-        else:
-            self.head.__dict__.pop("generate", None)
-        self.runners.clear()  # frees the buffers and graph pools
+        if self._patch is not None:
+            self._patch.restore()
+            self._patch = None
+        with self.lock:
+            self.runners.clear()  # frees the buffers and graphs
+            self.pool = None
+
+    def cache_info(self) -> dict[str, int]:
+        """What the static-cache loop holds now: runners, captured graphs, and their device bytes."""
+        with self.lock:
+            runners = list(self.runners.values())
+        return {
+            "runners": len(runners),
+            "graphs": sum(r.graphs for r in runners),
+            "buffer_bytes": sum(r.nbytes for r in runners),
+            "graph_bytes": sum(r.graph_nbytes for r in runners),
+        }
 
     def generate(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
         """Run ``stock`` (transformers' generate) unless the fast loop covers this call."""
         plan = self._plan(args, kwargs)
-        if isinstance(plan, str):
-            self.calls["stock generate"] += 1
-            if plan not in self._logged:
-                self._logged.add(plan)
-                logger.info("bettertransformer: transformers' generate runs for %s", plan)
-            return stock(*args, **kwargs)
-        self.calls["fast generate"] += 1
-        with torch.no_grad():
-            return self._runner(plan).run(plan)
+        if isinstance(plan, _Plan):
+            with self.lock, torch.no_grad():
+                try:
+                    out = self._run(plan)
+                except DecodeUnsupported as problem:
+                    self.unsupported = f"decode steps this model's buffers cannot serve ({problem})"
+                    self.runners.clear()
+                    plan = self.unsupported
+                else:
+                    self.calls.add("fast generate")
+                    return out
+        self.calls.add("stock generate")
+        self.log(plan, "transformers' generate runs for %s", plan)
+        return stock(*args, **kwargs)
 
-    def _runner(self, plan: _Plan) -> _Runner:
+    def _run(self, plan: _Plan) -> torch.Tensor:
         batch, prompt = plan.input_ids.shape
         # Room for the warm-up steps of a graph capture past the last token.
         bans = plan.ban_steps > 0 and bool(plan.eos)
         key = (_bucket_batch(batch), _bucket_length(prompt + plan.new_tokens + 4), plan.sampling, plan.eos, bans)
         runner = self.runners.pop(key, None)
         if runner is None:
-            while len(self.runners) >= _MAX_RUNNERS:
-                self.runners.popitem(last=False)
-            runner = _Runner(self.head, self.cache_name, key[0], key[1], plan, self.fused, bans)
-        self.runners[key] = runner
-        return runner
+            if self.pool is None and plan.input_ids.is_cuda:
+                self.pool = torch.cuda.graph_pool_handle()
+            runner = Runner(self, key[0], key[1], plan, self.fused, bans)
+        self.runners[key] = runner  # most recently used last
+        try:
+            return runner.run(plan)
+        finally:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used runners beyond ``SWITCHES.max_graphs`` runners or
+        ``SWITCHES.max_graph_bytes`` of buffers (the one just used stays)."""
+        while len(self.runners) > 1 and (
+            len(self.runners) > SWITCHES.max_graphs
+            or sum(r.nbytes for r in self.runners.values()) > SWITCHES.max_graph_bytes
+        ):
+            self.runners.popitem(last=False)
 
     def _plan(self, args: tuple, kwargs: dict) -> _Plan | str:
         """The fast loop's plan for this call, or why stock generate must run it."""
         head = self.head
         device = next(head.parameters()).device
-        if device.type not in DEVICES:
+        if device.type not in SWITCHES.generate_devices:
             return f"a model on {device.type}"
         if head.training:
             return "a model in train mode"
+        if self.unsupported is not None:
+            return self.unsupported
         if self.fused is not None and not self.fused.is_current(head):
             return "modules replaced after transform"
         kwargs = dict(kwargs)

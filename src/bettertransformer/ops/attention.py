@@ -16,11 +16,14 @@ Four ways to compute the same function, picked per call:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..switches import SWITCHES
 from . import triton_kernels
 from .padding import PackInfo, dense_layout, from_dense, to_dense
 
@@ -33,11 +36,6 @@ except ImportError:  # pragma: no cover - older torch
 # The varlen_attn of some torch releases lacks sliding windows or grouped-query heads: ask before using them.
 _VARLEN_PARAMS = frozenset(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else frozenset()
 
-BACKENDS = ("triton", "varlen", "dense", "loop")
-
-# Benchmarks set this to compare backends on one workload; None picks per call (``pick_backend``).
-FORCED_BACKEND: str | None = None
-
 
 def pick_backend(
     q: torch.Tensor,
@@ -49,7 +47,7 @@ def pick_backend(
     gqa: bool = False,
     softcap: float | None = None,
 ) -> str:
-    """The fastest backend that computes this call exactly."""
+    """The fastest backend that computes this call exactly (``SWITCHES.attention_backend`` overrides it)."""
     if softcap is not None:  # only the explicit softmax of ``attention`` applies a logit cap
         return "dense" if q.is_cuda or dropout_p or bias is not None else "loop"
     if q.is_cuda:
@@ -90,6 +88,104 @@ def _allowed(length: int, device: torch.device, causal: bool, window: int | None
     return allowed
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One packed attention call: q (T, Hq, D), k/v (T, Hkv, D) laid out as ``info`` says, and its options."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    info: PackInfo
+    scale: float
+    dropout_p: float
+    bias: torch.Tensor | None
+    causal: bool
+    window: int | None
+    softcap: float | None
+
+    @property
+    def gqa(self) -> bool:
+        return self.q.shape[1] != self.k.shape[1]
+
+
+def _triton(c: _Call) -> torch.Tensor:
+    """Our kernel: bidirectional, one key/value head per query head, no bias, dropout or softcap."""
+    if c.causal or c.gqa or c.bias is not None or c.dropout_p or c.softcap is not None:
+        raise ValueError("the triton backend is bidirectional, with one k/v head per query head and no extras")
+    return triton_kernels.varlen_attention(c.q, c.k, c.v, c.info.cu_seqlens, c.info.max_len, c.scale)
+
+
+def _varlen(c: _Call) -> torch.Tensor:
+    """PyTorch's flash attention on the packed tokens (CUDA, fp16/bf16, with a backward); no bias or softcap."""
+    if _varlen_attn is None:
+        raise RuntimeError("torch.nn.attention.varlen is not available in this PyTorch")
+    if c.bias is not None or c.dropout_p or c.softcap is not None:
+        raise ValueError("the varlen backend takes no bias, dropout or softcap")
+    k, v = c.k, c.v
+    extra: dict[str, Any] = {}
+    if c.causal:
+        extra["window_size"] = (c.window - 1 if c.window is not None else -1, 0)
+    if c.gqa and "enable_gqa" in _VARLEN_PARAMS:
+        extra["enable_gqa"] = True
+    elif c.gqa:  # this torch's varlen_attn wants one key/value head per query head
+        k, v = (t.repeat_interleave(c.q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    cu, length = c.info.cu_seqlens, c.info.max_len
+    return _varlen_attn(c.q, k, v, cu, cu, length, length, scale=c.scale, **extra)
+
+
+def _loop(c: _Call) -> torch.Tensor:
+    """One SDPA call per sequence (one batched call when nothing is padded); no bias, no dropout."""
+    if c.bias is not None or c.dropout_p:
+        raise ValueError("the loop backend takes no bias and no dropout")
+    q, k, v, info = c.q, c.k, c.v, c.info
+    if info.indices is None and info.batch:
+        # No padding: every row has the same length, so one batched call computes exactly the same thing.
+        qb, kb, vb = (t.view(info.batch, info.seqlen, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        mask = _allowed(info.seqlen, q.device, c.causal, c.window) if c.window is not None else None
+        out = attention(qb, kb, vb, mask, scale=c.scale, causal=c.causal and mask is None, softcap=c.softcap)
+        return out.transpose(1, 2).reshape(q.shape)
+    outs = []
+    start = 0
+    for length in info.host_lengths.tolist():
+        if length:
+            end = start + length
+            # (1, H, L, D) views of one sequence; SDPA without a mask takes its fastest kernel.
+            qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            mask = _allowed(length, q.device, c.causal, c.window) if c.window is not None else None
+            out = attention(qs, ks, vs, mask, scale=c.scale, causal=c.causal and mask is None, softcap=c.softcap)
+            outs.append(out[0].transpose(0, 1))
+            start = end
+    return torch.cat(outs) if outs else q.new_empty(q.shape)
+
+
+def _dense(c: _Call) -> torch.Tensor:
+    """The packed tokens laid out left-aligned in a (B, max_len) grid, one SDPA call with a key mask; anything."""
+    info = c.info
+    index, valid = dense_layout(info)
+    # A row with no real token would give a softmax over nothing (NaN, also in the backward pass): let it
+    # attend to its empty slots, whose results are dropped anyway.
+    key_valid = valid | (info.lengths == 0)[:, None]  # (B, L)
+    qd, kd, vd = (to_dense(t, info, index, valid).transpose(1, 2) for t in (c.q, c.k, c.v))  # (B, H, L, D)
+    mask = key_valid[:, None, None, :]  # (B, 1, 1, L)
+    allowed = _allowed(info.max_len, c.q.device, c.causal, c.window)
+    if allowed is not None:
+        # Slots are positions inside each sequence, so the causal band applies as is; every query keeps at
+        # least its own key (the diagonal), so no row of the softmax is empty.
+        mask = mask & allowed[None, None]  # (B, 1, L, L)
+    if c.bias is not None:
+        mask = c.bias.to(c.q.dtype).masked_fill(~mask, float("-inf"))
+    out = attention(qd, kd, vd, mask, scale=c.scale, dropout_p=c.dropout_p, softcap=c.softcap)
+    return from_dense(out.transpose(1, 2), valid)  # (T, H, D)
+
+
+BACKENDS: dict[str, Callable[[_Call], torch.Tensor]] = {
+    "triton": _triton,
+    "varlen": _varlen,
+    "dense": _dense,
+    "loop": _loop,
+}
+
+
 def packed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -112,72 +208,20 @@ def packed_attention(
     causal:  token i sees tokens j <= i of its sequence only; ``window`` (causal only) further limits it to
              i - j < window (transformers' sliding-window convention).
     softcap: cap the logits at +-softcap with ``softcap * tanh(logits / softcap)`` (Gemma 2), before the mask.
+    backend: one of ``BACKENDS``; by default ``SWITCHES.attention_backend``, else ``pick_backend``'s choice.
     Returns (T, Hq, D).
     """
     if window is not None and not causal:
         raise ValueError("a sliding window is supported for causal attention only")
-    gqa = q.shape[1] != k.shape[1]
-    backend = (
+    call = _Call(q, k, v, info, scale, dropout_p, bias, causal, window, softcap)
+    name = (
         backend
-        or FORCED_BACKEND
-        or pick_backend(q, dropout_p, bias, causal=causal, window=window, gqa=gqa, softcap=softcap)
+        or SWITCHES.attention_backend
+        or pick_backend(q, dropout_p, bias, causal=causal, window=window, gqa=call.gqa, softcap=softcap)
     )
-    if softcap is not None and backend not in ("dense", "loop"):
-        raise ValueError(f"the {backend} backend has no logit softcap; use 'dense' or 'loop'")
-    if backend == "triton":
-        if causal or gqa:
-            raise ValueError("the triton backend is bidirectional with one k/v head per query head")
-        return triton_kernels.varlen_attention(q, k, v, info.cu_seqlens, info.max_len, scale)
-    if backend == "varlen":
-        if _varlen_attn is None:
-            raise RuntimeError("torch.nn.attention.varlen is not available in this PyTorch")
-        cu = info.cu_seqlens
-        extra: dict[str, Any] = {}
-        if causal:
-            extra["window_size"] = (window - 1 if window is not None else -1, 0)
-        if gqa and "enable_gqa" in _VARLEN_PARAMS:
-            extra["enable_gqa"] = True
-        elif gqa:  # this torch's varlen_attn wants one key/value head per query head
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        return _varlen_attn(q, k, v, cu, cu, info.max_len, info.max_len, scale=scale, **extra)
-    if backend == "loop":
-        if bias is not None or dropout_p:
-            raise ValueError("the loop backend takes no bias and no dropout")
-        if info.indices is None and info.batch:
-            # No padding: every row has the same length, so one batched call computes exactly the same thing.
-            qb, kb, vb = (t.view(info.batch, info.seqlen, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-            mask = _allowed(info.seqlen, q.device, causal, window) if window is not None else None
-            out = attention(qb, kb, vb, mask, scale=scale, causal=causal and mask is None, softcap=softcap)
-            return out.transpose(1, 2).reshape(q.shape)
-        outs = []
-        start = 0
-        for length in info.host_lengths.tolist():
-            if length:
-                end = start + length
-                # (1, H, L, D) views of one sequence; SDPA without a mask takes its fastest kernel.
-                qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-                mask = _allowed(length, q.device, causal, window) if window is not None else None
-                out = attention(qs, ks, vs, mask, scale=scale, causal=causal and mask is None, softcap=softcap)
-                outs.append(out[0].transpose(0, 1))
-                start = end
-        return torch.cat(outs) if outs else q.new_empty(q.shape)
-    if backend != "dense":
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-    index, valid = dense_layout(info)
-    # A row with no real token would give a softmax over nothing (NaN, also in the backward pass): let it
-    # attend to its empty slots, whose results are dropped anyway.
-    key_valid = valid | (info.lengths == 0)[:, None]  # (B, L)
-    qd, kd, vd = (to_dense(t, info, index, valid).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-    mask = key_valid[:, None, None, :]  # (B, 1, 1, L)
-    allowed = _allowed(info.max_len, q.device, causal, window)
-    if allowed is not None:
-        # Slots are positions inside each sequence, so the causal band applies as is; every query keeps at
-        # least its own key (the diagonal), so no row of the softmax is empty.
-        mask = mask & allowed[None, None]  # (B, 1, L, L)
-    if bias is not None:
-        mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
-    out = attention(qd, kd, vd, mask, scale=scale, dropout_p=dropout_p, softcap=softcap)
-    return from_dense(out.transpose(1, 2), valid)  # (T, H, D)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {tuple(BACKENDS)}")
+    return BACKENDS[name](call)
 
 
 def attention(

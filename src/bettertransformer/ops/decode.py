@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import decode_kernels
 from .decode_kernels import Norm
-from .fused import _use_triton
+from .dispatch import use_triton
 
 # Decode attention runs our kernel while rows x cache slots stays under this; beyond it SDPA's kernels were faster
 # (H200, GPT-2 heads: ours 3.6 vs 4.6 us at 1 x 128, 5.0 vs 6.9 at 1 x 256, 6.6 vs 7.3 at 16 x 128, but 10.2 vs
@@ -22,12 +22,12 @@ MAX_TRITON_ROW_SLOTS = 2048
 
 
 def _kernel_rows(x: torch.Tensor) -> bool:
-    return _use_triton(x) and decode_kernels.AVAILABLE and x.shape[0] <= decode_kernels.MAX_ROWS and x.is_contiguous()
+    return use_triton(x) and decode_kernels.AVAILABLE and x.shape[0] <= decode_kernels.MAX_ROWS and x.is_contiguous()
 
 
 def embed(tokens: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
     """wte[tokens] + wpe[positions]; tokens, positions (B,) -> (B, E)."""
-    if _use_triton(wte) and wte.is_contiguous() and wpe.is_contiguous():
+    if use_triton(wte) and wte.is_contiguous() and wpe.is_contiguous():
         return decode_kernels.embed(tokens, positions, wte, wpe)
     return F.embedding(tokens, wte) + F.embedding(positions, wpe)
 
@@ -124,7 +124,7 @@ def attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: floa
     """q (B, H, D) over the cache kv (2, B, Hkv, S, D) with an additive mask (B, S) -> (B, H, D). ``slot`` (1,) is
     the slot of the token being decoded, whose key/value this step's QKV projection has just written."""
     slots = kv.shape[3]
-    if _use_triton(q) and q.shape[0] * slots <= MAX_TRITON_ROW_SLOTS and q.shape[-1] in (16, 32, 64, 128):
+    if use_triton(q) and q.shape[0] * slots <= MAX_TRITON_ROW_SLOTS and q.shape[-1] in (16, 32, 64, 128):
         block_s = min(256, max(16, 1 << (slots - 1).bit_length()))
         warps = 8 if block_s * q.shape[-1] >= 8192 else 4
         return decode_kernels.decode_attention(q, kv[0], kv[1], mask, slot, scale, block_s=block_s, warps=warps)

@@ -21,6 +21,9 @@ import functools
 
 import torch
 
+from ..switches import SWITCHES
+from .step_buffers import StepBuffers
+
 try:
     import triton
     import triton.language as tl
@@ -36,9 +39,6 @@ try:
 except ImportError:  # CPU-only installs, Triton before 3.4
     _HAS_GDC = False
 
-# Programmatic dependent launch where the GPU has it (compute capability 9.0+). Benchmarks switch it off to measure it.
-USE_PDL = True
-
 
 @functools.cache
 def _device_pdl(index: int) -> bool:
@@ -46,9 +46,10 @@ def _device_pdl(index: int) -> bool:
 
 
 def _pdl(x: torch.Tensor) -> dict:
-    """Launch options for a kernel reading ``x``: ``launch_pdl`` where the device and Triton support it."""
+    """Launch options for a kernel reading ``x``: ``launch_pdl`` where the device and Triton support it (compute
+    capability 9.0+), unless ``SWITCHES.pdl`` is off."""
     on = (
-        USE_PDL
+        SWITCHES.pdl
         and _HAS_GDC
         and x.is_cuda  # not under Triton's interpreter, which runs on CPU tensors
         and _device_pdl(x.device.index if x.device.index is not None else torch.cuda.current_device())
@@ -398,29 +399,15 @@ def embed(tokens: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe:
     return x
 
 
-def advance(
-    chosen: torch.Tensor,
-    unfinished: torch.Tensor,
-    eos: torch.Tensor,
-    pad: torch.Tensor,
-    out: torch.Tensor,
-    tokens: torch.Tensor,
-    positions: torch.Tensor,
-    step: torch.Tensor,
-    slot: torch.Tensor,
-    valid: torch.Tensor,
-    mask: torch.Tensor,
-    active: torch.Tensor,
-    eos_penalty: torch.Tensor | None,
-    ban_steps: torch.Tensor | None,
-) -> None:
+def advance(chosen: torch.Tensor, buffers: StepBuffers) -> None:
     """The bookkeeping of one generated token in one launch (see ``ops.sampling.advance``)."""
+    b = buffers
     batch = chosen.shape[0]
-    has_ban = eos_penalty is not None and ban_steps is not None
+    has_ban = b.eos_penalty is not None
     _advance_kernel[(1,)](
-        chosen, unfinished, eos, pad, out, tokens, positions, step, slot, valid, mask, active,
-        eos_penalty if has_ban else mask, ban_steps if has_ban else step, batch, out.stride(0), valid.shape[1],
-        NUM_EOS=eos.numel(), HAS_BAN=has_ban, BLOCK_B=max(16, triton.next_power_of_2(batch)), **_pdl(mask),
+        chosen, b.unfinished, b.eos, b.pad, b.out, b.tokens, b.positions, b.step, b.slot, b.valid, b.mask, b.active,
+        b.eos_penalty if b.eos_penalty is not None else b.mask, b.ban_steps, batch, b.out.stride(0), b.valid.shape[1],
+        NUM_EOS=b.eos.numel(), HAS_BAN=has_ban, BLOCK_B=max(16, triton.next_power_of_2(batch)), **_pdl(b.mask),
     )  # fmt: skip
 
 

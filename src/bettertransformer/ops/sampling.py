@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from . import decode_kernels
-from .fused import _use_triton
+from .dispatch import use_triton
+from .step_buffers import StepBuffers
 
 
 @dataclass(frozen=True)
@@ -79,23 +80,7 @@ def _argmax(scores: torch.Tensor) -> torch.Tensor:
     return (outer * chunk + inner.gather(1, outer))[:, 0]
 
 
-def advance(
-    chosen: torch.Tensor,
-    *,
-    unfinished: torch.Tensor,
-    eos: torch.Tensor,
-    pad: torch.Tensor,
-    out: torch.Tensor,
-    tokens: torch.Tensor,
-    positions: torch.Tensor,
-    step: torch.Tensor,
-    slot: torch.Tensor,
-    valid: torch.Tensor,
-    mask: torch.Tensor,
-    active: torch.Tensor,
-    eos_penalty: torch.Tensor | None = None,
-    ban_steps: torch.Tensor | None = None,
-) -> None:
+def advance(chosen: torch.Tensor, buffers: StepBuffers) -> None:
     """Record the chosen tokens (B,) and set up the next step, in place, as transformers' generate does:
 
     - ``active`` (count of produced tokens while some row was unfinished) += any(unfinished);
@@ -104,22 +89,20 @@ def advance(
     - ``slot`` += 1, and that slot becomes visible: ``valid[:, slot]`` = True, ``mask[:, slot]`` = 0;
     - once ``step`` reaches ``ban_steps``, the end-of-sequence ids lose their -inf in ``eos_penalty``.
     """
-    if _use_triton(mask) and unfinished.numel() <= 1024:
-        decode_kernels.advance(
-            chosen, unfinished, eos, pad, out, tokens, positions, step, slot, valid, mask, active, eos_penalty,
-            ban_steps,
-        )  # fmt: skip
+    b = buffers
+    if use_triton(b.mask) and b.unfinished.numel() <= 1024:
+        decode_kernels.advance(chosen, b)
         return
-    active += unfinished.any().long()
-    if eos.numel():
-        chosen = torch.where(unfinished, chosen, pad)
-        unfinished &= ~torch.isin(chosen, eos)
-    out.index_copy_(1, step, chosen[:, None])
-    tokens.copy_(chosen[:, None])
-    positions += 1
-    step += 1
-    slot += 1
-    valid.index_fill_(1, slot, True)
-    mask.index_fill_(1, slot, 0.0)
-    if eos_penalty is not None and ban_steps is not None:
-        eos_penalty.index_copy_(0, eos, torch.where(step >= ban_steps, 0.0, float("-inf")).expand(eos.shape))
+    b.active += b.unfinished.any().long()
+    if b.eos.numel():
+        chosen = torch.where(b.unfinished, chosen, b.pad)
+        b.unfinished &= ~torch.isin(chosen, b.eos)
+    b.out.index_copy_(1, b.step, chosen[:, None])
+    b.tokens.copy_(chosen[:, None])
+    b.positions += 1
+    b.step += 1
+    b.slot += 1
+    b.valid.index_fill_(1, b.slot, True)
+    b.mask.index_fill_(1, b.slot, 0.0)
+    if b.eos_penalty is not None:
+        b.eos_penalty.index_copy_(0, b.eos, torch.where(b.step >= b.ban_steps, 0.0, float("-inf")).expand(b.eos.shape))

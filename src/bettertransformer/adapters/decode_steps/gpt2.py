@@ -1,8 +1,8 @@
 """A decode step that runs the layers of a GPT-2-shaped decoder directly, in five kernels per layer.
 
-The general decode step (``generation._Runner``) calls the model's own forward, which launches ~25 kernels per
+The generic decode step (``generation.Runner``) calls the model's own forward, which launches ~25 kernels per
 GPT-2 layer; at batch 1 every kernel costs microseconds however small, so the launch count sets the speed. This
-step reads the same modules through attribute paths (``DecodeLayout``) and fuses what the stock forward splits
+step reads the same modules through attribute paths (``GPT2Layout``) and fuses what the stock forward splits
 (``ops.decode``): each LayerNorm into the matrix product after it, the residual add into the one before it, the
 key/value write into the QKV projection, GELU into the FFN's first product, and for greedy decoding the choice of
 the next token into the LM head. It computes the same function; only rounding differs (fewer intermediate
@@ -18,15 +18,17 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..ops import decode
-from ..ops.attention import packed_attention
-from ..ops.padding import PackInfo, pack_info
-from .encoder import resolve
+from ...ops import decode
+from ...ops.attention import packed_attention
+from ..decode_state import DecodeState
+from ..patching import check_requires, resolve
+from .base import Packing, Projection, pack_prompts
 
 
 @dataclass(frozen=True)
-class DecodeLayout:
-    """Attribute paths of a pre-LayerNorm decoder with one fused QKV projection and learned positions (GPT-2).
+class GPT2Layout:
+    """Attribute paths of a GPT-2-shaped decoder: pre-LayerNorm, one fused QKV projection, learned positions,
+    tanh-GELU MLP.
 
     Paths of ``embed``, ``positions``, ``layers`` and ``final_norm`` are relative to the base model; the others to
     one layer. ``requires`` lists (config attribute, the only supported value) pairs.
@@ -47,38 +49,6 @@ class DecodeLayout:
     requires: tuple[tuple[str, Any], ...] = (("add_cross_attention", False),)
 
 
-@dataclass(frozen=True)
-class _Projection:
-    """A linear map as (weight, bias, transposed): ``nn.Linear`` stores (out, in), transformers' Conv1D (in, out)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    transposed: bool
-
-    @staticmethod
-    def of(module: Any) -> _Projection | None:
-        """The projection of an ``nn.Linear`` or ``Conv1D``; None for anything else."""
-        if type(module) is nn.Linear:
-            return _Projection(module.weight, module.bias, True)
-        if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-            return _Projection(module.weight, module.bias, False)
-        return None
-
-    def __call__(
-        self,
-        x: torch.Tensor,
-        *,
-        norm: decode.Norm | None = None,
-        residual: torch.Tensor | None = None,
-        gelu_tanh: bool = False,
-        kernels: bool = True,
-    ) -> torch.Tensor:
-        return decode.linear(
-            x, self.weight, self.bias, transposed=self.transposed, norm=norm, residual=residual, gelu_tanh=gelu_tanh,
-            kernels=kernels,
-        )  # fmt: skip
-
-
 def _norm(module: nn.LayerNorm) -> decode.Norm:
     return (module.weight, module.bias, module.eps)
 
@@ -92,31 +62,18 @@ def _affine_layer_norm(module: Any) -> bool:
     return type(module) is nn.LayerNorm and module.weight is not None and module.bias is not None
 
 
-@dataclass(frozen=True)
-class Packing:
-    """The real tokens of a left-padded prompt batch: ``info`` (``ops.padding.PackInfo``); ``flat`` (T,) their
-    flat positions, ``rows`` and ``columns`` their coordinates; ``last`` (B,) each row's last token in the packed
-    order."""
-
-    info: PackInfo
-    flat: torch.Tensor
-    rows: torch.Tensor
-    columns: torch.Tensor
-    last: torch.Tensor
-
-
 class _Layer:
-    def __init__(self, layer: nn.Module, layout: DecodeLayout):
+    def __init__(self, layer: nn.Module, layout: GPT2Layout):
         self.layer = layer
         self.ln1, self.ln2 = resolve(layer, layout.ln1), resolve(layer, layout.ln2)
         self.norm1, self.norm2 = _norm(self.ln1), _norm(self.ln2)
         attention = resolve(layer, layout.attention)
         self.heads, self.head_dim = attention.num_heads, attention.head_dim
         self.scaling = float(attention.scaling)
-        found = [_Projection.of(resolve(layer, p)) for p in (layout.qkv, layout.o, layout.ffn_in, layout.ffn_out)]
+        found = [Projection.of(resolve(layer, p)) for p in (layout.qkv, layout.o, layout.ffn_in, layout.ffn_out)]
         self.missing_projection = any(p is None for p in found)
         # Checked by ``unsupported`` before any step runs.
-        self.qkv, self.o, self.ffn_in, self.ffn_out = (cast(_Projection, p) for p in found)
+        self.qkv, self.o, self.ffn_in, self.ffn_out = (cast(Projection, p) for p in found)
         self.act: Any = resolve(layer, layout.act)
         self.gelu_tanh = type(self.act).__name__ in _TANH_GELU
 
@@ -129,14 +86,15 @@ class _Layer:
         return None
 
 
-class FusedDecodeStep:
-    """One decode step of a whole GPT-2-shaped model: (tokens, positions, buffers) -> next-token logits."""
+class GPT2DecodeStep:
+    """The fused decode step of a GPT-2-shaped model (``base.DecodeStep``): (tokens, positions, state) -> next-token
+    logits."""
 
-    def __init__(self, base: nn.Module, head: Any, layout: DecodeLayout):
-        config: Any = base.config
-        for flag, supported in layout.requires:
-            if getattr(config, flag, supported) != supported:
-                raise NotImplementedError(f"{flag}={getattr(config, flag)!r}")
+    layout = GPT2Layout()
+
+    def __init__(self, base: nn.Module, head: Any):
+        layout = self.layout
+        check_requires(base.config, layout.requires, "fused decode step")
         self.embed: nn.Embedding = resolve(base, layout.embed)
         self.positions: nn.Embedding = resolve(base, layout.positions)
         self.final_norm: nn.LayerNorm = resolve(base, layout.final_norm)
@@ -150,7 +108,7 @@ class FusedDecodeStep:
             raise NotImplementedError(problem)
 
     @staticmethod
-    def _module_ids(base: nn.Module, head: Any, layout: DecodeLayout) -> list[int]:
+    def _module_ids(base: nn.Module, head: Any, layout: GPT2Layout) -> list[int]:
         paths = (
             layout.ln1,
             layout.attention,
@@ -170,23 +128,17 @@ class FusedDecodeStep:
         return self._module_ids(self.base, head, self.layout) == self.module_ids
 
     def new_cache(self, batch: int, slots: int) -> list[torch.Tensor]:
-        """Zeroed per-layer key/value buffers (2, batch, heads, slots, head_dim) for ``DecodeState.kv``."""
+        """Zeroed per-layer key/value buffers (2, batch, heads, slots, head_dim), in layer order."""
         weight = self.embed.weight
         return [
             weight.new_zeros(2, batch, layer.heads, slots, layer.head_dim) for layer in self.layers
         ]  # fmt: skip
 
     def pack(self, mask: torch.Tensor) -> Packing | None:
-        """Where the real tokens of left-padded prompts (mask (B, L)) are, for ``prefill``; None when a row has no
-        real token (the caller then runs the model's own forward). Waits for the GPU (the row lengths)."""
-        batch, length = mask.shape
-        info = pack_info(mask, batch, length, mask.device)
-        if int(info.host_lengths.min()) == 0:
-            return None
-        flat = info.indices if info.indices is not None else torch.arange(batch * length, device=mask.device)
-        return Packing(info, flat, flat // length, flat % length, info.cu_seqlens[1:].long() - 1)
+        """Where the prompts' real tokens are (``pack_prompts``)."""
+        return pack_prompts(mask)
 
-    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, state: Any, packing: Packing) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState, packing: Packing) -> torch.Tensor:
         """Run the prompts (B, L) on their real tokens only (``packing``); write their keys/values into ``state.kv``
         at their columns. Returns the (B, V) fp32 logits of each row's last token. No host synchronisation: a CUDA
         graph can hold it."""
@@ -208,12 +160,12 @@ class FusedDecodeStep:
         h = self._layers(x, state, attend, kernels=False)
         return self._logits(h[packing.last], kernels=False)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: Any) -> torch.Tensor:
-        """tokens, positions: (B, 1); state: ``decoder.DecodeState``. Returns (B, V) fp32 logits."""
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """tokens, positions: (B, 1). Returns (B, V) fp32 logits."""
         return self._logits(self._step(tokens, positions, state))
 
     def greedy(
-        self, tokens: torch.Tensor, positions: torch.Tensor, state: Any, eos_penalty: torch.Tensor | None
+        self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState, eos_penalty: torch.Tensor | None
     ) -> torch.Tensor:
         """The step with a greedy choice: the (B,) argmax of (logits + ``eos_penalty`` (V,)), chosen as stock
         generate chooses it from the fp16/bf16 logits."""
@@ -223,7 +175,7 @@ class FusedDecodeStep:
             norm=_norm(self.final_norm), eos_penalty=eos_penalty,
         )  # fmt: skip
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: Any) -> torch.Tensor:
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
         x = decode.embed(tokens[:, 0], positions[:, 0], self.embed.weight, self.positions.weight)
 
         def attend(layer: _Layer, kv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +191,7 @@ class FusedDecodeStep:
     def _layers(
         self,
         x: torch.Tensor,
-        state: Any,
+        state: DecodeState,
         attend: Callable[[_Layer, torch.Tensor, torch.Tensor], torch.Tensor],
         kernels: bool = True,
     ) -> torch.Tensor:

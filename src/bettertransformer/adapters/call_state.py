@@ -1,0 +1,139 @@
+"""Per-call state: what our code at the top of a call tells our code deep inside transformers' stock forward.
+
+We cannot add arguments to transformers' functions, so a call's state travels in two context variables, set and
+reset by ``with`` blocks. Context variables are local to a thread (and to an asyncio task): calls from other
+threads never see each other's state.
+
+The route of a call, and where each piece of state is set and read:
+
+Encoders (``encoder.py``)::
+
+    model(input_ids, attention_mask)
+    -> PackedEncoder.base_forward        the base model's forward (an instance attribute): pushes an EncoderCall
+                                         with the (batch, seq) mask, and withholds the mask from the stock forward
+    -> transformers' base-model forward  embeddings; no 4D mask is built (it got none)
+    -> PackedEncoder.forward             the encoder module's forward: reads its own EncoderCall, packs the real
+                                         tokens once (ops.padding), runs every layer on them (ops.attention,
+                                         ops.fused), pads back once
+    -> transformers' pooler / task head, unchanged
+
+Decoders (``decoder.py``, ``generation.py``)::
+
+    model.generate(ids, attention_mask)  FastGenerate.generate (the head's generate): plans the call, takes the
+                                         model's lock, runs a runner:
+        prefill -> head forward -> CausalDecoder.forward (below) on the prompt
+        each new token -> with decoding(state): DecoderCall(decode=DecodeState) -> head forward (or a fused step,
+                          which calls no transformers code and needs no call state)
+    model(ids, attention_mask, ...)      CausalDecoder.forward, the base model's forward: picks a padding-free
+                                         prefill (DecoderCall(packed=PackInfo)), packed rows (the same), or the
+                                         stock forward (DecoderCall(weights=..., stock_mask=...))
+    -> transformers' layers
+       -> masking_utils.create_causal_mask -> AttentionMaskInterface["bettertransformer"] = decoder.mask_function:
+              no mask when the DecoderCall is packed or decoding (the caller knows the pattern); the stock
+              implementation's mask for models whose modules compute attention themselves; else SDPA's mask
+       -> the attention modules -> AttentionInterface["bettertransformer"] = decoder.decoder_attention (models
+          without the interface: our module forwards in attention_modules.py call it):
+              decode -> DecodeState.attend: writes this token's key/value into the layer's static buffer, attends
+              packed -> ops.attention.packed_attention, within each sequence
+              else   -> SDPA (or the explicit softmax for softcaps and attention weights), with the mask above
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..ops.padding import PackInfo, PendingPack
+
+if TYPE_CHECKING:
+    from .decode_state import DecodeState
+
+
+@dataclass(frozen=True)
+class EncoderCall:
+    """One base-model call of a transformed encoder, for its encoder's forward.
+
+    owner:        id of the PackedEncoder whose base model is running (a model may hold several encoders).
+    mask:         the call's (batch, seq) padding mask, or None.
+    blocked:      why the call's arguments rule the packed path out, if they do.
+    mask_dropped: the stock forward runs without the mask (we hold it); a stock fallback must restart the call.
+    pending:      the mask's packing, started before the stock forward runs.
+    """
+
+    owner: int
+    mask: torch.Tensor | None
+    blocked: str | None
+    mask_dropped: bool = False
+    pending: PendingPack | None = None
+
+
+@dataclass(frozen=True)
+class DecoderCall:
+    """One base-model call (or decode step) of a transformed decoder, for our attention and mask functions.
+
+    packed:     the packing of a call running on packed real tokens (prefill or packed rows).
+    decode:     the static buffers of a decode step of the fast generate loop.
+    weights:    the call asked for attention weights through an explicit argument (models that return them
+                from their modules rather than through transformers' output capture).
+    stock_mask: the attention implementation whose masks the model's own attention modules expect (models routed
+                module by module); None for models that use our attention function through the interface.
+    """
+
+    packed: PackInfo | None = None
+    decode: DecodeState | None = None
+    weights: bool = False
+    stock_mask: str | None = None
+
+    @property
+    def needs_mask(self) -> bool:
+        """False when the caller computes the attention pattern itself (packed calls, decode steps)."""
+        return self.packed is None and self.decode is None
+
+
+_ENCODER_CALLS: ContextVar[tuple[EncoderCall, ...]] = ContextVar("bettertransformer_encoder_calls", default=())
+_DECODER_CALL: ContextVar[DecoderCall | None] = ContextVar("bettertransformer_decoder_call", default=None)
+
+
+@contextlib.contextmanager
+def encoder_call(call: EncoderCall) -> Iterator[None]:
+    """Push ``call`` for the duration of a base-model forward (calls nest: a model inside a model)."""
+    token = _ENCODER_CALLS.set(_ENCODER_CALLS.get() + (call,))
+    try:
+        yield
+    finally:
+        _ENCODER_CALLS.reset(token)
+
+
+def current_encoder_call(owner: int) -> EncoderCall | None:
+    """The innermost running call of the encoder adapter ``owner``."""
+    for call in reversed(_ENCODER_CALLS.get()):
+        if call.owner == owner:
+            return call
+    return None
+
+
+@contextlib.contextmanager
+def decoder_call(**fields: Any) -> Iterator[DecoderCall]:
+    """Run a decoder call with these ``DecoderCall`` fields (the others as the enclosing call has them)."""
+    call = replace(_DECODER_CALL.get() or DecoderCall(), **fields)
+    token = _DECODER_CALL.set(call)
+    try:
+        yield call
+    finally:
+        _DECODER_CALL.reset(token)
+
+
+def decoding(state: DecodeState) -> contextlib.AbstractContextManager[DecoderCall]:
+    """Run one decode step of the model's own forward against ``state``'s buffers."""
+    state.begin_step()
+    return decoder_call(decode=state, packed=None)
+
+
+def current_decoder_call() -> DecoderCall | None:
+    """The decoder call running in this thread, if any."""
+    return _DECODER_CALL.get()

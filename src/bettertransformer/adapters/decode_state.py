@@ -1,0 +1,130 @@
+"""The state a one-token decode step runs against: static key/value buffers and the loop's step buffers.
+
+A generate runner (``generation.py``) owns one ``DecodeState`` and passes it down: to a fused decode step as an
+argument, or, when the model's own forward runs the step, through ``call_state.decoding`` to our attention
+function, which calls ``DecodeState.attend`` from inside each attention module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..ops.attention import attention
+from ..ops.step_buffers import StepBuffers
+
+
+class DecodeUnsupported(NotImplementedError):
+    """A decode step met something the static buffers cannot serve (the runner then lets stock generate run)."""
+
+
+def layer_index(module: Any) -> int:
+    """The layer index of an attention module (``layer_idx``, GPT-Neo's ``layer_id``): it picks the module's
+    key/value buffer."""
+    for name in ("layer_idx", "layer_id"):
+        index = getattr(module, name, None)
+        if isinstance(index, int):
+            return index
+    raise DecodeUnsupported(f"{type(module).__name__} carries no layer index (layer_idx)")
+
+
+def is_cross_attention(module: Any) -> bool:
+    """Whether an attention module attends to an encoder's states rather than to its own sequence."""
+    return bool(getattr(module, "is_cross_attention", False))
+
+
+@dataclass
+class DecodeState:
+    """Static buffers of one runner.
+
+    kv:       self-attention keys then values, one buffer per layer index: (2, B, Hkv, S, D).
+    cross_kv: cross-attention keys/values per layer index, (2, B, Hkv, S_encoder, D), written once per call by an
+              encoder-decoder's prefill; empty for decoder-only models.
+    buffers:  the loop's step buffers; a step reads ``slot`` (where this token's key/value go), ``valid`` and
+              ``mask`` (which slots it may see).
+    """
+
+    kv: list[torch.Tensor]
+    buffers: StepBuffers
+    cross_kv: dict[int, torch.Tensor] = field(default_factory=dict)
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # per step: masks by (window, dtype)
+
+    @property
+    def slot(self) -> torch.Tensor:
+        return self.buffers.slot
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.buffers.mask
+
+    def rows(self, batch: int) -> DecodeState:
+        """The same state seen by the first ``batch`` rows (views: the runner's batch is a bucket)."""
+        return DecodeState(
+            [kv[:, :batch] for kv in self.kv], self.buffers, {i: kv[:, :batch] for i, kv in self.cross_kv.items()}
+        )
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.kv, *self.cross_kv.values()]
+        return sum(t.numel() * t.element_size() for t in tensors) + self.buffers.nbytes
+
+    def begin_step(self) -> None:
+        """Forget the masks of the previous step (a new slot became visible)."""
+        self._masks.clear()
+
+    def additive_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, 1, S): 0 for the keys the current token sees, -inf elsewhere; built once per step.
+
+        A sliding window counts slots, as transformers' caches do (padding slots included)."""
+        mask = self.buffers.mask
+        if window is None and dtype == mask.dtype:
+            return mask[:, None, None, :]
+        key = (window, dtype)
+        if key not in self._masks:
+            allowed = self.buffers.valid
+            if window is not None:
+                slots = torch.arange(allowed.shape[1], device=allowed.device)
+                allowed = allowed & (slots > self.buffers.slot - window)
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            self._masks[key] = torch.where(allowed, zero, float("-inf"))[:, None, None, :]
+        return self._masks[key]
+
+    def attend(
+        self,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+        window: int | None,
+        softcap: float | None,
+        alibi_slopes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Write this token's key/value (B, Hkv, 1, D) into the buffer of ``module``'s layer; attend (B, H, 1, D)
+        over that buffer.
+
+        ALiBi (``alibi_slopes``, (H,)) adds slope * (key slot - current slot), relative so it stays small for the
+        keys that matter (the stock absolute form differs by a per-row constant, which softmax ignores)."""
+        if is_cross_attention(module):
+            raise DecodeUnsupported(f"cross-attention in {type(module).__name__} has no static buffers yet")
+        index = layer_index(module)
+        if index >= len(self.kv) or key.shape[2] != 1:
+            raise DecodeUnsupported(f"an attention call the decode buffers do not describe (layer {index})")
+        kv = self.kv[index]
+        slot = self.buffers.slot
+        kv[0].index_copy_(2, slot, key.to(kv.dtype))
+        kv[1].index_copy_(2, slot, value.to(kv.dtype))
+        mask = self.additive_mask(window, query.dtype)
+        batch, heads, _, dim = query.shape
+        if alibi_slopes is not None:
+            slots = torch.arange(mask.shape[-1], device=mask.device, dtype=torch.float32)
+            relative = alibi_slopes.float()[None, :, None, None] * (slots - slot.float())  # (1, H, 1, S)
+            mask = (mask + relative).to(query.dtype)  # (B, H, 1, S)
+            return attention(query, kv[0], kv[1], mask, scale=scale, softcap=softcap)
+        kv_heads = kv.shape[2]
+        # Grouped-query heads of one key/value head become the query rows of one attention call (no repeated keys).
+        grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+        out = attention(grouped, kv[0], kv[1], mask, scale=scale, softcap=softcap)
+        return out.reshape(batch, heads, 1, dim)
