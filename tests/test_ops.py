@@ -330,23 +330,30 @@ def test_greedy_head_picks_the_first_maximum_of_the_rounded_logits_on_cuda(batch
 
 @cuda
 @pytest.mark.cuda
-def test_advance_kernel_matches_the_reference_path_on_cuda():
+def test_advance_kernel_matches_the_reference_path_on_cuda(monkeypatch):
+    from bettertransformer.ops import decode_kernels
     from bettertransformer.ops.sampling import advance
+    from bettertransformer.ops.step_buffers import StepBuffers
 
+    launches = []
+    kernel = decode_kernels.advance
+    monkeypatch.setattr(decode_kernels, "advance", lambda *a: launches.append(1) or kernel(*a))
     results = []
     for device in ("cpu", "cuda"):
 
         def t(values, dtype=torch.long, device=device):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        state = dict(
+        buffers = StepBuffers(
             unfinished=t([True, True, False], torch.bool), eos=t([7, 9]), pad=t(0), out=torch.zeros(3, 6, dtype=torch.long, device=device),
             tokens=torch.zeros(3, 1, dtype=torch.long, device=device), positions=t([[4], [2], [0]]), step=t([1]),
-            slot=t([3]), valid=torch.zeros(3, 6, dtype=torch.bool, device=device), mask=torch.full((3, 6), float("-inf"), device=device),
-            active=t(0), eos_penalty=torch.zeros(12, device=device).index_fill_(0, t([7, 9]), float("-inf")), ban_steps=t(2),
+            slot=t([3]), valid=torch.zeros(3, 6, dtype=torch.bool, device=device),
+            mask=torch.full((3, 6), float("-inf"), dtype=torch.float16, device=device), active=t(0),
+            eos_penalty=torch.zeros(12, device=device).index_fill_(0, t([7, 9]), float("-inf")), ban_steps=t(2), seen=None,
         )  # fmt: skip
-        advance(t([9, 5, 5]), **state)
-        results.append({k: v.cpu() for k, v in state.items()})
+        advance(t([9, 5, 5]), buffers)
+        results.append({k: v.cpu() for k, v in vars(buffers).items() if v is not None})
+    assert launches == [1]  # the CUDA call ran our kernel, the CPU one the reference
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key
     assert results[0]["unfinished"].tolist() == [False, True, False]

@@ -122,11 +122,12 @@ def call_counts(model: nn.Module) -> dict[str, int]:
 
 def cache_info(model: nn.Module) -> dict[str, int]:
     """What the fast ``generate`` of a transformed decoder holds on the device: ``runners`` (static buffers per
-    batch and length bucket), ``graphs`` (captured CUDA graphs), ``buffer_bytes`` (their key/value and loop
-    buffers) and ``graph_bytes`` (memory reserved by their captures). All zero for encoders. The bounds are
-    ``bettertransformer.switches.SWITCHES.max_graphs`` and ``max_graph_bytes``."""
+    batch and length bucket), ``graphs`` (captured CUDA graphs) and ``buffer_bytes`` (the runners' key/value and
+    loop buffers; the graphs' own memory comes from one pool per model, shared by its graphs, and is not counted).
+    All zero for encoders. The bounds are ``bettertransformer.switches.SWITCHES.max_graphs`` and
+    ``max_graph_bytes``."""
     state = _state_of(model, "nothing is cached")
-    total: Counter[str] = Counter(runners=0, graphs=0, buffer_bytes=0, graph_bytes=0)
+    total: Counter[str] = Counter(runners=0, graphs=0, buffer_bytes=0)
     for patch in state.patches:
         generation = getattr(patch, "generation", None)
         if generation is not None:

@@ -176,5 +176,8 @@ def scaled_attention(
     Returns (B, H, L, D) as the stock method does."""
     m: Any = module
     dropout = m.attn_dropout.p if m.training else 0.0
+    # Rotary positions leave the query (CodeGen: the key too) in fp32 while the value is in the model's dtype; the
+    # stock method computes the logits in fp32 from them. SDPA wants one dtype and accumulates in fp32 anyway.
+    query, key = query.to(value.dtype), key.to(value.dtype)
     out, weights = attention(m, query, key, value, attention_mask, dropout=dropout, scaling=1.0 / float(m.scale_attn))
     return out.transpose(1, 2), weights

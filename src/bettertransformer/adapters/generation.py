@@ -119,7 +119,7 @@ class _Captured:
     """A CUDA graph of ``run()``, captured after ``warmups`` eager calls on a side stream.
 
     ``result``: the last warm-up's result; ``graph`` and ``output`` (the captured call's output): None if the
-    capture failed. ``nbytes``: the device memory the capture reserved (the graph's share of the pool).
+    capture failed.
 
     Python's cycle collector is paused during the capture: a collection may free an unreachable model's CUDA graph
     (a transformed model is a reference cycle), and destroying a graph while a capture runs invalidates the capture.
@@ -129,7 +129,6 @@ class _Captured:
         self.result: Any = None
         self.graph: Any = None
         self.output: Any = None
-        self.nbytes = 0
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -140,7 +139,6 @@ class _Captured:
         with _CAPTURE_LOCK:
             enabled = gc.isenabled()
             gc.disable()
-            before = torch.cuda.memory_reserved()
             try:
                 with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     output = run()
@@ -151,7 +149,6 @@ class _Captured:
             finally:
                 if enabled:
                     gc.enable()
-            self.nbytes = max(0, torch.cuda.memory_reserved() - before)
         self.graph, self.output = graph, output
 
 
@@ -165,7 +162,6 @@ class _PrefillGraph:
         self.run = run  # the graph reads the tensors ``run`` holds (the packing): they must outlive it
         captured = _Captured(lambda: run(self.ids, self.positions), 1, pool, log, "prefill")
         self.logits, self.graph, self.static_logits = captured.result, captured.graph, captured.output
-        self.nbytes = captured.nbytes
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
@@ -196,7 +192,6 @@ class Runner:
         self.prefills_seen: OrderedDict[tuple, None] = OrderedDict()
         self.prefill_capturable = True
         self.graph: Any = None
-        self.graph_bytes = 0
         self.capturable = True  # False once a capture failed: the steps then run eagerly
         self.signature = inspect.signature(head.forward).parameters
 
@@ -208,10 +203,6 @@ class Runner:
     @property
     def graphs(self) -> int:
         return (self.graph is not None) + len(self.prefills)
-
-    @property
-    def graph_nbytes(self) -> int:
-        return self.graph_bytes + sum(p.nbytes for p in self.prefills.values())
 
     # -- one call ----------------------------------------------------------------------------------------------
     def run(self, plan: _Plan) -> torch.Tensor:
@@ -378,7 +369,7 @@ class Runner:
             for tensor, value in zip(mutable, saved, strict=True):
                 tensor.copy_(value)
             torch.cuda.set_rng_state(rng, self.device)
-        self.graph, self.graph_bytes = captured.graph, captured.nbytes
+        self.graph = captured.graph
         self.capturable = self.graph is not None
 
 
@@ -410,14 +401,13 @@ class FastGenerate:
             self.pool = None
 
     def cache_info(self) -> dict[str, int]:
-        """What the static-cache loop holds now: runners, captured graphs, and their device bytes."""
+        """What the static-cache loop holds now: runners, captured graphs, and the bytes of their static buffers."""
         with self.lock:
             runners = list(self.runners.values())
         return {
             "runners": len(runners),
             "graphs": sum(r.graphs for r in runners),
             "buffer_bytes": sum(r.nbytes for r in runners),
-            "graph_bytes": sum(r.graph_nbytes for r in runners),
         }
 
     def generate(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
