@@ -9,9 +9,16 @@ NEWEST_TRANSFORMERS ?= $(shell $(PYTHON) -m pip index versions transformers 2>/d
 	"import sys, re; v = re.findall(r'\b5\.\d+\.\d+\b', sys.stdin.read().partition('versions:')[2]); print(v[0] if v else '5.24.0')")
 OLDEST_TRANSFORMERS ?= 5.17.0
 
-.PHONY: demo test test-newest test-oldest lint bench-cpu bench-gpu readme-table clean
+.PHONY: demo test test-newest test-oldest lint wheel-check bench-cpu bench-gpu readme-table clean FORCE
 
-.venv-%/ready: pyproject.toml
+# One virtual environment per transformers release (.venv-<version>). It records the torch it was built with, so
+# a different TORCH_SPEC (or a changed pyproject.toml) rebuilds it.
+.PRECIOUS: .venv-%/ready .venv-%/torch-spec
+.venv-%/torch-spec: FORCE
+	@mkdir -p $(@D)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+.venv-%/ready: pyproject.toml .venv-%/torch-spec
 	$(PYTHON) -m venv .venv-$*
 	.venv-$*/bin/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	.venv-$*/bin/pip install -q --disable-pip-version-check "transformers==$*" -e ".[test]"
@@ -37,6 +44,23 @@ lint: .venv-$(NEWEST_TRANSFORMERS)/ready
 	.venv-$(NEWEST_TRANSFORMERS)/bin/ruff format --check src tests benchmarks
 	.venv-$(NEWEST_TRANSFORMERS)/bin/mypy src --ignore-missing-imports
 
+# Build the wheel, install it into a fresh virtual environment (no source tree on the path) and use it there: a
+# packaging mistake (a module left out, a broken entry point) fails here.
+WHEEL_CHECK = from transformers import BertConfig, BertModel; import torch, bettertransformer as bt; \
+	m = bt.transform(BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, \
+	intermediate_size=37, vocab_size=99)).eval()); mask = torch.tensor([[1] * 5, [1, 1, 0, 0, 0]]); \
+	m(input_ids=mask * 7, attention_mask=mask); assert bt.call_counts(m)["fast"] == 1; \
+	print("installed wheel OK:", bt.__file__)
+
+wheel-check:
+	rm -rf dist .venv-wheel
+	$(PYTHON) -m pip wheel -q --disable-pip-version-check --no-deps -w dist .
+	$(PYTHON) -m venv .venv-wheel
+	.venv-wheel/bin/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	.venv-wheel/bin/pip install -q --disable-pip-version-check dist/bettertransformer-*.whl "transformers==$(NEWEST_TRANSFORMERS)"
+	cd /tmp && $(CURDIR)/.venv-wheel/bin/bettertransformer list > /dev/null
+	cd /tmp && $(CURDIR)/.venv-wheel/bin/python -c '$(WHEEL_CHECK)'
+
 bench-cpu: .venv-$(NEWEST_TRANSFORMERS)/ready
 	.venv-$(NEWEST_TRANSFORMERS)/bin/python benchmarks/encoder_cpu.py
 
@@ -49,4 +73,6 @@ readme-table: .venv-$(NEWEST_TRANSFORMERS)/ready
 	.venv-$(NEWEST_TRANSFORMERS)/bin/python -m bettertransformer.registry
 
 clean:
-	rm -rf .venv-*/ build *.egg-info src/*.egg-info
+	rm -rf .venv-*/ .venv-wheel build dist *.egg-info src/*.egg-info
+
+FORCE:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -50,6 +51,9 @@ def test_check_on_the_bundled_minilm_with_its_tokenizer(capsys):
     assert cli.main(["check", str(minilm.get_model_path()), "--batch", "12"]) == 0
     out = capsys.readouterr().out
     assert "sentences, left-padded" in out and "PASSED" in out
+    # The pooler is compared on right padding and explained on left padding, where it reads a pad position.
+    assert re.search(r"PASS +sentences, right-padded +pooler_output", out)
+    assert re.search(r"NOTE +sentences, left-padded +pooler_output differs", out)
 
 
 def test_bench_with_plot(tiny_dir, tmp_path, capsys):
@@ -102,3 +106,48 @@ def test_check_and_bench_a_decoder(tiny_decoder_dir, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "generate, 3 new tokens" in out and "| 2 | 2x" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "--batch", "0"], "--batch: must be at least 1, got 0"),
+        (["bench", "--batch", "-3"], "--batch: must be at least 1, got -3"),
+        (["bench", "--repeats", "x"], "--repeats: 'x' is not a whole number"),
+        (["check", "DIR", "--batch", "0"], "--batch: must be at least 1, got 0"),
+        (["check", "DIR", "--tolerance", "-1"], "--tolerance: must be 0 or more"),
+        (["check", "DIR", "--dtype", "fp8"], "--dtype: invalid choice"),
+        (["bench", "--plot", "/nonexistent/folder/x.png"], "is not a writable folder"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr_and_status_2(args, message, tiny_dir):
+    args = [str(tiny_dir) if a == "DIR" else a for a in args]
+    result = _run(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_no_command_prints_the_help():
+    result = _run()
+    assert result.returncode == 2
+    assert "usage: bettertransformer" in result.stdout and "check" in result.stdout and "bench" in result.stdout
+
+
+def test_options_show_their_defaults():
+    result = _run("bench", "--help")
+    assert "(default: 5)" in result.stdout and "(default: 64)" in result.stdout  # --repeats, --new-tokens
+    result = _run("check", "--help")
+    assert "(default: fp32)" in result.stdout and "1e-4 in fp32" in result.stdout
+
+
+def test_bench_table_is_well_formed(tiny_dir, capsys):
+    assert cli.main(["bench", str(tiny_dir), "--device", "cpu", "--batch", "3", "--repeats", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in lines}) == 1  # header, separator and rows have the same cells
+
+
+def test_decoder_prompts_are_padded_to_the_longest(tiny_decoder_dir, capsys):
+    assert cli.main(["check", str(tiny_decoder_dir), "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "0 of 1 greedy continuations differ" in out

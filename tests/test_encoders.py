@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    BertModel,
 )
 from decoder_zoo import DECODER_CONFIGS
 from zoo import CONFIGS, LAYOUTS, make_batch, make_model
@@ -363,3 +365,26 @@ def test_dtype_change_after_transform():
     assert actual.dtype == torch.float64
     assert call_counts(fast) == {"fast": 2, "stock": 0}
     assert_close_at(actual, expected, mask, atol=1e-10, what="float64")
+
+
+def test_left_padding_under_a_pooler_warns_once(caplog):
+    """A pooler reads position 0, which left padding makes a pad: stock and we give different meaningless values
+    there, so the first such batch warns (and a right-padded one does not)."""
+    model = BetterTransformer.transform(make_model("bert"))
+    assert model.pooler is not None
+    right = make_batch(*LAYOUTS["right"])
+    left = make_batch(*LAYOUTS["left"])
+    with caplog.at_level(logging.WARNING, logger="bettertransformer"), torch.no_grad():
+        model(*right)
+        assert not caplog.records
+        model(*left)
+        model(*left)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "reads position 0" in warnings[0].getMessage()
+    # An encoder whose output nobody reads at position 0 (no pooler, no task head) has nothing to warn about.
+    caplog.clear()
+    bare = BertModel(make_model("bert").config, add_pooling_layer=False).eval()
+    BetterTransformer.transform(bare)
+    with caplog.at_level(logging.WARNING, logger="bettertransformer"), torch.no_grad():
+        bare(*left)
+    assert not caplog.records

@@ -65,10 +65,14 @@ def transform(model: nn.Module, keep_original_model: bool = False) -> nn.Module:
             ``model`` in place (its parameters are shared, never copied) and return it.
 
     Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module`` (a model name, say).
         ValueError: ``model`` is already transformed.
         NotImplementedError: no part of ``model`` has a supported model type (the message lists them), or a
             supported type is configured in a way the fast path does not cover.
     """
+    if not isinstance(model, nn.Module):
+        hint = f"; load it first, e.g. AutoModel.from_pretrained({model!r})" if isinstance(model, str) else ""
+        raise TypeError(f"transform takes a model (a torch.nn.Module), not a {type(model).__name__}{hint}")
     if is_transformed(model):
         raise ValueError("this model is already transformed; call BetterTransformer.reverse(model) first")
     if not _targets(model):

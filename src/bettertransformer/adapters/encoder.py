@@ -13,6 +13,7 @@ Calls the packed path cannot honour exactly run the stock encoder forward instea
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass, replace
 from types import UnionType
@@ -229,6 +230,25 @@ class _Restart(Exception):
 _IGNORED_KWARGS = frozenset({"position_ids", "token_type_ids", "return_dict", "use_cache"})
 
 
+# Task heads that read the state at position 0 (directly or through the pooler).
+_FIRST_POSITION_HEADS = (
+    "ForSequenceClassification",
+    "ForMultipleChoice",
+    "ForNextSentencePrediction",
+    "ForPreTraining",
+)
+
+
+def _reads_first_position(base: nn.Module, root: nn.Module) -> bool:
+    """Whether something reads position 0 of the encoder's output: the base model's pooler, or a task head."""
+    if getattr(base, "pooler", None) is not None:
+        return True
+    return any(
+        type(m).__name__.endswith(_FIRST_POSITION_HEADS) and getattr(m, "base_model", None) is base
+        for m in root.modules()
+    )
+
+
 class PackedEncoder:
     """The padding-free forward of one base model's encoder."""
 
@@ -251,6 +271,8 @@ class PackedEncoder:
         self._signature = inspect.signature(base.forward)
         self._patches: list[InstanceForward] = []
         self.output_type = _output_type(self.encoder.forward)
+        self.reads_first = _reads_first_position(base, root if root is not None else base)
+        self.model_name = type(root if root is not None else base).__name__
 
     def _build_layers(self) -> list[PackedLayer]:
         layout = self.layout
@@ -372,6 +394,13 @@ class PackedEncoder:
             info = call.pending.finish()
         else:
             info = pack_info(call.mask, batch, seqlen, hidden_states.device)
+        if info.left_padded and self.reads_first:
+            self.log(
+                "left padding", "%s reads position 0 (a pooler or classification head), which this batch's left "
+                "padding makes a pad position: stock computes a state for the pad token there, bettertransformer "
+                "leaves zeros; neither is meaningful. Pad on the right (tokenizer.padding_side = 'right').",
+                self.model_name, level=logging.WARNING,
+            )  # fmt: skip
         x = pack(hidden_states, info)  # (T, hidden)
         if self.pre is not None:
             x = self.pre(x)

@@ -15,6 +15,7 @@ Four ways to compute the same function, picked per call:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,14 +28,16 @@ from ..switches import SWITCHES
 from . import triton_kernels
 from .padding import PackInfo, dense_layout, from_dense, to_dense
 
-_varlen_attn: Any
-try:  # torch >= 2.10
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover - older torch
-    _varlen_attn = None
 
-# The varlen_attn of some torch releases lacks sliding windows or grouped-query heads: ask before using them.
-_VARLEN_PARAMS = frozenset(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else frozenset()
+@functools.cache
+def _varlen_kernel() -> tuple[Any, frozenset[str]]:
+    """PyTorch's ``varlen_attn`` (torch >= 2.10; None if absent) and its parameter names: some releases lack
+    sliding windows or grouped-query heads. Imported on first use: the module pulls in torch._dynamo (~1 s)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - older torch
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def pick_backend(
@@ -64,10 +67,10 @@ def pick_backend(
             return "triton"
         if (
             plain
-            and _varlen_attn is not None
+            and _varlen_kernel()[0] is not None
             and head_dim % 8 == 0
             and head_dim <= 256
-            and (window is None or "window_size" in _VARLEN_PARAMS)
+            and (window is None or "window_size" in _varlen_kernel()[1])
         ):
             return "varlen"
         return "dense"
@@ -117,7 +120,8 @@ def _triton(c: _Call) -> torch.Tensor:
 
 def _varlen(c: _Call) -> torch.Tensor:
     """PyTorch's flash attention on the packed tokens (CUDA, fp16/bf16, with a backward); no bias or softcap."""
-    if _varlen_attn is None:
+    varlen_attn, params = _varlen_kernel()
+    if varlen_attn is None:
         raise RuntimeError("torch.nn.attention.varlen is not available in this PyTorch")
     if c.bias is not None or c.dropout_p or c.softcap is not None:
         raise ValueError("the varlen backend takes no bias, dropout or softcap")
@@ -125,12 +129,12 @@ def _varlen(c: _Call) -> torch.Tensor:
     extra: dict[str, Any] = {}
     if c.causal:
         extra["window_size"] = (c.window - 1 if c.window is not None else -1, 0)
-    if c.gqa and "enable_gqa" in _VARLEN_PARAMS:
+    if c.gqa and "enable_gqa" in params:
         extra["enable_gqa"] = True
     elif c.gqa:  # this torch's varlen_attn wants one key/value head per query head
         k, v = (t.repeat_interleave(c.q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     cu, length = c.info.cu_seqlens, c.info.max_len
-    return _varlen_attn(c.q, k, v, cu, cu, length, length, scale=c.scale, **extra)
+    return varlen_attn(c.q, k, v, cu, cu, length, length, scale=c.scale, **extra)
 
 
 def _loop(c: _Call) -> torch.Tensor:

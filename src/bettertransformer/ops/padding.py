@@ -23,6 +23,7 @@ class PackInfo:
     host_lengths: the same on the CPU.
     max_len:      longest row.
     batch, seqlen: the padded shape.
+    left_padded:  some row has real tokens but a pad at position 0 (a pooler reading position 0 reads a pad).
     """
 
     indices: torch.Tensor | None
@@ -32,6 +33,7 @@ class PackInfo:
     max_len: int
     batch: int
     seqlen: int
+    left_padded: bool = False
 
     @property
     def total(self) -> int:
@@ -51,18 +53,22 @@ class PendingPack:
         self.batch, self.seqlen, self.device = batch, seqlen, device
         self.mask = None if mask is None else mask.to(device, non_blocking=True)
         self.lengths = None
+        self.numbers: torch.Tensor | None = None
         self.event = None
         if self.mask is None:
             self.host = torch.full((batch,), seqlen, dtype=torch.int32)
             return
         self.lengths = torch.count_nonzero(self.mask, dim=1).to(torch.int32)  # (B,)
-        if self.lengths.is_cuda:
-            self.host = torch.empty(batch, dtype=torch.int32, pin_memory=True)
-            self.host.copy_(self.lengths, non_blocking=True)
+        # Row lengths and whether position 0 is real, in one copy to the host: (2, B).
+        numbers = torch.stack([self.lengths, (self.mask[:, 0] != 0).to(torch.int32)]) if seqlen else None
+        if numbers is not None and numbers.is_cuda:
+            pinned = torch.empty(2, batch, dtype=torch.int32, pin_memory=True)
+            pinned.copy_(numbers, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
-        else:
-            self.host = self.lengths
+            numbers = pinned
+        self.numbers = numbers
+        self.host = self.lengths if numbers is None else numbers[0]
 
     def finish(self) -> PackInfo:
         """Wait for the row lengths to reach the host and build the ``PackInfo``."""
@@ -86,7 +92,8 @@ class PendingPack:
         # The size is known on the host, so this nonzero needs no second sync.
         indices = torch.nonzero_static(self.mask.reshape(-1), size=total).squeeze(1)  # (T,)
         assert self.lengths is not None  # set whenever there is a mask
-        return PackInfo(indices, cu, self.lengths, host.clone(), max_len, batch, seqlen)
+        left_padded = self.numbers is not None and bool(((self.numbers[1] == 0) & (host > 0)).any())
+        return PackInfo(indices, cu, self.lengths, host.clone(), max_len, batch, seqlen, left_padded)
 
 
 def pack_info(mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.device) -> PackInfo:
