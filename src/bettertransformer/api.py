@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from .adapters.sentence_encode import FastEncode, is_sentence_transformer
 from .registry import support_for, supported_model_types
 
 _STATE = "_bettertransformer_state"
@@ -87,6 +88,10 @@ def transform(model: nn.Module, keep_original_model: bool = False) -> nn.Module:
     try:
         for base, support in _targets(model):
             patches.append(support.attach(base, model))
+        if is_sentence_transformer(model):
+            encode = FastEncode(model)
+            encode.attach()
+            patches.append(encode)
     except Exception:
         for patch in reversed(patches):
             patch.detach()
@@ -113,13 +118,13 @@ def call_counts(model: nn.Module) -> dict[str, int]:
 
     "fast" / "stock": base-model forwards (encoders: padding-free or stock; decoders: a padding-free prefill or
     packed rows, or the stock forward). "fast generate" / "stock generate": ``generate`` calls of a decoder that ran
-    the static-cache loop or transformers' own generate.
+    the static-cache loop or transformers' own generate. "fast encode" / "stock encode": ``encode`` calls of a
+    sentence-transformers model that ran ours or its own.
     """
     state = _state_of(model, "no calls to count")
-    total: Counter[str] = Counter(fast=0, stock=0)
+    total: Counter[str] = Counter()
     for patch in state.patches:
-        if getattr(patch, "generation", None) is not None:
-            total.update({"fast generate": 0, "stock generate": 0})
+        total.update(dict.fromkeys(patch.counted, 0))
         total.update(patch.calls.snapshot())
     return dict(total)
 

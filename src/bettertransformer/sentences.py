@@ -1,4 +1,8 @@
-"""A batch of real sentences of very different lengths, for the demo, tests and benchmarks."""
+"""Real sentences for the demo, tests and benchmarks: a small batch of very different lengths (``sentences``), and
+a corpus of real English prose (``corpus``)."""
+
+import functools
+import re
 
 SHORT = [
     "Hello there.",
@@ -50,3 +54,19 @@ def sentences(n: int = 64) -> list[str]:
         else:
             out.append(SHORT[i % len(SHORT)])
     return out
+
+
+@functools.cache
+def _prose() -> tuple[str, ...]:
+    from pydoc_data.topics import topics  # the prose of Python's own documentation, shipped with Python
+
+    parts = (part.strip() for part in re.split(r"(?<=[.!?])\s+", "\n".join(topics.values())))
+    return tuple(part for part in parts if len(part) > 20)
+
+
+def corpus(n: int) -> list[str]:
+    """The first ``n`` sentences of the prose of Python's ``pydoc_data.topics`` (split at sentence ends, those over
+    20 characters kept; about 3,100 of them, ~147 characters on average), repeated when ``n`` asks for more: the
+    end-to-end encode workload of DESIGN.md."""
+    prose = _prose()
+    return [prose[i % len(prose)] for i in range(n)]

@@ -16,6 +16,8 @@ Encoders (``encoder.py``)::
                                          tokens once (ops.padding), runs every layer on them (ops.attention,
                                          ops.fused), pads back once
     -> transformers' pooler / task head, unchanged
+    (a transformed SentenceTransformer's encode (``sentence_encode.py``) also passes the tokenizer's host copy of
+    the mask, ``host_mask``, so packing needs no copy back from the device)
 
 Decoders (``decoder.py``, ``generation.py``)::
 
@@ -96,6 +98,9 @@ class DecoderCall:
 
 
 _ENCODER_CALLS: ContextVar[tuple[EncoderCall, ...]] = ContextVar("bettertransformer_encoder_calls", default=())
+# A host copy of the padding mask of the encoder call about to run (a tokenizer's output), so the encoder need not
+# copy the mask's row lengths back from the device (``sentence_encode.FastEncode``).
+_HOST_MASK: ContextVar[torch.Tensor | None] = ContextVar("bettertransformer_host_mask", default=None)
 _DECODER_CALL: ContextVar[DecoderCall | None] = ContextVar("bettertransformer_decoder_call", default=None)
 
 
@@ -115,6 +120,21 @@ def current_encoder_call(owner: int) -> EncoderCall | None:
         if call.owner == owner:
             return call
     return None
+
+
+@contextlib.contextmanager
+def host_mask(mask: torch.Tensor | None) -> Iterator[None]:
+    """Run encoder calls whose padding mask equals ``mask``, a CPU tensor (the caller moved it to the device)."""
+    token = _HOST_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _HOST_MASK.reset(token)
+
+
+def current_host_mask() -> torch.Tensor | None:
+    """The host copy of the running encoder call's padding mask, if the caller gave one."""
+    return _HOST_MASK.get()
 
 
 @contextlib.contextmanager

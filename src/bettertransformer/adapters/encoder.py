@@ -28,7 +28,7 @@ from .._compat import output_capture_active
 from ..ops.attention import packed_attention
 from ..ops.fused import add_layer_norm, linear_gelu
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
-from .call_state import EncoderCall, current_encoder_call, encoder_call
+from .call_state import EncoderCall, current_encoder_call, current_host_mask, encoder_call
 from .patching import Calls, InstanceForward, LogOnce, bind, check_requires, flat_arguments, resolve
 
 
@@ -267,6 +267,7 @@ class PackedEncoder:
         self.pre = resolve(self.encoder, layout.pre) if layout.pre else None
         self.final_norm = resolve(self.encoder, layout.final_norm) if layout.final_norm else None
         self.calls = Calls()
+        self.counted = ("fast", "stock")  # the keys call_counts always shows
         self.log = LogOnce()
         self._signature = inspect.signature(base.forward)
         self._patches: list[InstanceForward] = []
@@ -323,7 +324,9 @@ class PackedEncoder:
             run_args, run_kwargs = bound.args, bound.kwargs
             # Start counting the real tokens now; the encoder collects the result after the embeddings are queued.
             mask = call.mask
-            pending = PendingPack(mask, mask.shape[0], mask.shape[1], self.layers[0].q.weight.device)
+            host = current_host_mask()
+            host = host if host is not None and tuple(host.shape) == tuple(mask.shape) else None
+            pending = PendingPack(mask, mask.shape[0], mask.shape[1], self.layers[0].q.weight.device, host)
             call = replace(call, mask_dropped=True, pending=pending)
         try:
             with encoder_call(call):

@@ -46,10 +46,19 @@ class PendingPack:
 
     The constructor launches the row count and an asynchronous copy of it to pinned host memory; ``finish``
     waits for that copy alone. Started before the embeddings are queued, the wait then overlaps their GPU work
-    instead of draining the queue, as a plain ``.cpu()`` after the embeddings would.
+    instead of draining the queue, as a plain ``.cpu()`` after the embeddings would. ``host_mask``, a CPU copy of
+    ``mask`` (a tokenizer's output, say), makes the wait unnecessary: the numbers are counted on the host and the
+    device lengths are copied up, so the host can queue work past this batch.
     """
 
-    def __init__(self, mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.device):
+    def __init__(
+        self,
+        mask: torch.Tensor | None,
+        batch: int,
+        seqlen: int,
+        device: torch.device,
+        host_mask: torch.Tensor | None = None,
+    ):
         self.batch, self.seqlen, self.device = batch, seqlen, device
         self.mask = None if mask is None else mask.to(device, non_blocking=True)
         self.lengths = None
@@ -57,6 +66,12 @@ class PendingPack:
         self.event = None
         if self.mask is None:
             self.host = torch.full((batch,), seqlen, dtype=torch.int32)
+            return
+        if host_mask is not None and seqlen and host_mask.device.type == "cpu":
+            counted = torch.stack([torch.count_nonzero(host_mask, dim=1).int(), (host_mask[:, 0] != 0).int()])
+            self.numbers, self.host = counted, counted[0]
+            up = counted[0].pin_memory() if self.mask.is_cuda else counted[0]
+            self.lengths = up.to(device, non_blocking=True)
             return
         self.lengths = torch.count_nonzero(self.mask, dim=1).to(torch.int32)  # (B,)
         # Row lengths and whether position 0 is real, in one copy to the host: (2, B).
