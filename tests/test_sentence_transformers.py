@@ -57,6 +57,11 @@ def test_demo_runs_and_reports(capsys):
     assert diff < 1e-5
 
 
+def _as_tensor(embeddings) -> torch.Tensor:
+    """encode's result (an array, a tensor, or a list of tensors) as one (N, D) tensor."""
+    return torch.stack(embeddings) if isinstance(embeddings, list) else torch.as_tensor(embeddings)
+
+
 @pytest.fixture(scope="module")
 def fast_model(model):
     return BetterTransformer.transform(model, keep_original_model=True)
@@ -73,20 +78,8 @@ def test_encode_matches_stock_on_real_prose(model, fast_model, batch_size):
         actual = fast_model.encode(texts, batch_size=batch_size, **kwargs)
         assert call_counts(fast_model)["fast encode"] == before + 1
         assert type(actual) is type(expected), kwargs
-        a = torch.as_tensor(
-            np.stack(actual)
-            if isinstance(actual, list) and isinstance(actual[0], np.ndarray)
-            else torch.stack(actual)
-            if isinstance(actual, list)
-            else actual
-        )
-        e = torch.as_tensor(
-            np.stack(expected)
-            if isinstance(expected, list) and isinstance(expected[0], np.ndarray)
-            else torch.stack(expected)
-            if isinstance(expected, list)
-            else expected
-        )
+        assert type(actual[0]) is type(expected[0]), kwargs  # a list holds tensors, as stock's does
+        a, e = _as_tensor(actual), _as_tensor(expected)
         assert a.shape == e.shape == (len(texts), 384)
         assert (a - e).abs().max().item() < 1e-5, kwargs
         assert torch.nn.functional.cosine_similarity(a, e).min().item() > 0.99999
