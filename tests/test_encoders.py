@@ -321,22 +321,40 @@ def test_modules_swapped_after_transform_are_honoured():
     act, exp = _both(stock, fast, input_ids=ids, attention_mask=mask)
     assert call_counts(fast) == {"fast": 1, "stock": 0}
     assert_close_at(act, exp, mask, atol=1e-5, what="plain swap")
-    # A Linear with its own forward cannot be fused: the call runs stock and stays correct.
+    # A Linear with its own forward (an adapter, a quantized layer) runs that forward on the packed tokens.
     for model in (stock, fast):
         old = model.encoder.layer[0].attention.self.query
         new = _ScaledLinear(old.in_features, old.out_features)
         new.load_state_dict(old.state_dict())
         model.encoder.layer[0].attention.self.query = new
     act, exp = _both(stock, fast, input_ids=ids, attention_mask=mask)
-    assert call_counts(fast) == {"fast": 1, "stock": 1}
+    assert call_counts(fast) == {"fast": 2, "stock": 0}
+    assert_close_at(act, exp, mask, atol=1e-5, what="a linear with its own forward")
+    # Something that is not a projection at all cannot run packed: the call runs stock and stays correct.
+    for model in (stock, fast):
+        model.encoder.layer[1].output.dense = torch.nn.Sequential(model.encoder.layer[1].output.dense)
+    act, exp = _both(stock, fast, input_ids=ids, attention_mask=mask)
+    assert call_counts(fast) == {"fast": 2, "stock": 1}
     torch.testing.assert_close(act, exp)
 
 
-def test_transform_refuses_non_plain_linears():
+def test_projections_with_their_own_forward_run_it():
+    stock = make_model("bert")
+    old = stock.encoder.layer[0].output.dense
+    new = _ScaledLinear(old.in_features, old.out_features)
+    new.load_state_dict(old.state_dict())
+    stock.encoder.layer[0].output.dense = new
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch(*LAYOUTS["left"])
+    act, exp = _both(stock, fast, input_ids=ids, attention_mask=mask)
+    assert call_counts(fast) == {"fast": 1, "stock": 0}
+    assert_close_at(act, exp, mask, atol=1e-5, what="ffn_out with its own forward")
+
+
+def test_transform_refuses_modules_that_are_not_projections():
     model = make_model("bert")
-    old = model.encoder.layer[0].output.dense
-    model.encoder.layer[0].output.dense = _ScaledLinear(old.in_features, old.out_features)
-    with pytest.raises(NotImplementedError, match="ffn_out is a _ScaledLinear"):
+    model.encoder.layer[0].output.dense = torch.nn.Sequential(model.encoder.layer[0].output.dense)
+    with pytest.raises(NotImplementedError, match="ffn_out is a Sequential, not a linear projection"):
         BetterTransformer.transform(model)
 
 

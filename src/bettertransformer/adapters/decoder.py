@@ -38,8 +38,11 @@ from .patching import Calls, InstanceForward, LogOnce, bind_arguments, check_req
 
 ATTENTION_NAME = "bettertransformer"
 
-# Base-model arguments the packed path handles (any other tensor argument runs the stock forward).
-_HANDLED = frozenset({"input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache", "past_key_values"})
+# Base-model arguments the packed path handles (any other tensor argument runs the stock forward); Trainer's
+# num_items_in_batch only scales the loss, and passes through.
+_HANDLED = frozenset(
+    {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache", "past_key_values", "num_items_in_batch"}
+)
 _BLOCKING_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")
 
 
@@ -153,11 +156,14 @@ class CausalDecoder:
         )
         if attention is not None:
             check_requires(config, attention.requires, "fast path")
-        # The language-model head whose generate gets the static-cache loop.
+        # The language-model head whose generate gets the static-cache loop: the transformers model that owns the
+        # base model (wrappers such as a PEFT model forward generate to it).
+        from transformers import PreTrainedModel
+
         heads: list[Any] = [
             m for m in (root.modules() if root is not None else ())
-            if m is not base and getattr(m, "base_model", None) is base and callable(getattr(m, "generate", None))
-            and callable(getattr(m, "get_output_embeddings", None)) and m.get_output_embeddings() is not None  # type: ignore[operator]
+            if isinstance(m, PreTrainedModel) and m is not base and m.base_model is base
+            and callable(getattr(m, "generate", None)) and m.get_output_embeddings() is not None
         ]  # fmt: skip
         self.generation: FastGenerate | None = None
         if heads:

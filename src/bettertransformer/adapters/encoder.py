@@ -133,16 +133,23 @@ class PackedLayer:
         self.head_dim = self.q.out_features // num_heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self._qkv_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+        # Plain nn.Linear projections run fused (one QKV product, GELU in the FFN-in product); others (LoRA,
+        # quantized) run their own forward.
+        self.plain = {name: type(getattr(self, name)).forward is nn.Linear.forward for name in self._LINEARS}
+        self.fused_qkv = all(self.plain[name] for name in ("q", "k", "v"))
 
     def _resolve(self, path: str | None) -> Any:
         return None if path is None else resolve(self.layer, path)
 
     def unsupported(self) -> str | None:
-        """Why this layer's modules cannot run packed (a LoRA or quantized linear, say), or None."""
+        """Why this layer's modules cannot run packed, or None.
+
+        A projection that is not a plain ``nn.Linear`` but maps features like one (a PEFT LoRA layer, a quantized
+        linear: it has ``in_features`` and ``out_features``) runs its own forward on the packed tokens, unfused."""
         for name in self._LINEARS:
             module = getattr(self, name)
-            if type(module).forward is not nn.Linear.forward:
-                return f"{name} is a {type(module).__name__}, not a plain nn.Linear"
+            if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
+                return f"{name} is a {type(module).__name__}, not a linear projection"
         for name in self._NORMS:
             module = getattr(self, name)
             if type(module).forward is not nn.LayerNorm.forward:
@@ -194,24 +201,32 @@ class PackedLayer:
     def _attention(self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None) -> torch.Tensor:
         """dropout(o(attention(q(x), k(x), v(x)))), x: (T, hidden)."""
         tokens = x.shape[0]
-        weight, b = self.qkv_parameters()
-        qkv = F.linear(x, weight, b).view(tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(1)  # (T, H, D) each
+        if self.fused_qkv:
+            weight, b = self.qkv_parameters()
+            qkv = F.linear(x, weight, b).view(tokens, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.unbind(1)  # (T, H, D) each
+        else:
+            q, k, v = (m(x).view(tokens, self.num_heads, self.head_dim) for m in (self.q, self.k, self.v))
         drop = self.attn_dropout
         p = drop.p if drop is not None and drop.training else 0.0
         ctx = packed_attention(q, k, v, info, scale=self.scale, dropout_p=p, bias=bias)  # (T, H, D)
-        a = F.linear(ctx.reshape(tokens, -1), self.o.weight, self.o.bias)
+        a = self._linear("o", ctx.reshape(tokens, -1))
         if self.o_dropout is not None and self.o_dropout.training:
             a = self.o_dropout(a)
         return a
 
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The projection ``name`` of x (T, in): F.linear with a plain module's parameters, else its own forward."""
+        module = getattr(self, name)
+        return F.linear(x, module.weight, module.bias) if self.plain[name] else module(x)
+
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         """dropout(ffn_out(act(ffn_in(x))))."""
-        if self.exact_gelu:
+        if self.exact_gelu and self.plain["ffn_in"]:
             h = linear_gelu(x, self.ffn_in.weight, self.ffn_in.bias)
         else:
-            h = self.act(F.linear(x, self.ffn_in.weight, self.ffn_in.bias))
-        h = F.linear(h, self.ffn_out.weight, self.ffn_out.bias)
+            h = self.act(self._linear("ffn_in", x))
+        h = self._linear("ffn_out", h)
         if self.ffn_dropout is not None and self.ffn_dropout.training:
             h = self.ffn_dropout(h)
         return h
@@ -226,8 +241,9 @@ class _Restart(Exception):
 
 
 # Encoder arguments the packed path may ignore whatever their value: positions are already in the embeddings,
-# and an encoder that is not a decoder (see EncoderLayout.requires) keeps no cache whatever use_cache says.
-_IGNORED_KWARGS = frozenset({"position_ids", "token_type_ids", "return_dict", "use_cache"})
+# an encoder that is not a decoder (see EncoderLayout.requires) keeps no cache whatever use_cache says, and
+# num_items_in_batch (Trainer's) only scales a loss.
+_IGNORED_KWARGS = frozenset({"position_ids", "token_type_ids", "return_dict", "use_cache", "num_items_in_batch"})
 
 
 # Task heads that read the state at position 0 (directly or through the pooler).
@@ -261,9 +277,7 @@ class PackedEncoder:
         self.layers = self._build_layers()
         problem = self._unsupported()
         if problem:
-            raise NotImplementedError(
-                f"{config.model_type}: {problem}; transform the model before applying adapters or quantization"
-            )
+            raise NotImplementedError(f"{config.model_type}: {problem}")
         self.pre = resolve(self.encoder, layout.pre) if layout.pre else None
         self.final_norm = resolve(self.encoder, layout.final_norm) if layout.final_norm else None
         self.calls = Calls()
