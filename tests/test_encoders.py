@@ -406,3 +406,35 @@ def test_left_padding_under_a_pooler_warns_once(caplog):
     with caplog.at_level(logging.WARNING, logger="bettertransformer"), torch.no_grad():
         bare(*left)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_output_attentions_returns_exact_weights(model_type):
+    """Stock SDPA returns no attention weights; a transformed encoder returns the exact ones, as eager does (the
+    call runs the stock forward, with our attention function where the model was on SDPA)."""
+    eager = make_model(model_type, attn_implementation="eager")
+    fast = BetterTransformer.transform(make_model(model_type))
+    ids, mask = make_batch(*LAYOUTS["left"])
+    with torch.no_grad():
+        expected = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        got = fast(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(got) == len(expected) == eager.config.num_hidden_layers
+    keep = (mask[:, None, :, None] * mask[:, None, None, :]).bool()
+    for g, e in zip(got, expected, strict=True):
+        assert torch.allclose(g[keep.expand_as(e)], e[keep.expand_as(e)], atol=1e-6)
+    assert call_counts(fast) == {"fast": 0, "stock": 1}
+    BetterTransformer.reverse(fast)
+    assert fast.config._attn_implementation == make_model(model_type).config._attn_implementation
+
+
+@pytest.mark.parametrize("model_type", ["deberta", "deberta-v2"])
+def test_deberta_is_refused_with_the_reason(model_type):
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+    model = AutoModel.from_config(config)
+    with pytest.raises(NotImplementedError, match=f"{model_type} is not supported: its disentangled attention"):
+        BetterTransformer.transform(model)
+    assert model_type not in supported_model_types()

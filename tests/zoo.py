@@ -38,6 +38,8 @@ CONFIGS: dict[str, dict] = {
     "splinter": {},
     "xlm-roberta": {},
     "xlm-roberta-xl": {},
+    "bert-generation": {},
+    "rembert": dict(input_embedding_size=16, output_embedding_size=16),
 }
 
 _OWN_SIZES = {"distilbert"}

@@ -37,6 +37,8 @@ class Support:
                  None: the generic step (the model's own forward, replayed in a CUDA graph).
     fast_paths:  what the user gets, for the docs.
     notes:       anything a user of this model type should know, for the docs.
+    refused:     why ``transform`` refuses this model type (an architecture looked at and found out of reach);
+                 empty for the types it accepts.
     """
 
     encoder: EncoderLayout | None = None
@@ -44,10 +46,13 @@ class Support:
     decode_step: type[DecodeStep] | None = None
     fast_paths: tuple[str, ...] = ("padding-free encoder",)
     notes: str = ""
+    refused: str = ""
 
     def attach(self, base: nn.Module, root: nn.Module) -> PackedEncoder | CausalDecoder:
         """The adapter for ``base`` (a base model inside ``root``, the model passed to ``transform``), attached."""
         adapter: PackedEncoder | CausalDecoder
+        if self.refused:
+            raise NotImplementedError(f"{getattr(base.config, 'model_type', '?')} is not supported: {self.refused}")
         if self.encoder is not None:
             adapter = PackedEncoder(base, self.encoder, root)
         else:
@@ -138,6 +143,9 @@ XLM_ROBERTA_XL = EncoderLayout(
     final_norm="LayerNorm",
 )
 
+# RemBERT: BERT's layers on embeddings projected up to the hidden size by the encoder.
+REMBERT = EncoderLayout(pre="embedding_hidden_mapping_in")
+
 MEGATRON_BERT = EncoderLayout(
     pre_norm=True,
     ln1="attention.ln",
@@ -149,12 +157,25 @@ MEGATRON_BERT = EncoderLayout(
 DECODER = Support(fast_paths=("padding-free prefill", "packed-sequence training", "static-cache CUDA-graph generate"))
 OLD_ATTN = "before transformers 5.24 this model has no attention interface: its _attn method is routed through ours"
 
-# The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model.
+_DEBERTA = Support(
+    fast_paths=(),
+    refused=(
+        "its disentangled attention adds, for every pair of tokens, content-to-position and position-to-content "
+        "terms gathered from relative-position embeddings; bettertransformer has no packed kernel for them yet, "
+        "so every call would run the stock computation"
+    ),
+)
+
+# The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model (a
+# refused entry: that transform refuses it, with its reason).
 REGISTRY: dict[str, Support] = {
     "albert": Support(encoder=ALBERT, notes="shared layers run once per step, fused QKV cached once"),
     "bert": Support(encoder=BERT),
+    "bert-generation": Support(encoder=BERT, notes="the encoder (BertGenerationEncoder)"),
     "camembert": Support(encoder=BERT),
     "data2vec-text": Support(encoder=BERT),
+    "deberta": _DEBERTA,
+    "deberta-v2": _DEBERTA,
     "distilbert": Support(encoder=DISTILBERT),
     "electra": Support(encoder=BERT),
     "ernie": Support(encoder=BERT),
@@ -164,6 +185,7 @@ REGISTRY: dict[str, Support] = {
     "mpnet": Support(
         encoder=MPNET, notes="relative position bias: attention runs on rows padded to the longest, others packed"
     ),
+    "rembert": Support(encoder=REMBERT, notes="input embeddings projected up inside the encoder"),
     "roberta": Support(encoder=BERT),
     "roberta-prelayernorm": Support(
         encoder=ROBERTA_PRELAYERNORM, notes="pre-LayerNorm; the final LayerNorm (in the base model) runs on padding too"
@@ -249,15 +271,18 @@ def register(model_type: str, support: Support, *, overwrite: bool = False) -> N
 
 def supported_model_types() -> list[str]:
     """The ``config.model_type`` values ``transform`` accepts, sorted."""
-    return sorted(REGISTRY)
+    return sorted(t for t, support in REGISTRY.items() if not support.refused)
 
 
 def supported_models_markdown() -> str:
-    """The README's supported-model table, generated from the registry (a test keeps the README current)."""
+    """The README's supported-model table, generated from the registry (a test keeps the README current); refused
+    types last, with the reason."""
     lines = ["| model type | fast path | notes |", "|---|---|---|"]
     for model_type in supported_model_types():
         support = REGISTRY[model_type]
         lines.append(f"| `{model_type}` | {', '.join(support.fast_paths)} | {support.notes} |")
+    for model_type in sorted(t for t, support in REGISTRY.items() if support.refused):
+        lines.append(f"| `{model_type}` | none: refused | {REGISTRY[model_type].refused} |")
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
 For these the model cannot be switched to our attention function by name. ``ModuleAttention`` names the attention
 module class of such a model and a forward that computes the module's projections itself and hands the attention
-to ``decoder.decoder_attention``; ``CausalDecoder`` installs it on every such module (an instance attribute, undone
+to ``attention.attention_function``; ``CausalDecoder`` installs it on every such module (an instance attribute, undone
 by ``reverse``). From there the packed prefill, packed rows and the static-cache decode step work as for any other
 decoder.
 """
@@ -21,7 +21,7 @@ from torch import nn
 @dataclass(frozen=True)
 class ModuleAttention:
     """module_class: the class name of the attention modules to route; forward(module, attention, *args, **kwargs)
-    replaces their ``method``, ``attention`` being ``decoder_attention``. ``fallback``: used only when the model
+    replaces their ``method``, ``attention`` being ``attention_function``. ``fallback``: used only when the model
     cannot switch to the attention interface (a model that moved to it in a later transformers release)."""
 
     module_class: str

@@ -30,10 +30,10 @@ Decoders (``decoder.py``, ``generation.py``)::
                                          prefill (DecoderCall(packed=PackInfo)), packed rows (the same), or the
                                          stock forward (DecoderCall(weights=..., stock_mask=...))
     -> transformers' layers
-       -> masking_utils.create_causal_mask -> AttentionMaskInterface["bettertransformer"] = decoder.mask_function:
+       -> masking_utils.create_causal_mask -> AttentionMaskInterface["bettertransformer"] = attention.mask_function:
               no mask when the DecoderCall is packed or decoding (the caller knows the pattern); the stock
               implementation's mask for models whose modules compute attention themselves; else SDPA's mask
-       -> the attention modules -> AttentionInterface["bettertransformer"] = decoder.decoder_attention (models
+       -> the attention modules -> AttentionInterface["bettertransformer"] = attention.attention_function (models
           without the interface: our module forwards in attention_modules.py call it):
               decode -> DecodeState.attend: writes this token's key/value into the layer's static buffer, attends
               packed -> ops.attention.packed_attention, within each sequence

@@ -2,8 +2,8 @@
 
 One mechanism serves every such model type, whatever its layers look like (``call_state`` traces a call end to end):
 
-- ``decoder_attention`` is registered as the attention function ``"bettertransformer"``, with ``mask_function``,
-  and the model is switched to it. Ordinary calls compute exactly what stock SDPA computes; it adds logit
+- ``attention.attention_function`` is registered as the attention function ``"bettertransformer"``, with its mask
+  function, and the model is switched to it. Ordinary calls compute exactly what stock SDPA computes; it adds logit
   softcapping (Gemma 2) and exact attention weights when ``output_attentions`` asks for them. Models whose
   modules compute attention themselves (BLOOM, Falcon, GPT-Neo; GPT-J and CodeGen before transformers 5.24) get
   a short forward per module (``attention_modules.py``) that hands the attention to the same function.
@@ -27,16 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._compat import capturing, register_attention, set_attention
-from ..ops.attention import attention_with_weights, packed_attention
+from .._compat import register_attention, set_attention
 from ..ops.padding import PackInfo, pack_info, unpack
+from .attention import ATTENTION_NAME, attention_function, mask_function
 from .attention_modules import ModuleAttention
 from .call_state import current_decoder_call, decoder_call
 from .decode_steps import DecodeStep
 from .generation import FastGenerate
 from .patching import Calls, InstanceForward, LogOnce, bind_arguments, check_requires, modules_of_class
-
-ATTENTION_NAME = "bettertransformer"
 
 # Base-model arguments the packed path handles (any other tensor argument runs the stock forward); Trainer's
 # num_items_in_batch only scales the loss, and passes through.
@@ -44,80 +42,6 @@ _HANDLED = frozenset(
     {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache", "past_key_values", "num_items_in_batch"}
 )
 _BLOCKING_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")
-
-
-def decoder_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' attention-function contract: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), weights).
-
-    The mask is the one ``mask_function`` built (SDPA's bool mask, True = attend, or None when plain causal
-    attention is exact), or, from our module forwards, the model's own additive mask. ``alibi_slopes`` (H,): the
-    module's ALiBi, already in the mask of an ordinary call; packed and decode-step calls rebuild it relative to
-    each query.
-    """
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    call = current_decoder_call()
-    if call is not None and call.decode is not None and query.shape[2] == 1:
-        window = sliding_window if causal else None
-        out = call.decode.attend(module, query, key, value, scale, window, softcap, alibi_slopes)
-        return out.transpose(1, 2), None
-    info = call.packed if call is not None else None
-    if info is not None and query.shape[0] == 1 and query.shape[2] == info.total and key.shape[2] == info.total:
-        # (1, H, T, D) -> (T, H, D): views of the projections' (T, H, D) layout, no copy.
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-        bias = None
-        if alibi_slopes is not None:  # slope * (key position - query position) inside each sequence
-            positions = torch.arange(info.max_len, device=q.device, dtype=torch.float32)
-            bias = alibi_slopes.float()[None, :, None, None] * (positions[None, :] - positions[:, None])
-        out = packed_attention(
-            q, k, v, info, scale=scale, dropout_p=dropout, bias=bias, causal=causal,
-            window=sliding_window if causal else None, softcap=softcap,
-        )  # fmt: skip
-        return out.unsqueeze(0), None
-    explicit = call is not None and call.weights
-    weights = capturing("attentions") or bool(kwargs.get("output_attentions")) or explicit
-    q_len, kv_len = query.shape[2], key.shape[2]
-    # As stock SDPA: with no mask, a multi-token query is causal, aligned to the start of the keys.
-    causal = causal and q_len > 1 and attention_mask is None
-    if causal and kv_len > q_len:
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    if softcap is None and not weights:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal, scale=scale,
-            enable_gqa=query.shape[1] != key.shape[1],
-        )  # fmt: skip
-        return out.transpose(1, 2).contiguous(), None
-    out, probs = attention_with_weights(
-        query, key, value, attention_mask, scale=scale, dropout_p=dropout, causal=causal, softcap=softcap
-    )
-    return out.transpose(1, 2).contiguous(), probs if weights else None
-
-
-def mask_function(*args: Any, **kwargs: Any) -> Any:
-    """The mask function registered beside ``decoder_attention``: none when the caller computes the attention
-    pattern itself (packed calls, decode steps), the stock implementation's mask for models whose own modules
-    read it, else SDPA's."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    call = current_decoder_call()
-    if call is not None and not call.needs_mask:
-        return None
-    if call is not None and call.stock_mask is not None:
-        return ALL_MASK_ATTENTION_FUNCTIONS[call.stock_mask](*args, **kwargs)
-    return sdpa_mask(*args, **kwargs)
 
 
 def _segments(position_ids: torch.Tensor) -> torch.Tensor:
@@ -184,7 +108,7 @@ class CausalDecoder:
 
     def attach(self) -> None:
         """Register our attention, switch the model to it, and wrap the base model's forward (and generate)."""
-        register_attention(ATTENTION_NAME, decoder_attention, mask_function)
+        register_attention(ATTENTION_NAME, attention_function, mask_function)
         self._previous_attention = self.config._attn_implementation
         if self.by_module:
             assert self.attention is not None
@@ -221,12 +145,12 @@ class CausalDecoder:
 
     def _module_forward(self, module: nn.Module, stock: Callable, *args: Any, **kwargs: Any) -> Any:
         """An attention module's forward (models without the interface): ours, handing the attention to
-        ``decoder_attention`` (with the module's ALiBi slopes where it has them)."""
+        ``attention_function`` (with the module's ALiBi slopes where it has them)."""
         layout = self.attention
         assert layout is not None
-        attention: Callable[..., Any] = decoder_attention
+        attention: Callable[..., Any] = attention_function
         if layout.alibi is not None:
-            attention = functools.partial(decoder_attention, alibi_slopes=self._slopes(module, layout.alibi))
+            attention = functools.partial(attention_function, alibi_slopes=self._slopes(module, layout.alibi))
         return layout.forward(module, attention, *args, **kwargs)
 
     def _slopes(self, module: nn.Module, slopes: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:

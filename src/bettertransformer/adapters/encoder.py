@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._compat import output_capture_active
+from .._compat import output_capture_active, register_attention, set_attention
 from ..ops.attention import packed_attention
 from ..ops.fused import add_layer_norm, linear_gelu
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
+from .attention import ATTENTION_NAME, attention_function, mask_function
 from .call_state import EncoderCall, current_encoder_call, current_host_mask, encoder_call
 from .patching import Calls, InstanceForward, LogOnce, bind, check_requires, flat_arguments, resolve
 
@@ -280,6 +281,8 @@ class PackedEncoder:
             raise NotImplementedError(f"{config.model_type}: {problem}")
         self.pre = resolve(self.encoder, layout.pre) if layout.pre else None
         self.final_norm = resolve(self.encoder, layout.final_norm) if layout.final_norm else None
+        self._previous_attention: Any = None
+        self._switched = False
         self.calls = Calls()
         self.counted = ("fast", "stock")  # the keys call_counts always shows
         self.log = LogOnce()
@@ -309,17 +312,27 @@ class PackedEncoder:
 
     # -- installing and removing ----------------------------------------------------------------------------
     def attach(self) -> None:
-        """Wrap the base model's and the encoder's forward."""
+        """Wrap the base model's and the encoder's forward. A model on SDPA is switched to our attention function,
+        which computes what SDPA computes and, unlike SDPA, returns exact attention weights when the stock forward
+        runs for ``output_attentions`` (as eager does). Other implementations are the user's choice, kept as is."""
+        config: Any = self.base.config
+        self._previous_attention = config._attn_implementation
+        if self._previous_attention == "sdpa":
+            register_attention(ATTENTION_NAME, attention_function, mask_function)
+            self._switched = set_attention(self.base, ATTENTION_NAME)
         self._patches = [
             InstanceForward(self.base, self.base_forward),
             InstanceForward(self.encoder, self.forward),
         ]
 
     def detach(self) -> None:
-        """Restore both forwards and drop the fused weights."""
+        """Restore both forwards and the attention implementation; drop the fused weights."""
         for patch in reversed(self._patches):
             patch.restore()
         self._patches = []
+        if self._switched:
+            config: Any = self.base.config
+            config._attn_implementation = self._previous_attention
         for layer in self.layers:
             layer.clear_cache()
 
