@@ -438,3 +438,13 @@ def test_deberta_is_refused_with_the_reason(model_type):
     with pytest.raises(NotImplementedError, match=f"{model_type} is not supported: its disentangled attention"):
         BetterTransformer.transform(model)
     assert model_type not in supported_model_types()
+
+
+def test_roformer_rotary_values_match_stock():
+    """RoFormer with rotary_value: the values are rotated too; left padding keeps each token's padded position."""
+    stock = make_model("roformer", rotary_value=True)
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch(*LAYOUTS["left"])
+    act, exp = _both(stock, fast, input_ids=ids, attention_mask=mask)
+    assert call_counts(fast) == {"fast": 1, "stock": 0}
+    assert_close_at(act, exp, mask, atol=1e-5, what="roformer rotary_value")

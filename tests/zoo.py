@@ -40,6 +40,7 @@ CONFIGS: dict[str, dict] = {
     "xlm-roberta-xl": {},
     "bert-generation": {},
     "rembert": dict(input_embedding_size=16, output_embedding_size=16),
+    "roformer": dict(embedding_size=32),
 }
 
 _OWN_SIZES = {"distilbert"}

@@ -78,7 +78,17 @@ def _mpnet_relative_bias(encoder: Any, positions: torch.Tensor) -> torch.Tensor:
     return encoder.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # (B, H, L, L)
 
 
+def _roformer_rotary(encoder: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """RoFormer's sinusoids of the tokens' positions: the table's first half is sin, the second cos."""
+    table = encoder.embed_positions.weight[positions]  # (T, D)
+    sin, cos = table.chunk(2, dim=-1)
+    return sin, cos, bool(encoder.config.rotary_value)
+
+
 BERT = EncoderLayout()
+
+# RoFormer: BERT's layers with rotary positions on queries and keys (and values with rotary_value).
+ROFORMER = EncoderLayout(rotary=_roformer_rotary)
 
 DISTILBERT = EncoderLayout(
     encoder="transformer",
@@ -187,6 +197,7 @@ REGISTRY: dict[str, Support] = {
     ),
     "rembert": Support(encoder=REMBERT, notes="input embeddings projected up inside the encoder"),
     "roberta": Support(encoder=BERT),
+    "roformer": Support(encoder=ROFORMER, notes="rotary positions"),
     "roberta-prelayernorm": Support(
         encoder=ROBERTA_PRELAYERNORM, notes="pre-LayerNorm; the final LayerNorm (in the base model) runs on padding too"
     ),

@@ -28,6 +28,7 @@ from .._compat import output_capture_active, register_attention, set_attention
 from ..ops.attention import packed_attention
 from ..ops.fused import add_layer_norm, linear_gelu
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
+from ..ops.rotary import rotate_pairs
 from .attention import ATTENTION_NAME, attention_function, mask_function
 from .call_state import EncoderCall, current_encoder_call, current_host_mask, encoder_call
 from .patching import Calls, InstanceForward, LogOnce, bind, check_requires, flat_arguments, resolve
@@ -73,6 +74,9 @@ class EncoderLayout:
     layer_order: Callable[[nn.Module], list[nn.Module]] | None = None
     # (encoder, positions (B, L) int64) -> additive attention bias (B, H, L, L), for relative positions (MPNet).
     relative_bias: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # (encoder, positions (T,) int64) -> (sin (T, D/2), cos (T, D/2), rotate values too): rotary positions applied to
+    # each layer's queries and keys (RoFormer), by each token's position in its padded row, as the stock model does.
+    rotary: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor, bool]] | None = None
     # Config flags that change the layer's math away from the shape above, each with the value we support.
     requires: tuple[tuple[str, Any], ...] = (("is_decoder", False), ("add_cross_attention", False))
 
@@ -88,21 +92,26 @@ def _is_exact_gelu(act: Any) -> bool:
 
 
 def _output_type(forward: Callable) -> type:
-    """The ModelOutput class the stock encoder forward returns (read off its annotation)."""
-    from transformers.modeling_outputs import BaseModelOutput
+    """The ModelOutput class the stock encoder forward returns (read off its annotation). Without one, the output
+    class of BERT-style encoders, whose fields (cache, cross-attentions) the base models read."""
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Default
     from transformers.utils import ModelOutput
 
     annotation = inspect.signature(forward).return_annotation
     if isinstance(annotation, str):
+        function = inspect.unwrap(getattr(forward, "__func__", forward))  # the model file's own function
         try:
-            annotation = eval(annotation, getattr(inspect.unwrap(forward), "__globals__", {}))  # noqa: S307
+            annotation = eval(annotation, getattr(function, "__globals__", {}))  # noqa: S307
         except Exception:
-            return BaseModelOutput
+            return Default
     candidates = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
     for cls in candidates:
         if isinstance(cls, type) and issubclass(cls, ModelOutput):
             return cls
-    return BaseModelOutput
+    return Default
+
+
+_Rotary = tuple[torch.Tensor, torch.Tensor, bool]  # sin (T, D/2), cos (T, D/2), rotate the values too
 
 
 class PackedLayer:
@@ -191,15 +200,20 @@ class PackedLayer:
         """Drop the cached fused QKV weight."""
         self._qkv_cache = None
 
-    def __call__(self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None = None
+    ) -> torch.Tensor:
         """x: (T, hidden) -> (T, hidden)."""
         if self.pre_norm:
-            a = x + self._attention(_layer_norm(x, self.ln1), info, bias)
+            a = x + self._attention(_layer_norm(x, self.ln1), info, bias, rotary)
             return a + self._ffn(_layer_norm(a, self.ln2))
-        x = add_layer_norm(self._attention(x, info, bias), x, self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        a = self._attention(x, info, bias, rotary)
+        x = add_layer_norm(a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps)
         return add_layer_norm(self._ffn(x), x, self.ln2.weight, self.ln2.bias, self.ln2.eps)
 
-    def _attention(self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None) -> torch.Tensor:
+    def _attention(
+        self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None
+    ) -> torch.Tensor:
         """dropout(o(attention(q(x), k(x), v(x)))), x: (T, hidden)."""
         tokens = x.shape[0]
         if self.fused_qkv:
@@ -208,6 +222,10 @@ class PackedLayer:
             q, k, v = qkv.unbind(1)  # (T, H, D) each
         else:
             q, k, v = (m(x).view(tokens, self.num_heads, self.head_dim) for m in (self.q, self.k, self.v))
+        if rotary is not None:
+            sin, cos, values = rotary
+            q, k = rotate_pairs(q, sin, cos), rotate_pairs(k, sin, cos)
+            v = rotate_pairs(v, sin, cos) if values else v
         drop = self.attn_dropout
         p = drop.p if drop is not None and drop.training else 0.0
         ctx = packed_attention(q, k, v, info, scale=self.scale, dropout_p=p, bias=bias)  # (T, H, D)
@@ -435,12 +453,13 @@ class PackedEncoder:
         if self.pre is not None:
             x = self.pre(x)
         bias = self._relative_bias(info) if self.layout.relative_bias is not None else None
+        rotary = self.layout.rotary(self.encoder, _columns(info)) if self.layout.rotary is not None else None
         for packed in self.layers:
             layer = packed.layer
             if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-                x = checkpoint(packed, x, info, bias, use_reentrant=False)
+                x = checkpoint(packed, x, info, bias, rotary, use_reentrant=False)
             else:
-                x = packed(x, info, bias)
+                x = packed(x, info, bias, rotary)
         if self.final_norm is not None:
             x = self.final_norm(x)
         out = unpack(x, info)  # (B, S, hidden), zeros at padding
@@ -456,6 +475,12 @@ class PackedEncoder:
             positions = torch.arange(info.max_len, device=device)[None, :]  # (1, L)
         else:
             index, valid = dense_layout(info)
-            columns = info.indices % info.seqlen  # (T,)
-            positions = to_dense(columns, info, index, valid)  # (B, L)
+            positions = to_dense(_columns(info), info, index, valid)  # (B, L)
         return self.layout.relative_bias(self.encoder, positions)
+
+
+def _columns(info: PackInfo) -> torch.Tensor:
+    """(T,) each packed token's position in its padded row."""
+    if info.indices is None:
+        return torch.arange(info.seqlen, device=info.cu_seqlens.device).repeat(info.batch)
+    return info.indices % info.seqlen
