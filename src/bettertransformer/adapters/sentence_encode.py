@@ -156,7 +156,10 @@ class FastEncode:
         model.eval()
 
         def tokenize(batch: list[int]) -> dict[str, Any]:
-            return model.preprocess([texts[i] for i in batch])
+            features = model.preprocess([texts[i] for i in batch])
+            if device.type == "cuda":  # pinned, so the copy up does not wait for the device's queue
+                features = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+            return features
 
         from tqdm.auto import tqdm
 
