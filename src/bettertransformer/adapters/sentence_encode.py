@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -126,17 +127,20 @@ class FastEncode:
         budget = batch_size * max_len
         if device is not None and device.type == "cpu":
             budget = min(budget, max(_CPU_BATCH_TOKENS, max_len))
+
+        def tokens(i: int) -> int:
+            # A generous estimate (about one token per two characters of prose, plus the special tokens).
+            return min(max_len, len(texts[i]) // 2 + 4)
+
         batches: list[list[int]] = []
         current: list[int] = []
-        longest = 0
         for index in order:
-            # The longest sentence of a batch comes first; a generous estimate of its tokens (about one token per
-            # two characters of prose, plus the special tokens) bounds the padded size.
-            longest = longest or min(max_len, len(texts[index]) // 2 + 4)
-            full = len(current) >= _MAX_BATCH_FACTOR * batch_size or (len(current) + 1) * longest > budget
-            if current and full:
+            # The longest sentence of a batch comes first: its tokens bound the padded size.
+            if current and (
+                len(current) >= _MAX_BATCH_FACTOR * batch_size or (len(current) + 1) * tokens(current[0]) > budget
+            ):
                 batches.append(current)
-                current, longest = [], min(max_len, len(texts[index]) // 2 + 4)
+                current = []
             current.append(index)
         if current:
             batches.append(current)
@@ -148,8 +152,6 @@ class FastEncode:
     ) -> Any:  # fmt: skip
         model = self.model
         if progress is None:
-            import logging
-
             progress = logging.getLogger("sentence_transformers").getEffectiveLevel() <= logging.INFO
         batches = self._batches(texts, batch_size, device)
         chunks: list[torch.Tensor] = []
