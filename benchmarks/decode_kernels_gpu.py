@@ -2,8 +2,10 @@
 our decode attention, over a sweep of launch configurations.
 
 Each op is captured in a CUDA graph over 24 copies of its weights (more bytes than the L2 cache holds, so every
-call streams from HBM as in a real step) and timed by replay. GPT-2 shapes.
-Run: ``PYTHONPATH=src python benchmarks/decode_kernels_gpu.py``
+call streams from HBM as in a real step) and timed by replay. GPT-2 shapes, or with ``--llama`` the products of a
+TinyLlama layer (nn.Linear weights; the gate and up products as one gated kernel) and its LM head, with the
+fraction of the copy bandwidth each reaches.
+Run: ``PYTHONPATH=src python benchmarks/decode_kernels_gpu.py [--llama]``
 """
 
 from __future__ import annotations
@@ -41,6 +43,54 @@ def graph_us(fn) -> float:
     return start.elapsed_time(end) * 1e3 / 10 / COPIES
 
 
+def llama(args) -> None:
+    """TinyLlama's products at each batch: cuBLAS against our kernel's best configuration, in us and GB/s."""
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.float16
+    source = torch.empty(2**28, device=dev, dtype=dt)
+    target = torch.empty_like(source)
+    bandwidth = 2 * source.numel() * 2 / (graph_us(lambda i: target.copy_(source)) * 1e-6)
+    rows = []
+    shapes = (("qkv", 2048, 2560, False), ("o", 2048, 2048, False), ("gate|up", 2048, 5632, True),
+              ("down", 5632, 2048, False), ("head", 2048, 32000, False))  # fmt: skip
+    for m in args.batches:
+        for name, k, n, gated in shapes:
+            a = torch.randn(m, k, device=dev, dtype=dt)
+            copies = 4 if n > 10000 else COPIES
+            ws = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(copies * (2 if gated else 1))]
+            nbytes = n * k * 2 * (2 if gated else 1)
+
+            def cublas(i, a=a, ws=ws, gated=gated, copies=copies):
+                if gated:
+                    return F.silu(F.linear(a, ws[2 * (i % copies)])) * F.linear(a, ws[2 * (i % copies) + 1])
+                return F.linear(a, ws[i % copies])
+
+            base = graph_us(cublas)
+            best = None
+            for config in itertools.product(args.block_n, args.block_k, args.warps):
+
+                def ours(i, a=a, ws=ws, gated=gated, copies=copies, config=config):
+                    if gated:
+                        j = 2 * (i % copies)
+                        return dk.linear(
+                            a, ws[j], None, transposed=True, act="silu", up=(ws[j + 1], None), config=config
+                        )
+                    return dk.linear(a, ws[i % copies], None, transposed=True, config=config)
+
+                try:
+                    err = (ours(0).float() - cublas(0).float()).abs().max().item()
+                    us = graph_us(ours)
+                except Exception:  # a configuration that does not fit (shared memory)
+                    continue
+                if best is None or us < best[0]:
+                    best = (us, config, err)
+            rows.append((f"m={m} {name} {k}->{n}", base, best, nbytes))
+    print(torch.cuda.get_device_name(), torch.__version__, f"copy {bandwidth / 1e12:.2f} TB/s")
+    print(f"{'op':28s} {'cuBLAS us':>9s} {'ours us':>8s} {'ours TB/s':>9s}  best config, max err")
+    for name, base, (us, config, err), nbytes in rows:
+        print(f"{name:28s} {base:9.2f} {us:8.2f} {nbytes / us / 1e6:9.2f}  {config}, {err:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -48,7 +98,11 @@ def main() -> None:
     parser.add_argument("--block-k", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--no-lm-head", action="store_true")
+    parser.add_argument("--llama", action="store_true", help="TinyLlama's products instead of GPT-2's")
     args = parser.parse_args()
+    if args.llama:
+        llama(args)
+        return
     torch.manual_seed(0)
     dev, dt = "cuda", torch.float16
     rows = []

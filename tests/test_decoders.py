@@ -287,6 +287,62 @@ def test_gpt2_generates_through_the_fused_decode_step(fast_loop_on_cpu, monkeypa
     assert call_counts(model)["stock generate"] == 1 and call_counts(model)["fast generate"] == 2
 
 
+# Model type -> the fused decode step family that runs it.
+LLAMA_FAMILY = {
+    "llama": "LlamaDecodeStep", "mistral": "LlamaDecodeStep", "qwen2": "LlamaDecodeStep", "qwen3": "LlamaDecodeStep",
+    "gemma": "LlamaDecodeStep", "gemma2": "Gemma2DecodeStep", "gemma3_text": "Gemma2DecodeStep",
+    "phi3": "Phi3DecodeStep", "olmo2": "Olmo2DecodeStep",
+}  # fmt: skip
+_ROPE = dict(rope_theta=10000.0, original_max_position_embeddings=16)
+
+
+@pytest.mark.parametrize(
+    "name, rope",
+    [(name, None) for name in LLAMA_FAMILY]
+    + [
+        ("llama", dict(rope_type="linear", factor=2.0, rope_theta=10000.0)),
+        ("llama", dict(rope_type="yarn", factor=4.0, **_ROPE)),  # attention factor 1.14: cos and sin scaled
+        ("llama", dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, **_ROPE)),
+        ("phi3", dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),  # half the features turn
+    ],
+)
+def test_llama_family_generates_through_the_fused_decode_step(name, rope, fast_loop_on_cpu, monkeypatch):
+    """Greedy (the choice fused into the LM head) and sampling with a repetition penalty (the step's logits) are
+    token for token stock's, through the fused prefill and step: the reference path of the CUDA kernels."""
+    stock = make_decoder(name, **({"rope_parameters": rope} if rope else {}))
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    (patch,) = model._bettertransformer_state.patches
+    fused = patch.generation.fused
+    assert type(fused).__name__ == LLAMA_FAMILY[name]
+    steps = []
+    original = type(fused)._step
+    monkeypatch.setattr(type(fused), "_step", lambda self, *a: steps.append(1) or original(self, *a))
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    greedy = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=PAD, do_sample=False)
+    assert torch.equal(model.generate(ids, **greedy), stock.generate(ids, **greedy))
+    sampling = dict(greedy, do_sample=True, top_k=20, repetition_penalty=1.3)
+    torch.manual_seed(5)
+    expected = stock.generate(ids, **sampling)
+    torch.manual_seed(5)
+    assert torch.equal(model.generate(ids, **sampling), expected)
+    assert len(steps) == 22  # every token after the first of each call
+    counts = call_counts(model)
+    assert counts["fused steps"] == 2 and counts["generic steps"] == 0
+    assert counts["fast"] + counts["stock"] == 0  # the prefill ran the fused layers too
+
+
+def test_rotary_frequencies_that_change_at_run_time_take_the_generic_step(fast_loop_on_cpu, caplog):
+    stock = make_decoder("llama", rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))
+    with caplog.at_level(logging.INFO, logger="bettertransformer"):
+        model = BetterTransformer.transform(stock, keep_original_model=True)
+    assert "change at run time" in caplog.text
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+    counts = call_counts(model)
+    assert counts["fast generate"] == 1 and counts["generic steps"] == 1 and counts["fused steps"] == 0
+
+
 def test_save_pretrained_writes_a_stock_checkpoint(tmp_path):
     stock = make_decoder("llama")
     model = BetterTransformer.transform(stock, keep_original_model=True)
@@ -341,7 +397,7 @@ def test_decode_buffers_are_found_by_layer_index():
 
 
 def test_generate_runs_stock_when_decode_steps_cannot_use_the_buffers(fast_loop_on_cpu, caplog):
-    stock = make_decoder("llama")
+    stock = make_decoder("starcoder2")  # the generic step: the model's own forward, our attention
     model = BetterTransformer.transform(stock, keep_original_model=True)
     for layer in model.model.layers:
         layer.self_attn.is_cross_attention = True  # as if it attended to an encoder: no static buffer serves it

@@ -392,3 +392,60 @@ def test_packing_from_a_host_copy_of_the_mask_matches():
         assert torch.equal(getattr(counted, field), getattr(given, field)), field
     assert (counted.max_len, counted.total, counted.left_padded) == (given.max_len, given.total, given.left_padded)
     assert given.left_padded
+
+
+def _run_llama_decode_ops(device, dtype, batch):
+    """The Llama-family decode ops once each, from the same inputs; returns their outputs and the updated caches."""
+    from bettertransformer.ops import decode
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+
+    width, heads, kv_heads, dim, slots, inner = 64, 4, 2, 32, 40, 96
+    x = rand(batch, width)
+    norm = decode.RMSNorm(rand(width, scale=0.2) + 1, 1e-6)
+    gemma_norm = decode.RMSNorm(rand(width, scale=0.2), 1e-6, offset=1.0, round_first=False)
+    wq, wk, wv = (rand(n, width, scale=width**-0.5) for n in (heads * dim, kv_heads * dim, kv_heads * dim))
+    bq, bk, bv = (rand(n) for n in (heads * dim, kv_heads * dim, kv_heads * dim))
+    qkv = decode.linear(x, wq, bq, transposed=True, norm=norm, parts=((wk, bk), (wv, bv)))
+    wg, wu = rand(inner, width, scale=width**-0.5), rand(inner, width, scale=width**-0.5)
+    gated = decode.linear(x, wg, None, transposed=True, norm=gemma_norm, act="silu", up=(wu, None))
+    gelu = decode.linear(x, wg, None, transposed=True, act="gelu_tanh", up=(wu, None))
+    head = rand(300, width, scale=0.5)
+    logits = decode.linear(x, head, None, transposed=True, norm=norm, softcap=3.0, out_dtype=torch.float32)
+    chosen = decode.greedy_head(x, head, None, transposed=True, norm=norm, eos_penalty=None, softcap=3.0)
+    added = decode.add_norm(x.clone(), rand(batch, width), gemma_norm)
+    embedded = decode.embed(torch.tensor([3, 49, 0, 7][:batch], device=device), None, rand(50, width), None, 8.0)
+    mask = torch.where(torch.rand(batch, slots, generator=gen) < 0.7, 0.0, float("-inf")).to(device, dtype)
+    slot = torch.tensor([30], device=device)
+    mask[:, 30] = 0
+    positions = torch.tensor([29, 3, 4000, 17][:batch], device=device)
+    rotary = decode.Rotary((1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)).to(device), 1.2)  # half the features
+    qk_norm = (decode.RMSNorm(rand(dim) + 1, 1e-6), decode.RMSNorm(rand(dim) + 1, 1e-6), True)
+    outputs = [qkv, gated, gelu, logits, added, embedded]
+    for window, softcap, norms in ((None, None, None), (6, 20.0, qk_norm)):
+        kv = rand(2, batch, kv_heads, slots, dim)
+        att = decode.rope_attention(
+            qkv, kv, mask, slot, positions, heads=heads, scale=dim**-0.5, rotary=rotary, qk_norm=norms,
+            window=window, softcap=softcap,
+        )  # fmt: skip
+        outputs += [att, kv]
+    return outputs, chosen, logits
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 4])
+def test_llama_decode_kernels_match_the_reference_path_on_cuda(batch, monkeypatch):
+    from bettertransformer.ops import decode_kernels
+
+    launches = _count_launches(monkeypatch, decode_kernels, "linear", "rope_attention", "embed", "add_norm")
+    got, chosen, logits = _run_llama_decode_ops("cuda", torch.float16, batch)
+    assert launches == {"linear": 5, "rope_attention": 2, "embed": 1, "add_norm": 1}  # the kernels ran
+    expected, _, _ = _run_llama_decode_ops("cpu", torch.float64, batch)
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        error = (a.double().cpu() - b).abs().max().item()
+        assert error < 2e-2 * max(1.0, b.abs().max().item()), (i, error)
+    assert torch.equal(chosen, logits.argmax(-1))  # the fused choice is the argmax of the softcapped logits

@@ -20,7 +20,14 @@ from .adapters.attention_modules import (
     gpt_neo_attention,
     scaled_attention,
 )
-from .adapters.decode_steps import DecodeStep, GPT2DecodeStep
+from .adapters.decode_steps import (
+    DecodeStep,
+    Gemma2DecodeStep,
+    GPT2DecodeStep,
+    LlamaDecodeStep,
+    Olmo2DecodeStep,
+    Phi3DecodeStep,
+)
 from .adapters.decoder import CausalDecoder
 from .adapters.encoder import EncoderLayout, PackedEncoder
 
@@ -165,6 +172,13 @@ MEGATRON_BERT = EncoderLayout(
 
 # Causal LMs: one adapter for every model whose attention goes through transformers' attention interface.
 DECODER = Support(fast_paths=("padding-free prefill", "packed-sequence training", "static-cache CUDA-graph generate"))
+
+
+def _fused(step: type[DecodeStep]) -> Support:
+    """The decoder entry with a fused decode step family."""
+    return replace(DECODER, decode_step=step, fast_paths=(*DECODER.fast_paths, "fused decode step"))
+
+
 OLD_ATTN = "before transformers 5.24 this model has no attention interface: its _attn method is routed through ours"
 
 _DEBERTA = Support(
@@ -224,10 +238,10 @@ REGISTRY: dict[str, Support] = {
         attention=ModuleAttention("FalconAttention", falcon_attention, requires=(("alibi", False),)),
         notes="rotary configs (ALiBi ones are refused); attention modules routed through ours",
     ),
-    "gemma": DECODER,
-    "gemma2": replace(DECODER, notes="attention logit softcapping"),
-    "gemma3_text": replace(DECODER, notes="sliding-window layers"),
-    "gpt2": replace(DECODER, decode_step=GPT2DecodeStep, fast_paths=(*DECODER.fast_paths, "fused decode step")),
+    "gemma": _fused(LlamaDecodeStep),
+    "gemma2": replace(_fused(Gemma2DecodeStep), notes="attention and final logit softcapping; sliding-window layers"),
+    "gemma3_text": replace(_fused(Gemma2DecodeStep), notes="sliding-window layers; q/k norms"),
+    "gpt2": _fused(GPT2DecodeStep),
     "gpt_bigcode": replace(DECODER, notes="multi-query attention"),
     "gpt_neo": replace(
         DECODER,
@@ -240,14 +254,14 @@ REGISTRY: dict[str, Support] = {
         attention=ModuleAttention("GPTJAttention", scaled_attention, method="_attn", fallback=True),
         notes=OLD_ATTN,
     ),
-    "llama": DECODER,
-    "mistral": replace(DECODER, notes="sliding window"),
+    "llama": _fused(LlamaDecodeStep),
+    "mistral": replace(_fused(LlamaDecodeStep), notes="sliding window"),
     "mixtral": replace(DECODER, notes="sliding window; mixture of experts"),
-    "olmo2": DECODER,
+    "olmo2": replace(_fused(Olmo2DecodeStep), notes="post-norms; q/k norms over the whole projection"),
     "opt": DECODER,
-    "phi3": DECODER,
-    "qwen2": DECODER,
-    "qwen3": DECODER,
+    "phi3": replace(_fused(Phi3DecodeStep), notes="fused qkv and gate/up projections"),
+    "qwen2": replace(_fused(LlamaDecodeStep), notes="q/k/v bias; sliding-window layers"),
+    "qwen3": replace(_fused(LlamaDecodeStep), notes="per-head q/k norms; sliding-window layers"),
     "starcoder2": replace(DECODER, notes="sliding window"),
 }
 

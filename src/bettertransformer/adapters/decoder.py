@@ -94,7 +94,8 @@ class CausalDecoder:
             step = self._decode_step(heads[0], decode_step)
             self.generation = FastGenerate(heads[0], self.cache_name, self.calls, step)
         # The keys call_counts always shows.
-        self.counted = ("fast", "stock") + (("fast generate", "stock generate") if self.generation else ())
+        generation = ("fast generate", "stock generate", "fused steps", "generic steps")
+        self.counted = ("fast", "stock") + (generation if self.generation else ())
 
     def _decode_step(self, head: nn.Module, family: type[DecodeStep] | None) -> DecodeStep | None:
         """The model's fused decode step, when the registry names a family and the model's modules fit it."""

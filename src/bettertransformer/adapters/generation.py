@@ -423,6 +423,7 @@ class FastGenerate:
                     plan = self.unsupported
                 else:
                     self.calls.add("fast generate")
+                    self.calls.add("fused steps" if self.fused is not None else "generic steps")
                     return out
         self.calls.add("stock generate")
         self.log(plan, "transformers' generate runs for %s", plan)

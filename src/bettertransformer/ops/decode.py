@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from . import decode_kernels
-from .decode_kernels import Norm
+from .decode_kernels import Norm, Part, RMSNorm, Rotary
+from .attention import attention as padded_attention
 from .dispatch import use_triton
+
+__all__ = ["Norm", "Part", "RMSNorm", "Rotary"]
 
 # Decode attention runs our kernel while rows x cache slots stays under this; beyond it SDPA's kernels were faster
 # (H200, GPT-2 heads: ours 3.6 vs 4.6 us at 1 x 128, 5.0 vs 6.9 at 1 x 256, 6.6 vs 7.3 at 16 x 128, but 10.2 vs
@@ -25,11 +28,57 @@ def _kernel_rows(x: torch.Tensor) -> bool:
     return use_triton(x) and decode_kernels.AVAILABLE and x.shape[0] <= decode_kernels.MAX_ROWS and x.is_contiguous()
 
 
-def embed(tokens: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
-    """wte[tokens] + wpe[positions]; tokens, positions (B,) -> (B, E)."""
-    if use_triton(wte) and wte.is_contiguous() and wpe.is_contiguous():
-        return decode_kernels.embed(tokens, positions, wte, wpe)
-    return F.embedding(tokens, wte) + F.embedding(positions, wpe)
+def embed(
+    tokens: torch.Tensor,
+    positions: torch.Tensor | None,
+    wte: torch.Tensor,
+    wpe: torch.Tensor | None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """wte[tokens] (+ wpe[positions]) (* ``scale``, rounded to wte's dtype first, as Gemma's scaled embedding
+    multiplies); tokens, positions (B,) -> (B, E)."""
+    if use_triton(wte) and wte.is_contiguous() and (wpe is None or wpe.is_contiguous()):
+        return decode_kernels.embed(tokens, positions, wte, wpe, scale)
+    x = F.embedding(tokens, wte)
+    if wpe is not None and positions is not None:
+        x = x + F.embedding(positions, wpe)
+    if scale != 1.0:
+        x = x * torch.tensor(scale, dtype=wte.dtype, device=wte.device)
+    return x
+
+
+def rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """``RMSNorm`` over the last dimension, with the stock modules' operations in their order."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
+    if norm.round_first:
+        return norm.weight * h.to(x.dtype)
+    return (h * (norm.offset + norm.weight.float())).to(x.dtype)
+
+
+def _normed(x: torch.Tensor, norm: Norm | RMSNorm | None) -> torch.Tensor:
+    if isinstance(norm, RMSNorm):
+        return rms_norm(x, norm)
+    if norm is not None:
+        return F.layer_norm(x, (x.shape[-1],), norm[0], norm[1], norm[2])
+    return x
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    w = weight.t() if transposed else weight
+    return torch.addmm(bias, x, w) if bias is not None else x @ w
+
+
+def _activation(y: torch.Tensor, act: str | None) -> torch.Tensor:
+    if act == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if act == "silu":
+        return F.silu(y)
+    return y
+
+
+def _softcapped(y: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return y if softcap is None else torch.tanh(y / softcap) * softcap
 
 
 def _reference(
@@ -37,12 +86,19 @@ def _reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     transposed: bool,
-    norm: Norm | None,
+    norm: Norm | RMSNorm | None,
+    act: str | None = None,
+    parts: tuple[Part, ...] = (),
+    up: Part | None = None,
 ) -> torch.Tensor:
-    if norm is not None:
-        x = F.layer_norm(x, (x.shape[-1],), norm[0], norm[1], norm[2])
-    w = weight.t() if transposed else weight
-    return torch.addmm(bias, x, w) if bias is not None else x @ w
+    x = _normed(x, norm)
+    y = _product(x, weight, bias, transposed)
+    if parts:
+        y = torch.cat([y, *(_product(x, w, b, transposed) for w, b in parts)], dim=-1)
+    y = _activation(y, act)
+    if up is not None:
+        y = y * _product(x, up[0], up[1], transposed)
+    return y
 
 
 def linear(
@@ -51,26 +107,38 @@ def linear(
     bias: torch.Tensor | None,
     *,
     transposed: bool,
-    norm: Norm | None = None,
+    norm: Norm | RMSNorm | None = None,
     residual: torch.Tensor | None = None,
     gelu_tanh: bool = False,
+    act: str | None = None,
+    parts: tuple[Part, ...] = (),
+    up: Part | None = None,
+    softcap: float | None = None,
     out_dtype: torch.dtype | None = None,
     kernels: bool = True,
 ) -> torch.Tensor:
     """act(norm(x) @ W + bias); W = ``weight`` (in, out), or ``weight.T`` for an (out, in) ``nn.Linear`` weight.
-    With ``residual`` (N, out): ``residual += `` that, in place, and returns ``residual``. ``kernels=False``: PyTorch's
-    kernels (cuBLAS) whatever the row count."""
+    ``norm``: LayerNorm (weight, bias, eps) or ``RMSNorm``; ``act``: "gelu_tanh" or "silu"; ``parts``: more
+    matrices whose columns follow (separate q, k, v); ``up``: a gated product act(...) * (norm(x) @ U + b);
+    ``softcap``: softcap * tanh(y / softcap). With ``residual`` (N, out): ``residual += `` that, in place, and
+    returns ``residual``. ``kernels=False``: PyTorch's kernels (cuBLAS) whatever the row count."""
+    act = "gelu_tanh" if gelu_tanh else act
     if kernels and _kernel_rows(x):
         return decode_kernels.linear(
-            x, weight, bias, transposed=transposed, norm=norm, residual=residual, gelu_tanh=gelu_tanh,
-            out_dtype=out_dtype,
+            x, weight, bias, transposed=transposed, norm=norm, residual=residual, act=act, parts=parts, up=up,
+            softcap=softcap, out_dtype=out_dtype,
         )  # fmt: skip
-    y = _reference(x, weight, bias, transposed, norm)
-    if gelu_tanh:
-        y = F.gelu(y, approximate="tanh")
+    y = _softcapped(_reference(x, weight, bias, transposed, norm, act, parts, up), softcap)
     if residual is not None:
         return residual.add_(y)
     return y if out_dtype is None else y.to(out_dtype)
+
+
+def add_norm(x: torch.Tensor, t: torch.Tensor, norm: RMSNorm, kernels: bool = True) -> torch.Tensor:
+    """x += norm(t), in place (a sublayer's output normalised before its residual add); returns x."""
+    if kernels and _kernel_rows(x) and t.is_contiguous():
+        return decode_kernels.add_norm(x, t, norm)
+    return x.add_(rms_norm(t, norm))
 
 
 def greedy_head(
@@ -79,16 +147,18 @@ def greedy_head(
     bias: torch.Tensor | None,
     *,
     transposed: bool,
-    norm: Norm | None,
+    norm: Norm | RMSNorm | None,
     eos_penalty: torch.Tensor | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The greedy next token of each row: argmax of (logits + ``eos_penalty`` (V,)), logits = norm(x) @ W + bias
-    rounded to x's dtype as a stock LM head's are; the first index on ties, as ``torch.argmax``. Returns (N,) int64."""
+    (softcapped) rounded to x's dtype as a stock LM head's are; the first index on ties, as ``torch.argmax``.
+    Returns (N,) int64."""
     if _kernel_rows(x):
         return decode_kernels.linear(
-            x, weight, bias, transposed=transposed, norm=norm, eos_penalty=eos_penalty, argmax=True
+            x, weight, bias, transposed=transposed, norm=norm, eos_penalty=eos_penalty, argmax=True, softcap=softcap
         )  # fmt: skip
-    scores = _reference(x, weight, bias, transposed, norm).float()
+    scores = _softcapped(_reference(x, weight, bias, transposed, norm), softcap).float()
     return (scores if eos_penalty is None else scores + eos_penalty).argmax(-1)
 
 
@@ -132,3 +202,85 @@ def attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: floa
     grouped = q.reshape(batch, kv.shape[2], heads // kv.shape[2], dim)  # query heads sharing a key/value head
     out = F.scaled_dot_product_attention(grouped, kv[0], kv[1], attn_mask=mask[:, None, None, :], scale=scale)
     return out.reshape(batch, heads, dim)
+
+
+def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """x (N, H, D) turned by the rotary embedding at ``positions`` (N,): rotate-half pairs over the first
+    ``2 * len(inv_freq)`` features, the rest passed through; cos and sin rounded to x's dtype, as stock does."""
+    rot = 2 * rotary.inv_freq.shape[0]
+    freqs = positions.float()[:, None] * rotary.inv_freq.float()[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos = (angles.cos() * rotary.scale).to(x.dtype)[:, None, :]
+    sin = (angles.sin() * rotary.scale).to(x.dtype)[:, None, :]
+    turned, kept = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat((-turned[..., half:], turned[..., :half]), dim=-1)
+    out = (turned * cos) + (rotated * sin)
+    return torch.cat([out, kept], dim=-1) if kept.shape[-1] else out
+
+
+def split_qkv(
+    qkv: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    positions: torch.Tensor,
+    rotary: Rotary,
+    qk_norm: tuple[RMSNorm, RMSNorm, bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (N, H, D), k, v (N, Hkv, D) of a rotary decoder from its QKV product (N, (H + 2 Hkv) D): q/k norm
+    (per head, or over the whole projection), then the rotary embedding at ``positions`` (N,)."""
+    rows = qkv.shape[0]
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    if qk_norm is not None:
+        q_norm, k_norm, per_head = qk_norm
+        if per_head:
+            q, k = rms_norm(q.reshape(rows, heads, dim), q_norm), rms_norm(k.reshape(rows, kv_heads, dim), k_norm)
+        else:
+            q, k = rms_norm(q, q_norm), rms_norm(k, k_norm)
+    q = rotary_embedding(q.reshape(rows, heads, dim), positions, rotary)
+    k = rotary_embedding(k.reshape(rows, kv_heads, dim), positions, rotary)
+    return q, k, v.reshape(rows, kv_heads, dim)
+
+
+def rope_attention(
+    qkv: torch.Tensor,
+    kv: torch.Tensor,
+    mask: torch.Tensor,
+    slot: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    heads: int,
+    scale: float,
+    rotary: Rotary,
+    qk_norm: tuple[RMSNorm, RMSNorm, bool] | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One new token per row of a rotary decoder, from its QKV product ``qkv`` (B, (H + 2 Hkv) D): ``split_qkv``,
+    the new key/value written into ``kv`` (2, B, Hkv, S, D) at ``slot`` (1,), attention over the cache with the
+    additive ``mask`` (B, S), a sliding ``window`` (slots > slot - window) and a logit ``softcap``.
+    Returns (B, H * D)."""
+    batch = qkv.shape[0]
+    kv_heads, slots, dim = kv.shape[2], kv.shape[3], kv.shape[4]
+    if _kernel_rows(qkv) and dim <= 256 and positions.is_contiguous():
+        block_d = 1 << (dim - 1).bit_length()
+        block_s = max(16, min(1 << (slots - 1).bit_length(), 16384 // block_d, 256))
+        warps = 8 if block_s * block_d >= 8192 else 4
+        # Split a long cache until there are about two programs per SM (132 on an H100/H200), each over >= 256 slots.
+        splits = 1
+        while batch * heads * splits < 256 and slots >= 512 * splits and splits < 64:
+            splits *= 2
+        return decode_kernels.rope_attention(
+            qkv, kv, mask, slot, positions, heads=heads, scale=scale, rotary=rotary, qk_norm=qk_norm, window=window,
+            softcap=softcap, block_s=block_s, warps=warps, splits=splits,
+        )  # fmt: skip
+    q, k, v = split_qkv(qkv, heads, kv_heads, dim, positions, rotary, qk_norm)
+    kv[0].index_copy_(2, slot, k[:, :, None])
+    kv[1].index_copy_(2, slot, v[:, :, None])
+    if window is not None:
+        outside = torch.arange(slots, device=mask.device) <= slot - window
+        mask = mask.masked_fill(outside, float("-inf"))
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # query heads sharing a key/value head
+    out = padded_attention(grouped, kv[0], kv[1], mask[:, None, None, :].to(q.dtype), scale=scale, softcap=softcap)
+    return out.reshape(batch, heads * dim)

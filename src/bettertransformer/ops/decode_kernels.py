@@ -18,6 +18,8 @@ kernels times how long each one waits, not the bytes moved, so these kernels cut
 from __future__ import annotations
 
 import functools
+import os
+from dataclasses import dataclass
 
 import torch
 
@@ -57,6 +59,13 @@ def _pdl(x: torch.Tensor) -> dict:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
+try:  # accurate cos/sin (positions in the thousands turn angles far past 2 pi); Triton's interpreter uses numpy's
+    from triton.language.extra import libdevice
+
+    _HAS_LIBDEVICE = os.environ.get("TRITON_INTERPRET") != "1"
+except ImportError:
+    _HAS_LIBDEVICE = False
+
 if AVAILABLE and not _HAS_GDC:
 
     @triton.jit
@@ -69,6 +78,25 @@ if AVAILABLE and not _HAS_GDC:
 
 
 if AVAILABLE:
+    if _HAS_LIBDEVICE:
+
+        @triton.jit
+        def _cos(x):
+            return libdevice.cos(x)
+
+        @triton.jit
+        def _sin(x):
+            return libdevice.sin(x)
+
+    else:
+
+        @triton.jit
+        def _cos(x):
+            return tl.cos(x)
+
+        @triton.jit
+        def _sin(x):
+            return tl.sin(x)
 
     @triton.jit
     def _wait_for_previous(PDL: tl.constexpr):
@@ -78,19 +106,30 @@ if AVAILABLE:
             gdc_launch_dependents()
 
     @triton.jit
-    def _normalize(x, nw, nb, mean, rstd, inside):
-        # LayerNorm of rows x (fp32) with their statistics; zero outside the matrix.
-        return tl.where(inside, (x - mean[:, None]) * rstd[:, None] * nw[None, :] + nb[None, :], 0.0)
+    def _normalize(x, nw, nb, mean, rstd, inside, offset, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr, DTYPE):
+        # Rows x (fp32) normalised with their statistics (mean 0 for RMSNorm), times the weight (+ ``offset``, Gemma's
+        # 1 + w), plus the bias (LayerNorm); zero outside the matrix. ROUND_FIRST: the normalised row is rounded to
+        # DTYPE before the weight multiplies it (Llama's RMSNorm; Gemma's and OLMo 2's multiply in fp32).
+        y = (x - mean[:, None]) * rstd[:, None]
+        if ROUND_FIRST:
+            y = y.to(DTYPE).to(tl.float32)
+        y = y * (nw[None, :] + offset)
+        if NORM == 1:
+            y += nb[None, :]
+        return tl.where(inside, y, 0.0)
 
     @triton.jit
-    def _input_chunk(x_ptrs, NW, NB, rows, cols, M, K, mean, rstd, NORM: tl.constexpr):
-        # Rows of X (at x_ptrs) at columns cols in fp32, LayerNorm-ed when NORM.
+    def _input_chunk(x_ptrs, NW, NB, rows, cols, M, K, mean, rstd, offset, NORM: tl.constexpr,
+                     ROUND_FIRST: tl.constexpr, DTYPE):  # fmt: skip
+        # Rows of X (at x_ptrs) at columns cols in fp32, normalised when NORM.
         inside = (rows[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32)
-        if NORM:
+        if NORM != 0:
             nw = tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
-            nb = tl.load(NB + cols, mask=cols < K, other=0.0).to(tl.float32)
-            x = _normalize(x, nw, nb, mean, rstd, inside)
+            nb = nw
+            if NORM == 1:
+                nb = tl.load(NB + cols, mask=cols < K, other=0.0).to(tl.float32)
+            x = _normalize(x, nw, nb, mean, rstd, inside, offset, NORM, ROUND_FIRST, DTYPE)
         return x
 
     @triton.jit
@@ -100,19 +139,40 @@ if AVAILABLE:
         return tl.dot(x, w, acc)
 
     @triton.jit
+    def _tanh(x):
+        return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+    @triton.jit
+    def _activation(x, ACT: tl.constexpr):
+        # 1: tanh GELU; 2: SiLU. x in fp32.
+        if ACT == 1:
+            x = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+        elif ACT == 2:
+            x = x / (1.0 + tl.exp(-x))
+        return x
+
+    @triton.jit
     def _linear_kernel(
-        X, W, B, Y, R, NW, NB, PEN, KV, SLOT, PV, PI,
-        M, N, K, stride_xm, stride_wk, stride_wn, stride_ym, stride_rm, eps,
+        X, W, B, W2, B2, W3, B3, Y, R, NW, NB, PEN, KV, SLOT, PV, PI,
+        M, N, K, n1, n2, stride_xm, stride_wk, stride_wn, stride_ym, stride_rm, eps, norm_offset, softcap,
         split, kv_width, stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, stride_pm,
-        HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GELU_TANH: tl.constexpr, RESIDUAL: tl.constexpr,
+        HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr, ACT: tl.constexpr,
+        GATED: tl.constexpr, SEGMENTS: tl.constexpr, SOFTCAP: tl.constexpr, RESIDUAL: tl.constexpr,
         KV_WRITE: tl.constexpr, ARGMAX: tl.constexpr, HAS_PEN: tl.constexpr, STORE_Y: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         ONE_CHUNK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         # act(norm(X) @ W + B) for M <= BLOCK_M rows; one program streams a BLOCK_N-wide slab of W, its first
         # BLOCK_K rows (all of it when ONE_CHUNK: K <= BLOCK_K) before waiting on the previous kernel. The product is
-        # rounded to W's dtype, as a stock nn.Linear's output is, before GELU, the residual add or the argmax.
-        # NORM: LayerNorm (NW, NB, eps) of X's rows first, rounded to W's dtype as the stock LayerNorm's output is.
+        # rounded to W's dtype, as a stock nn.Linear's output is, before the activation, the residual add or the
+        # argmax.
+        # NORM: 1 LayerNorm (NW, NB, eps), 2 RMSNorm (NW + norm_offset, eps) of X's rows first, rounded to W's dtype
+        # as the stock norm's output is.
+        # SEGMENTS: the output columns are those of up to three matrices side by side (W, W2, W3 with biases B, B2,
+        # B3; W2's columns start at n1, W3's at n2; BLOCK_N divides both), each (K, width) with W's strides: the
+        # separate q, k and v projections of a Llama layer as one product.
+        # GATED: act(norm(X) @ W + B) * (norm(X) @ W2 + B2), each product rounded first (a gated MLP's gate and up).
+        # SOFTCAP: softcap * tanh(y / softcap), rounded after each operation as a stock LM head's dtype ops are.
         # RESIDUAL: R += that, in place (each program owns its columns). KV_WRITE: columns >= split are keys then
         # values, written into the cache at slot SLOT instead of Y. ARGMAX: the max of each row's (product + PEN)
         # over the program's columns and its first index, into PV, PI (M, programs).
@@ -123,13 +183,34 @@ if AVAILABLE:
         in_cols = cols < N
         valid = (rows[:, None] < M) & in_cols[None, :]
         dtype = W.dtype.element_ty
-        w_ptrs = W + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+        w_base = W
+        b_base = B
+        first = 0
+        if SEGMENTS > 1:  # which matrix this program's columns belong to
+            if pid * BLOCK_N >= n1:
+                w_base = W2
+                b_base = B2
+                first = n1
+            if SEGMENTS > 2:
+                if pid * BLOCK_N >= n2:
+                    w_base = W3
+                    b_base = B3
+                    first = n2
+        local = cols - first
+        w_ptrs = w_base + ks[:, None] * stride_wk + local[None, :] * stride_wn
+        u_ptrs = W2 + ks[:, None] * stride_wk + local[None, :] * stride_wn
         w = tl.load(w_ptrs, mask=(ks[:, None] < K) & in_cols[None, :], other=0.0)
+        if GATED:
+            u = tl.load(u_ptrs, mask=(ks[:, None] < K) & in_cols[None, :], other=0.0)
         if HAS_BIAS:
-            bias = tl.load(B + cols, mask=in_cols, other=0.0).to(tl.float32)
-        if NORM and ONE_CHUNK:
+            bias = tl.load(b_base + local, mask=in_cols, other=0.0).to(tl.float32)
+            if GATED:
+                bias_u = tl.load(B2 + local, mask=in_cols, other=0.0).to(tl.float32)
+        if NORM != 0 and ONE_CHUNK:
             nw = tl.load(NW + ks, mask=ks < K, other=0.0).to(tl.float32)
-            nb = tl.load(NB + ks, mask=ks < K, other=0.0).to(tl.float32)
+            nb = nw
+            if NORM == 1:
+                nb = tl.load(NB + ks, mask=ks < K, other=0.0).to(tl.float32)
         _wait_for_previous(PDL)
         x_ptrs = X + rows[:, None] * stride_xm + ks[None, :]
         inside = (rows[:, None] < M) & (ks[None, :] < K)
@@ -137,24 +218,31 @@ if AVAILABLE:
             r_ptrs = R + rows[:, None] * stride_rm + cols[None, :]
             r = tl.load(r_ptrs, mask=valid, other=0.0).to(tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if ONE_CHUNK:
             x = tl.load(x_ptrs, mask=inside, other=0.0)
-            if NORM:  # statistics in fp32 from the row in registers, variance about the mean
+            if NORM != 0:  # statistics in fp32 from the row in registers, variance about the mean
                 xf = x.to(tl.float32)
-                mean = tl.sum(xf, axis=1) / K
+                mean = tl.zeros((BLOCK_M,), tl.float32)
+                if NORM == 1:
+                    mean = tl.sum(xf, axis=1) / K
                 d = tl.where(inside, xf - mean[:, None], 0.0)
                 rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
-                x = _normalize(xf, nw, nb, mean, rstd, inside)
-            acc = _accumulate(acc, x.to(dtype), w, BLOCK_M)
+                x = _normalize(xf, nw, nb, mean, rstd, inside, norm_offset, NORM, ROUND_FIRST, dtype)
+            x = x.to(dtype)
+            acc = _accumulate(acc, x, w, BLOCK_M)
+            if GATED:
+                acc_u = _accumulate(acc_u, x, u, BLOCK_M)
         else:
             mean = tl.zeros((BLOCK_M,), tl.float32)
             rstd = tl.zeros((BLOCK_M,), tl.float32)
-            if NORM:  # statistics in fp32 in two passes over the row chunks, variance about the mean
-                total = tl.zeros((BLOCK_M,), tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    x = tl.load(x_ptrs + k0, mask=inside & ((k0 + ks)[None, :] < K), other=0.0)
-                    total += tl.sum(x.to(tl.float32), axis=1)
-                mean = total / K
+            if NORM != 0:  # statistics in fp32 over the row chunks (LayerNorm: two passes, variance about the mean)
+                if NORM == 1:
+                    total = tl.zeros((BLOCK_M,), tl.float32)
+                    for k0 in range(0, K, BLOCK_K):
+                        x = tl.load(x_ptrs + k0, mask=inside & ((k0 + ks)[None, :] < K), other=0.0)
+                        total += tl.sum(x.to(tl.float32), axis=1)
+                    mean = total / K
                 total = tl.zeros((BLOCK_M,), tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     chunk = inside & ((k0 + ks)[None, :] < K)
@@ -162,18 +250,34 @@ if AVAILABLE:
                     d = tl.where(chunk, x.to(tl.float32) - mean[:, None], 0.0)
                     total += tl.sum(d * d, axis=1)
                 rstd = 1.0 / tl.sqrt(total / K + eps)
-            x = _input_chunk(x_ptrs, NW, NB, rows, ks, M, K, mean, rstd, NORM)
-            acc = _accumulate(acc, x.to(dtype), w, BLOCK_M)
+            x = _input_chunk(x_ptrs, NW, NB, rows, ks, M, K, mean, rstd, norm_offset, NORM, ROUND_FIRST, dtype)
+            x = x.to(dtype)
+            acc = _accumulate(acc, x, w, BLOCK_M)
+            if GATED:
+                acc_u = _accumulate(acc_u, x, u, BLOCK_M)
             for k0 in range(BLOCK_K, K, BLOCK_K):  # a loop the compiler pipelines: no branch inside
-                w = tl.load(w_ptrs + k0 * stride_wk, mask=((k0 + ks)[:, None] < K) & in_cols[None, :], other=0.0)
-                x = _input_chunk(x_ptrs + k0, NW, NB, rows, k0 + ks, M, K, mean, rstd, NORM)
-                acc = _accumulate(acc, x.to(dtype), w, BLOCK_M)
+                chunk_w = ((k0 + ks)[:, None] < K) & in_cols[None, :]
+                w = tl.load(w_ptrs + k0 * stride_wk, mask=chunk_w, other=0.0)
+                if GATED:
+                    u = tl.load(u_ptrs + k0 * stride_wk, mask=chunk_w, other=0.0)
+                x = _input_chunk(
+                    x_ptrs + k0, NW, NB, rows, k0 + ks, M, K, mean, rstd, norm_offset, NORM, ROUND_FIRST, dtype
+                ).to(dtype)
+                acc = _accumulate(acc, x, w, BLOCK_M)
+                if GATED:
+                    acc_u = _accumulate(acc_u, x, u, BLOCK_M)
         if HAS_BIAS:
             acc += bias[None, :]
         acc = acc.to(dtype).to(tl.float32)
-        if GELU_TANH:
-            inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-            acc = 0.5 * acc * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+        acc = _activation(acc, ACT)
+        if GATED:
+            if HAS_BIAS:
+                acc_u += bias_u[None, :]
+            acc = acc.to(dtype).to(tl.float32) * acc_u.to(dtype).to(tl.float32)
+        if SOFTCAP:
+            acc = (acc / softcap).to(dtype).to(tl.float32)
+            acc = (_tanh(acc)).to(dtype).to(tl.float32)
+            acc = (acc * softcap).to(dtype).to(tl.float32)
         if RESIDUAL:
             acc += r
             tl.store(r_ptrs, acc.to(R.dtype.element_ty), mask=valid)
@@ -183,9 +287,9 @@ if AVAILABLE:
                 scores += tl.load(PEN + cols, mask=in_cols, other=0.0)[None, :]
             scores = tl.where(in_cols[None, :], scores, float("-inf"))
             best = tl.max(scores, axis=1)
-            first = tl.argmax(scores, axis=1, tie_break_left=True)
+            first_max = tl.argmax(scores, axis=1, tie_break_left=True)
             tl.store(PV + rows * stride_pm + pid, best, mask=rows < M)
-            tl.store(PI + rows * stride_pm + pid, pid * BLOCK_N + first, mask=rows < M)
+            tl.store(PI + rows * stride_pm + pid, pid * BLOCK_N + first_max, mask=rows < M)
         if KV_WRITE:
             to_y = cols < split
             tl.store(
@@ -215,16 +319,200 @@ if AVAILABLE:
         tl.store(OUT + row, tl.min(tl.where(values == best, index, 2147483647), axis=0).to(tl.int64))
 
     @triton.jit
-    def _embed_kernel(TOK, POS, WTE, WPE, X, E, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _embed_kernel(TOK, POS, WTE, WPE, X, E, scale, HAS_POS: tl.constexpr, SCALE: tl.constexpr,
+                      BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        # WTE[token] (+ WPE[position]) or WTE[token] * scale (Gemma's scaled embedding, the scale in X's dtype).
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         m = cols < E
         _wait_for_previous(PDL)
         tok = tl.load(TOK + row)
-        pos = tl.load(POS + row)
         a = tl.load(WTE + tok * E + cols, mask=m).to(tl.float32)
-        b = tl.load(WPE + pos * E + cols, mask=m).to(tl.float32)
-        tl.store(X + row * E + cols, (a + b).to(X.dtype.element_ty), mask=m)
+        if HAS_POS:
+            pos = tl.load(POS + row)
+            a += tl.load(WPE + pos * E + cols, mask=m).to(tl.float32)
+        if SCALE:
+            a *= scale
+        tl.store(X + row * E + cols, a.to(X.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _add_norm_kernel(X, T, NW, E, eps, offset, ROUND_FIRST: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):  # fmt: skip
+        # X += RMSNorm(T) for one row per program (a norm after a sublayer, before its residual add: Gemma 2/3,
+        # OLMo 2). The norm's output is rounded to X's dtype, as the stock module's is, before the add.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < E
+        w = tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+        _wait_for_previous(PDL)
+        t = tl.load(T + row * E + cols, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(X + row * E + cols, mask=m, other=0.0).to(tl.float32)
+        y = t / tl.sqrt(tl.sum(t * t, axis=0) / E + eps)
+        if ROUND_FIRST:
+            y = y.to(X.dtype.element_ty).to(tl.float32)
+        y = (y * (w + offset)).to(X.dtype.element_ty).to(tl.float32)
+        tl.store(X + row * E + cols, (x + y).to(X.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rotate(x, xp, d, pos, FREQ, rope_scale, ROT: tl.constexpr, DTYPE):
+        # Rotary embedding of one head x (fp32, BLOCK_D) whose rotate-half partners are xp: dims d < ROT turn by
+        # position * FREQ[d % (ROT / 2)]; cos and sin are rounded to DTYPE, as stock computes them.
+        half: tl.constexpr = ROT // 2
+        rot = d < ROT
+        angle = pos * tl.load(FREQ + d % half, mask=rot, other=0.0)
+        c = (_cos(angle) * rope_scale).to(DTYPE).to(tl.float32)
+        s = (_sin(angle) * rope_scale).to(DTYPE).to(tl.float32)
+        sign = tl.where(d < half, -1.0, 1.0)
+        return tl.where(rot, x * c + sign * xp * s, x).to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _qk_norm(x, xp, d, partner, dm, NW, rstd, offset, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr, DTYPE):
+        # The per-head (or per-projection) RMSNorm of q or k and of the rotate-half partners, rounded to DTYPE.
+        if NORM != 0:
+            w = tl.load(NW + d, mask=dm, other=0.0).to(tl.float32)
+            wp = tl.load(NW + partner, mask=dm, other=0.0).to(tl.float32)
+            x = x * rstd
+            xp = xp * rstd
+            if ROUND_FIRST:
+                x = x.to(DTYPE).to(tl.float32)
+                xp = xp.to(DTYPE).to(tl.float32)
+            x = (x * (w + offset)).to(DTYPE).to(tl.float32)
+            xp = (xp * (wp + offset)).to(DTYPE).to(tl.float32)
+        return x, xp
+
+    @triton.jit
+    def _head_rstd(ROW, start, width, eps, BLOCK: tl.constexpr):
+        # 1 / rms of ROW[start : start + width].
+        i = tl.arange(0, BLOCK)
+        v = tl.load(ROW + start + i, mask=i < width, other=0.0).to(tl.float32)
+        return 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / width + eps)
+
+    @triton.jit
+    def _rope_attention_kernel(
+        QKV, K, V, MASK, SLOT, POS, FREQ, QN, KN, OUT, PART_O, PART_ML,
+        S, stride_qkv, q_width, k_width, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+        stride_mb, stride_ob, scale, rope_scale, eps, norm_offset, window, softcap, chunk,
+        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, ROT: tl.constexpr, QK_NORM: tl.constexpr,
+        NORM_BLOCK: tl.constexpr, ROUND_FIRST: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+        BLOCK_S: tl.constexpr, ONE_BLOCK: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        # One query token per (row, head) of a rotary decoder, from the raw QKV product (B, q | k | v): the q/k
+        # norm (QK_NORM 1: per head; 2: over the whole projection, OLMo 2), the rotary embedding, the new key/value
+        # written into the cache at SLOT (by the group's first head), then attention over the cache with the
+        # additive mask, a sliding WINDOW (slots > SLOT - window) and a logit SOFTCAP. The new slot's key/value
+        # are used from registers: other programs may not have written them yet.
+        # SPLITS > 1 (few rows, a long cache): program (b, h, split) covers ``chunk`` slots and writes its
+        # unnormalised output and (max, sum) into PART_O, PART_ML; ``_combine_splits_kernel`` merges them.
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        split = tl.program_id(2)
+        kv_h = h // GROUP
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        half: tl.constexpr = ROT // 2
+        partner = tl.where(d < ROT, tl.where(d < half, d + half, d - half), d)
+        dtype = K.dtype.element_ty
+        k_row = K + b * stride_kb + kv_h * stride_kh
+        v_row = V + b * stride_vb + kv_h * stride_vh
+        if ONE_BLOCK:
+            ss = tl.arange(0, BLOCK_S)
+            inside = ss < S
+            k = tl.load(k_row + ss[:, None] * stride_ks + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
+            v = tl.load(v_row + ss[:, None] * stride_vs + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
+            mask = tl.load(MASK + b * stride_mb + ss, mask=inside, other=float("-inf")).to(tl.float32)
+        slot = tl.load(SLOT)
+        _wait_for_previous(PDL)
+        row = QKV + b * stride_qkv
+        pos = tl.load(POS + b).to(tl.float32)
+        q_at = row + h * D
+        k_at = row + q_width + kv_h * D
+        q = tl.load(q_at + d, mask=dm, other=0.0).to(tl.float32)
+        qp = tl.load(q_at + partner, mask=dm, other=0.0).to(tl.float32)
+        kn = tl.load(k_at + d, mask=dm, other=0.0).to(tl.float32)
+        kp = tl.load(k_at + partner, mask=dm, other=0.0).to(tl.float32)
+        vn = tl.load(row + q_width + k_width + kv_h * D + d, mask=dm, other=0.0)
+        q_rstd = 1.0
+        k_rstd = 1.0
+        q_norm = QN
+        k_norm = KN
+        if QK_NORM == 1:
+            q_rstd = _head_rstd(row, h * D, D, eps, BLOCK_D)
+            k_rstd = _head_rstd(row, q_width + kv_h * D, D, eps, BLOCK_D)
+        elif QK_NORM == 2:
+            q_rstd = _head_rstd(row, 0, q_width, eps, NORM_BLOCK)
+            k_rstd = _head_rstd(row, q_width, k_width, eps, NORM_BLOCK)
+            q_norm = QN + h * D
+            k_norm = KN + kv_h * D
+        q, qp = _qk_norm(q, qp, d, partner, dm, q_norm, q_rstd, norm_offset, QK_NORM, ROUND_FIRST, dtype)
+        kn, kp = _qk_norm(kn, kp, d, partner, dm, k_norm, k_rstd, norm_offset, QK_NORM, ROUND_FIRST, dtype)
+        q = _rotate(q, qp, d, pos, FREQ, rope_scale, ROT, dtype) * scale
+        kn = _rotate(kn, kp, d, pos, FREQ, rope_scale, ROT, dtype)
+        if (h % GROUP == 0) & (split == 0):
+            tl.store(k_row + slot * stride_ks + d, kn.to(dtype), mask=dm)
+            tl.store(v_row + slot * stride_vs + d, vn, mask=dm)
+        vn = vn.to(tl.float32)
+        if ONE_BLOCK:
+            new = (ss == slot)[:, None]
+            scores = tl.sum(tl.where(new, kn[None, :], k.to(tl.float32)) * q[None, :], axis=1)
+            if SOFTCAP:
+                scores = _tanh(scores / softcap) * softcap
+            scores += mask
+            if WINDOW:
+                scores = tl.where(ss > slot - window, scores, float("-inf"))
+            p = tl.exp(scores - tl.max(scores, axis=0))
+            out = tl.sum(p[:, None] * tl.where(new, vn[None, :], v.to(tl.float32)), axis=0) / tl.sum(p, axis=0)
+        else:
+            m_i = -1.0e30
+            l_i = 0.0
+            acc = tl.zeros((BLOCK_D,), tl.float32)
+            start = split * chunk
+            stop = tl.minimum(start + chunk, S)
+            if WINDOW:
+                start = tl.maximum(start, tl.maximum(slot - window + 1, 0) // BLOCK_S * BLOCK_S)
+            for s0 in range(start, stop, BLOCK_S):
+                ss = s0 + tl.arange(0, BLOCK_S)
+                inside = ss < S
+                k = tl.load(k_row + ss[:, None] * stride_ks + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
+                v = tl.load(v_row + ss[:, None] * stride_vs + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
+                mask = tl.load(MASK + b * stride_mb + ss, mask=inside, other=float("-inf")).to(tl.float32)
+                new = (ss == slot)[:, None]
+                scores = tl.sum(tl.where(new, kn[None, :], k.to(tl.float32)) * q[None, :], axis=1)
+                if SOFTCAP:
+                    scores = _tanh(scores / softcap) * softcap
+                scores += mask
+                if WINDOW:
+                    scores = tl.where(ss > slot - window, scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+                p = tl.exp(scores - m_new)
+                alpha = tl.exp(m_i - m_new)
+                acc = acc * alpha + tl.sum(p[:, None] * tl.where(new, vn[None, :], v.to(tl.float32)), axis=0)
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                m_i = m_new
+            if SPLITS > 1:
+                part = (b * tl.num_programs(1) + h) * SPLITS + split
+                tl.store(PART_O + part * BLOCK_D + d, acc)
+                tl.store(PART_ML + part * 2, m_i)
+                tl.store(PART_ML + part * 2 + 1, l_i)
+                return
+            out = acc / l_i
+        tl.store(OUT + b * stride_ob + h * D + d, out.to(OUT.dtype.element_ty), mask=dm)
+
+    @triton.jit
+    def _combine_splits_kernel(PART_O, PART_ML, OUT, stride_ob, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                               SPLITS: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        # The attention output of (row, head) from its SPLITS partial softmaxes.
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        _wait_for_previous(PDL)
+        first = (b * tl.num_programs(1) + h) * SPLITS
+        parts = first + tl.arange(0, SPLITS)
+        m = tl.load(PART_ML + parts * 2)
+        weight = tl.exp(m - tl.max(m, axis=0))
+        total = tl.sum(weight * tl.load(PART_ML + parts * 2 + 1), axis=0)
+        d = tl.arange(0, BLOCK_D)
+        acc = tl.load(PART_O + parts[:, None] * BLOCK_D + d[None, :])
+        out = tl.sum(weight[:, None] * acc, axis=0) / total
+        tl.store(OUT + b * stride_ob + h * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
     @triton.jit
     def _advance_kernel(
@@ -316,15 +604,38 @@ if AVAILABLE:
 
 MAX_ROWS = 16  # rows one linear kernel takes (one tensor-core tile)
 Norm = tuple[torch.Tensor, torch.Tensor, float]  # LayerNorm (weight, bias, eps)
+Part = tuple[torch.Tensor, "torch.Tensor | None"]  # (weight, bias) of one more matrix
+_ACTIVATIONS = {None: 0, "gelu_tanh": 1, "silu": 2}
 
 
-def linear_config(m: int, k: int, n: int) -> tuple[int, int, int]:
+@dataclass(frozen=True)
+class RMSNorm:
+    """An RMSNorm before a product: x / rms(x) * (weight + offset). ``round_first``: the normalised row is rounded to
+    the input's dtype before the weight multiplies it (Llama's form); Gemma (offset 1) and OLMo 2 multiply in fp32."""
+
+    weight: torch.Tensor
+    eps: float
+    offset: float = 0.0
+    round_first: bool = True
+
+
+def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an (m, k) @ (k, n) product. For one row: a few hundred programs, each
-    reading up to 16K weights before the wait (the best of a sweep on the fused GPT-2 step, BENCHMARKS.md)."""
+    reading up to 16K weights before the wait (the best of a sweep on the fused GPT-2 step, BENCHMARKS.md); a gated
+    product reads two matrices, so half as many rows of each."""
     if m == 1:
         block_n = 8 if n <= 1024 else 16 if n <= 8192 else 32
-        return block_n, min(triton.next_power_of_2(k), max(16, 16384 // block_n)), 4
+        budget = 8192 if gated else 16384
+        return block_n, min(triton.next_power_of_2(k), max(16, budget // block_n)), 4
     return (8, 256, 2) if n <= 1024 else (64, 128, 4) if n >= 16384 else (32, 128, 2)
+
+
+def segment_block(block_n: int, widths: tuple[int, ...], rows: int) -> int | None:
+    """The largest BLOCK_N <= ``block_n`` that divides every segment width (a program's columns then lie in one
+    matrix); None if under the kernel's minimum (16 for a tensor-core tile)."""
+    while block_n > 1 and any(w % block_n for w in widths):
+        block_n //= 2
+    return block_n if block_n >= (1 if rows == 1 else 16) else None
 
 
 def linear(
@@ -333,9 +644,13 @@ def linear(
     bias: torch.Tensor | None,
     *,
     transposed: bool,
-    norm: Norm | None = None,
+    norm: Norm | RMSNorm | None = None,
     residual: torch.Tensor | None = None,
     gelu_tanh: bool = False,
+    act: str | None = None,
+    parts: tuple[Part, ...] = (),
+    up: Part | None = None,
+    softcap: float | None = None,
     out_dtype: torch.dtype | None = None,
     kv: torch.Tensor | None = None,
     slot: torch.Tensor | None = None,
@@ -346,22 +661,44 @@ def linear(
     config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """act(norm(x) @ W + bias) for x (M <= 16, K) contiguous; W is ``weight`` (K, N) or, if ``transposed``,
-    ``weight.T`` of an (N, K) weight (nn.Linear). ``norm``: LayerNorm (weight, bias, eps) of x's rows first.
+    ``weight.T`` of an (N, K) weight (nn.Linear). ``norm``: LayerNorm (weight, bias, eps) or ``RMSNorm`` of x's rows
+    first. ``act``: "gelu_tanh" or "silu" (``gelu_tanh=True`` is "gelu_tanh").
 
+    - ``parts``: up to two more (weight, bias) matrices laid out like ``weight``, whose columns follow its columns
+      (separate q, k, v projections computed as one); every width a multiple of 16.
+    - ``up``: a gated product, act(norm(x) @ W + bias) * (norm(x) @ U + up bias), U laid out like ``weight``.
+    - ``softcap``: softcap * tanh(result / softcap) (Gemma 2's final logits), each operation rounded to x's dtype.
     - ``residual`` (M, N): ``residual += result`` in place; returns ``residual``.
     - ``kv`` (2, M, Hkv, S, head_dim) and ``slot`` (1,): only the first ``split`` columns are returned; the rest,
       keys then values, are written into ``kv`` at that slot.
     - ``argmax``: returns the (M,) int64 first index of each row's maximum of (result + ``eos_penalty``).
     """
     m, k = x.shape
-    n = weight.shape[0] if transposed else weight.shape[1]
-    block_n, block_k, warps = config or linear_config(m, k, n)
+    matrices = (weight, *(w for w, _ in parts))
+    widths = tuple(w.shape[0] if transposed else w.shape[1] for w in matrices)
+    n = sum(widths)
+    block_n, block_k, warps = config or linear_config(m, k, n, gated=up is not None)
+    if parts:
+        found = segment_block(block_n if m == 1 else max(block_n, 16), widths, m)
+        if found is None:
+            raise ValueError(f"segment widths {widths} admit no block width")
+        block_n = found
     stride_wk, stride_wn = (weight.stride(1), weight.stride(0)) if transposed else (weight.stride(0), weight.stride(1))
+    extra = [w for w in matrices[1:]] + ([up[0]] if up is not None else [])
+    if any(w.stride() != weight.stride() for w in extra):
+        raise ValueError("every matrix of one product must have the first one's strides")
+    biases = [bias, *(b for _, b in parts)] + ([up[1]] if up is not None else [])
+    if any((b is None) != (bias is None) for b in biases):
+        raise ValueError("either every matrix of one product has a bias or none has")
     programs = triton.cdiv(n, block_n)
     store_y = residual is None and not argmax
     y = x.new_empty((m, split if kv is not None else n) if store_y else (1,), dtype=out_dtype or x.dtype)
     r = residual if residual is not None else y
-    nw, nb, eps = norm if norm is not None else (x, x, 0.0)
+    if isinstance(norm, RMSNorm):
+        nw, nb, eps, offset, kind, round_first = norm.weight, norm.weight, norm.eps, norm.offset, 2, norm.round_first
+    else:
+        nw, nb, eps = norm if norm is not None else (x, x, 0.0)
+        offset, kind, round_first = 0.0, 0 if norm is None else 1, False
     kv_args = (
         (kv, slot, split, kv.shape[2] * head_dim, *kv.stride()[:4]) if kv is not None else (y, y, 0, 1, 0, 0, 0, 0)
     )
@@ -370,12 +707,20 @@ def linear(
         partial_index = x.new_empty(m, programs, dtype=torch.int32)
     else:
         partial_values = partial_index = y
+    second = up if up is not None else parts[0] if parts else (weight, bias)
+    third = parts[1] if len(parts) > 1 else second
+    pointers = [
+        t if t is not None else x
+        for t in (weight, bias, second[0], second[1], third[0], third[1])
+    ]  # fmt: skip
     pdl = _pdl(x)
     _linear_kernel[(programs,)](
-        x, weight, bias if bias is not None else x, y, r, nw, nb, eos_penalty if eos_penalty is not None else x,
-        kv_args[0], kv_args[1], partial_values, partial_index, m, n, k, x.stride(0), stride_wk, stride_wn,
-        y.stride(0), r.stride(0), eps, *kv_args[2:], programs, HAS_BIAS=bias is not None, NORM=norm is not None,
-        GELU_TANH=gelu_tanh, RESIDUAL=residual is not None, KV_WRITE=kv is not None, ARGMAX=argmax,
+        x, *pointers, y, r, nw, nb, eos_penalty if eos_penalty is not None else x,
+        kv_args[0], kv_args[1], partial_values, partial_index, m, n, k, widths[0], sum(widths[:2]), x.stride(0),
+        stride_wk, stride_wn, y.stride(0), r.stride(0), eps, offset, softcap or 1.0, *kv_args[2:], programs,
+        HAS_BIAS=bias is not None, NORM=kind, ROUND_FIRST=round_first,
+        ACT=_ACTIVATIONS["gelu_tanh" if gelu_tanh else act], GATED=up is not None, SEGMENTS=len(matrices),
+        SOFTCAP=softcap is not None, RESIDUAL=residual is not None, KV_WRITE=kv is not None, ARGMAX=argmax,
         HAS_PEN=eos_penalty is not None, STORE_Y=store_y, HEAD_DIM=max(head_dim, 1), BLOCK_M=1 if m == 1 else MAX_ROWS,
         BLOCK_N=block_n, BLOCK_K=block_k, ONE_CHUNK=k <= block_k, num_warps=warps, num_stages=2 if n >= 16384 else 4,
         **pdl,
@@ -391,12 +736,93 @@ def linear(
     return chosen
 
 
-def embed(tokens: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
-    """wte[tokens] + wpe[positions]: tokens, positions (B,) int64 -> (B, E)."""
+def embed(
+    tokens: torch.Tensor,
+    positions: torch.Tensor | None,
+    wte: torch.Tensor,
+    wpe: torch.Tensor | None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """wte[tokens] (+ wpe[positions]) (* ``scale``): tokens, positions (B,) int64 -> (B, E)."""
     batch, width = tokens.shape[0], wte.shape[1]
     x = torch.empty(batch, width, device=wte.device, dtype=wte.dtype)
-    _embed_kernel[(batch,)](tokens, positions, wte, wpe, x, width, BLOCK=triton.next_power_of_2(width), **_pdl(wte))
+    _embed_kernel[(batch,)](
+        tokens, positions if positions is not None else tokens, wte, wpe if wpe is not None else wte, x, width,
+        scale, HAS_POS=wpe is not None, SCALE=scale != 1.0, BLOCK=triton.next_power_of_2(width), **_pdl(wte),
+    )  # fmt: skip
     return x
+
+
+def add_norm(x: torch.Tensor, t: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """x += norm(t) in place, rows (M, E) contiguous; returns x."""
+    rows, width = x.shape
+    _add_norm_kernel[(rows,)](
+        x, t, norm.weight, width, norm.eps, norm.offset, ROUND_FIRST=norm.round_first,
+        BLOCK=triton.next_power_of_2(width), **_pdl(x),
+    )  # fmt: skip
+    return x
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """A rotary embedding: the first ``2 * len(inv_freq)`` features of each head turn by position * inv_freq
+    (rotate-half pairs), cos and sin times ``scale`` (YaRN's attention factor)."""
+
+    inv_freq: torch.Tensor
+    scale: float = 1.0
+
+
+def rope_attention(
+    qkv: torch.Tensor,
+    kv: torch.Tensor,
+    mask: torch.Tensor,
+    slot: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    heads: int,
+    scale: float,
+    rotary: Rotary,
+    qk_norm: tuple[RMSNorm, RMSNorm, bool] | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    block_s: int = 64,
+    warps: int = 4,
+    splits: int = 1,
+) -> torch.Tensor:
+    """One new token per row of a rotary decoder, from its raw QKV product ``qkv`` (B, (H + 2 Hkv) D): q/k norm
+    (``qk_norm``: (q norm, k norm, per head)), rotary embedding at ``positions`` (B,), the new key/value written
+    into ``kv`` (2, B, Hkv, S, D) at ``slot`` (1,), attention over the cache with the additive ``mask`` (B, S), an
+    optional sliding ``window`` and logit ``softcap``. ``splits`` (a power of two): programs per (row, head), each
+    over a slice of the cache, merged by a second kernel (a long cache and few rows). Returns (B, H * D)."""
+    batch = qkv.shape[0]
+    kv_heads, slots, dim = kv.shape[2], kv.shape[3], kv.shape[4]
+    out = qkv.new_empty(batch, heads * dim)
+    q_width, k_width = heads * dim, kv_heads * dim
+    q_norm, k_norm, per_head = qk_norm if qk_norm is not None else (None, None, True)
+    mode = 0 if qk_norm is None else 1 if per_head else 2
+    norm = q_norm or RMSNorm(qkv, 0.0)
+    k, v = kv[0], kv[1]
+    block_d = triton.next_power_of_2(dim)
+    one_block = slots <= block_s
+    splits = 1 if one_block else splits
+    chunk = triton.cdiv(triton.cdiv(slots, splits), block_s) * block_s
+    part_o = qkv.new_empty(batch * heads * splits * block_d, dtype=torch.float32) if splits > 1 else out
+    part_ml = qkv.new_empty(batch * heads * splits * 2, dtype=torch.float32) if splits > 1 else out
+    pdl = _pdl(qkv)
+    _rope_attention_kernel[(batch, heads, splits)](
+        qkv, k, v, mask, slot, positions, rotary.inv_freq, norm.weight, (k_norm or norm).weight, out, part_o,
+        part_ml, slots, qkv.stride(0), q_width, k_width, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), mask.stride(0), out.stride(0), scale, rotary.scale, norm.eps, norm.offset,
+        window or 0, softcap or 1.0, chunk, GROUP=heads // kv_heads, D=dim, BLOCK_D=block_d,
+        ROT=2 * rotary.inv_freq.shape[0], QK_NORM=mode, NORM_BLOCK=triton.next_power_of_2(max(q_width, k_width)),
+        ROUND_FIRST=norm.round_first, WINDOW=window is not None, SOFTCAP=softcap is not None, BLOCK_S=block_s,
+        ONE_BLOCK=one_block, SPLITS=splits, num_warps=warps, **pdl,
+    )  # fmt: skip
+    if splits > 1:
+        _combine_splits_kernel[(batch, heads)](
+            part_o, part_ml, out, out.stride(0), D=dim, BLOCK_D=block_d, SPLITS=splits, **pdl
+        )  # fmt: skip
+    return out
 
 
 def advance(chosen: torch.Tensor, buffers: StepBuffers) -> None:

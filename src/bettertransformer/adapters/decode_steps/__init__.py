@@ -1,4 +1,4 @@
-"""Fused decode steps, one file per model family (``gpt2.py``), each named by one registry field.
+"""Fused decode steps, one file per model family (``gpt2.py``, ``llama.py``), each named by one registry field.
 
 ``base.DecodeStep`` is what a family's step provides; ``README.md``'s "Adding an architecture" walks through adding
 one.
@@ -6,5 +6,9 @@ one.
 
 from .base import DecodeStep, Packing, Projection, pack_prompts
 from .gpt2 import GPT2DecodeStep, GPT2Layout
+from .llama import Gemma2DecodeStep, LlamaDecodeStep, LlamaLayout, Olmo2DecodeStep, Phi3DecodeStep
 
-__all__ = ["DecodeStep", "GPT2DecodeStep", "GPT2Layout", "Packing", "Projection", "pack_prompts"]
+__all__ = [
+    "DecodeStep", "GPT2DecodeStep", "GPT2Layout", "Gemma2DecodeStep", "LlamaDecodeStep", "LlamaLayout",
+    "Olmo2DecodeStep", "Packing", "Phi3DecodeStep", "Projection", "pack_prompts",
+]  # fmt: skip

@@ -18,6 +18,11 @@ from ...ops.padding import PackInfo, pack_info
 from ..decode_state import DecodeState
 
 
+# Activations computed inside the matrix product before them: the tanh GELU (GPT-2's "gelu_new" in eight
+# PyTorch kernels, the same formula in none).
+TANH_GELU = frozenset({"NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"})
+
+
 class DecodeStep(Protocol):
     """A fused decode step of one model family.
 

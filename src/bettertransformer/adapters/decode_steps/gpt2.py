@@ -22,7 +22,7 @@ from ...ops import decode
 from ...ops.attention import packed_attention
 from ..decode_state import DecodeState
 from ..patching import check_requires, resolve
-from .base import Packing, Projection, pack_prompts
+from .base import TANH_GELU, Packing, Projection, pack_prompts
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,6 @@ def _norm(module: nn.LayerNorm) -> decode.Norm:
     return (module.weight, module.bias, module.eps)
 
 
-# Activations computed inside the matrix product before them: the tanh GELU (GPT-2's "gelu_new" in eight
-# PyTorch kernels, the same formula in none).
-_TANH_GELU = {"NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"}
-
-
 def _affine_layer_norm(module: Any) -> bool:
     return type(module) is nn.LayerNorm and module.weight is not None and module.bias is not None
 
@@ -75,7 +70,7 @@ class _Layer:
         # Checked by ``unsupported`` before any step runs.
         self.qkv, self.o, self.ffn_in, self.ffn_out = (cast(Projection, p) for p in found)
         self.act: Any = resolve(layer, layout.act)
-        self.gelu_tanh = type(self.act).__name__ in _TANH_GELU
+        self.gelu_tanh = type(self.act).__name__ in TANH_GELU
 
     def unsupported(self) -> str | None:
         """Why this layer's modules cannot run in the fused step, or None."""

@@ -1,0 +1,354 @@
+"""A decode step that runs the layers of a Llama-shaped decoder directly, in five kernels per layer.
+
+The Llama family (Llama, Mistral, Qwen 2/3, Gemma 1-3, Phi-3, OLMo 2) shares one layer shape: RMSNorm, q/k/v
+projections with rotary embeddings and grouped-query heads, a gated MLP. The members differ in details a
+``LlamaLayout`` names (where the norms sit, fused or separate projections) or the modules carry (q/k norms, sliding
+windows, logit softcaps, scaled embeddings). Per layer, on CUDA in fp16/bf16 (``ops.decode``):
+
+1. RMSNorm + the q, k and v products as one (three matrices side by side, one kernel);
+2. q/k norm, rotary embedding, the key/value write into the cache and attention over it (one kernel);
+3. the output projection + the residual add (with a post-norm, as Gemma 2/3 and OLMo 2 have: + one add-norm kernel);
+4. RMSNorm + gate and up products + the activation and their product (one kernel);
+5. the down projection + the residual add (or + one add-norm kernel).
+
+The final norm, the LM head, a final logit softcap and the greedy choice of the next token are one more kernel and a
+small reduction. It computes the same function as the stock forward; only rounding differs (fewer intermediate
+roundings). On the CPU, and for more than 16 rows, the same step runs on PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...ops import decode
+from ...ops.attention import packed_attention
+from ..decode_state import DecodeState
+from ..patching import resolve
+from .base import TANH_GELU, Packing, pack_prompts
+
+# RMSNorm classes by name: (offset added to the weight, whether the normalised row is rounded before the weight
+# multiplies it). Llama's multiplies in the input's dtype; Gemma's (1 + w) and OLMo 2's multiply in fp32.
+_RMS_NORMS: dict[str, tuple[float, bool]] = {
+    **dict.fromkeys(("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"), (0.0, True)),
+    **dict.fromkeys(("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"), (1.0, False)),
+    "Olmo2RMSNorm": (0.0, False),
+}
+_SILU = {"SiLU", "SiLUActivation"}
+# Rotary embeddings whose frequencies change with the sequence length at run time.
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class LlamaLayout:
+    """Attribute paths of a Llama-shaped decoder. ``embed``, ``layers``, ``final_norm`` and ``rotary`` are relative
+    to the base model, the others to one layer. A norm path of None: the layer has no norm there. ``qkv`` names the
+    q, k and v projections, or one fused projection (Phi-3); ``gate_up`` the gate and up projections, or one fused
+    (gate | up) projection."""
+
+    embed: str = "embed_tokens"
+    layers: str = "layers"
+    final_norm: str = "norm"
+    rotary: str = "rotary_emb"
+    attention: str = "self_attn"
+    pre_attention: str | None = "input_layernorm"
+    post_attention: str | None = None
+    pre_mlp: str | None = "post_attention_layernorm"
+    post_mlp: str | None = None
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    o: str = "self_attn.o_proj"
+    gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    down: str = "mlp.down_proj"
+    act: str = "mlp.act_fn"
+
+
+GEMMA2_LAYOUT = LlamaLayout(
+    post_attention="post_attention_layernorm",
+    pre_mlp="pre_feedforward_layernorm",
+    post_mlp="post_feedforward_layernorm",
+)
+OLMO2_LAYOUT = LlamaLayout(
+    pre_attention=None, post_attention="post_attention_layernorm", pre_mlp=None, post_mlp="post_feedforward_layernorm"
+)
+PHI3_LAYOUT = LlamaLayout(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",), act="mlp.activation_fn")
+
+
+def _rms_norm(module: Any) -> decode.RMSNorm:
+    offset, round_first = _RMS_NORMS[type(module).__name__]
+    eps: Any = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return decode.RMSNorm(module.weight, float(eps), offset, round_first)
+
+
+def _check_norm(module: Any, where: str) -> None:
+    name = type(module).__name__
+    if name not in _RMS_NORMS or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        raise NotImplementedError(f"a {where} norm the fused step does not know ({name})")
+    if getattr(module, "variance_epsilon", getattr(module, "eps", None)) is None:
+        raise NotImplementedError(f"a {where} norm without an epsilon ({name})")
+
+
+def _linears(modules: list[Any], what: str) -> list[nn.Linear]:
+    for module in modules:
+        if type(module) is not nn.Linear:
+            raise NotImplementedError(f"a {what} projection that is not nn.Linear (an adapter or quantized layer)")
+    return modules
+
+
+def _parts(modules: list[nn.Linear], widths: tuple[int, ...]) -> list[decode.Part]:
+    """(weight, bias) of each block of output columns: the modules' own, or slices of one fused module's."""
+    if len(modules) == len(widths):
+        return [(m.weight, m.bias) for m in modules]
+    (fused,) = modules
+    weights = fused.weight.split(widths)
+    biases = fused.bias.split(widths) if fused.bias is not None else (None,) * len(widths)
+    return list(zip(weights, biases, strict=True))
+
+
+class _Layer:
+    def __init__(self, layer: nn.Module, layout: LlamaLayout, rotary: nn.Module, config: Any):
+        self.layer = layer
+        self.norms = {
+            where: resolve(layer, path) if path is not None else None
+            for where, path in (
+                ("pre_attention", layout.pre_attention), ("post_attention", layout.post_attention),
+                ("pre_mlp", layout.pre_mlp), ("post_mlp", layout.post_mlp),
+            )
+        }  # fmt: skip
+        for where, norm in self.norms.items():
+            if norm is not None:
+                _check_norm(norm, where.replace("_", "-"))
+        attention = resolve(layer, layout.attention)
+        self.attention = attention
+        self.qkv = _linears([resolve(layer, p) for p in layout.qkv], "q/k/v")
+        self.o = _linears([resolve(layer, layout.o)], "output")[0]
+        self.gate_up = _linears([resolve(layer, p) for p in layout.gate_up], "gate/up")
+        self.down = _linears([resolve(layer, layout.down)], "down")[0]
+        self.act_module = resolve(layer, layout.act)
+        act = type(self.act_module).__name__
+        self.act = "silu" if act in _SILU else "gelu_tanh" if act in TANH_GELU else None
+        if self.act is None:
+            raise NotImplementedError(f"an MLP activation the fused step does not compute ({act})")
+        self.head_dim = int(attention.head_dim)
+        q_width = self.o.in_features
+        total = sum(m.out_features for m in self.qkv)
+        self.heads, self.kv_heads = q_width // self.head_dim, (total - q_width) // (2 * self.head_dim)
+        self.widths = (q_width, *(((total - q_width) // 2,) * 2))
+        intermediate = self.down.in_features
+        self.mlp_widths = (intermediate, intermediate)
+        self.scaling = float(attention.scaling)
+        window = getattr(attention, "sliding_window", getattr(config, "sliding_window", None))
+        self.window = int(window) if window is not None else None
+        softcap = getattr(attention, "attn_logit_softcapping", None)
+        self.softcap = float(softcap) if softcap is not None else None
+        self.q_norm, self.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+        if (self.q_norm is None) != (self.k_norm is None):
+            raise NotImplementedError("a q norm without a k norm, or the reverse")
+        if self.q_norm is not None:
+            _check_norm(self.q_norm, "q/k")
+            _check_norm(self.k_norm, "q/k")
+            if _RMS_NORMS[type(self.q_norm).__name__] != _RMS_NORMS[type(self.k_norm).__name__]:
+                raise NotImplementedError("q and k norms of different kinds")
+            self.per_head = self.q_norm.weight.shape[0] == self.head_dim
+            if not self.per_head and self.q_norm.weight.shape[0] != q_width:
+                raise NotImplementedError("a q norm over neither one head nor the whole projection")
+        layer_type = getattr(attention, "layer_type", None)
+        self.rotary, self.freq_name = rotary, "inv_freq"
+        self.scale_name = "attention_scaling"
+        if isinstance(layer_type, str) and hasattr(rotary, f"{layer_type}_inv_freq"):
+            self.freq_name, self.scale_name = f"{layer_type}_inv_freq", f"{layer_type}_attention_scaling"
+        freq = getattr(rotary, self.freq_name, None)
+        if not isinstance(freq, torch.Tensor) or 2 * freq.shape[0] > self.head_dim:
+            raise NotImplementedError("a rotary embedding without inverse frequencies the fused step can read")
+
+    def norm(self, where: str) -> decode.RMSNorm | None:
+        module = self.norms[where]
+        return _rms_norm(module) if module is not None else None
+
+    def rope(self) -> decode.Rotary:
+        return decode.Rotary(getattr(self.rotary, self.freq_name), float(getattr(self.rotary, self.scale_name, 1.0)))
+
+    def qk_norm(self) -> tuple[decode.RMSNorm, decode.RMSNorm, bool] | None:
+        if self.q_norm is None:
+            return None
+        return _rms_norm(self.q_norm), _rms_norm(self.k_norm), self.per_head
+
+    def qkv_product(self, x: torch.Tensor, kernels: bool = True) -> torch.Tensor:
+        """(N, (H + 2 Hkv) D): the pre-attention norm and the q, k, v products as one."""
+        (wq, bq), *rest = _parts(self.qkv, self.widths)
+        return decode.linear(
+            x, wq, bq, transposed=True, norm=self.norm("pre_attention"), parts=tuple(rest), kernels=kernels
+        )  # fmt: skip
+
+    def mlp(self, x: torch.Tensor, kernels: bool = True) -> None:
+        """x += the MLP's output (post-normed where the layer has that norm), in place."""
+        (wg, bg), up = _parts(self.gate_up, self.mlp_widths)
+        f = decode.linear(
+            x, wg, bg, transposed=True, norm=self.norm("pre_mlp"), act=self.act, up=up, kernels=kernels
+        )  # fmt: skip
+        self.residual(self.down, f, x, "post_mlp", kernels)
+
+    def residual(self, proj: nn.Linear, a: torch.Tensor, x: torch.Tensor, post: str, kernels: bool) -> None:
+        """x += post_norm(proj(a)) (or proj(a) without a post-norm), in place."""
+        norm = self.norm(post)
+        if norm is None:
+            decode.linear(a, proj.weight, proj.bias, transposed=True, residual=x, kernels=kernels)
+        else:
+            t = decode.linear(a, proj.weight, proj.bias, transposed=True, kernels=kernels)
+            decode.add_norm(x, t, norm, kernels=kernels)
+
+
+class LlamaDecodeStep:
+    """The fused decode step of a Llama-shaped model (``base.DecodeStep``): (tokens, positions, state) -> next-token
+    logits."""
+
+    layout = LlamaLayout()
+
+    def __init__(self, base: nn.Module, head: Any):
+        layout, config = self.layout, base.config
+        self.base = base
+        self.embed: nn.Embedding = resolve(base, layout.embed)
+        rotary = resolve(base, layout.rotary)
+        rope_type = getattr(rotary, "rope_type", "default")
+        kinds = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+        if any(any(d in str(kind) for d in _DYNAMIC_ROPE) for kind in kinds):
+            raise NotImplementedError(f"a rotary embedding whose frequencies change at run time ({rope_type})")
+        self.layers = [_Layer(layer, layout, rotary, config) for layer in resolve(base, layout.layers)]
+        self.final_norm = resolve(base, layout.final_norm)
+        _check_norm(self.final_norm, "final")
+        self.head: Any = head.get_output_embeddings()
+        if type(self.head) is not nn.Linear:
+            raise NotImplementedError("an LM head that is not nn.Linear")
+        softcap = getattr(config, "final_logit_softcapping", None)
+        self.final_softcap = float(softcap) if softcap is not None else None
+        self.embed_scale = self._embed_scale(self.embed)
+        self.module_ids = self._module_ids(head)
+
+    @staticmethod
+    def _embed_scale(embed: nn.Module) -> float:
+        """Gemma's scaled embedding multiplies by sqrt(hidden) in the weights' dtype; others by 1."""
+        if type(embed) is nn.Embedding:
+            return 1.0
+        scale: Any = getattr(embed, "scalar_embed_scale", None)
+        buffer = getattr(embed, "embed_scale", None)
+        if scale is None and isinstance(buffer, torch.Tensor):
+            scale = float(buffer)
+        if scale is None or not isinstance(embed, nn.Embedding):
+            raise NotImplementedError(f"an embedding the fused step does not know ({type(embed).__name__})")
+        return float(scale)
+
+    def _module_ids(self, head: Any) -> list[int]:
+        modules: list[Any] = [self.embed, self.final_norm, head.get_output_embeddings()]
+        for layer in self.layers:
+            modules += [layer.attention, *layer.qkv, layer.o, *layer.gate_up, layer.down, layer.act_module]
+            modules += [*layer.norms.values(), layer.q_norm, layer.k_norm]
+        return [id(m) for m in modules]
+
+    def _current_modules(self, head: Any) -> list[int]:
+        layout = self.layout
+        modules: list[Any] = [resolve(self.base, layout.embed), resolve(self.base, layout.final_norm)]
+        modules.append(head.get_output_embeddings())
+        for layer in resolve(self.base, layout.layers):
+            attention = resolve(layer, layout.attention)
+            modules += [attention, *(resolve(layer, p) for p in layout.qkv), resolve(layer, layout.o)]
+            modules += [*(resolve(layer, p) for p in layout.gate_up), resolve(layer, layout.down)]
+            modules.append(resolve(layer, layout.act))
+            norms = (layout.pre_attention, layout.post_attention, layout.pre_mlp, layout.post_mlp)
+            modules += [resolve(layer, p) if p is not None else None for p in norms]
+            modules += [getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)]
+        return [id(m) for m in modules]
+
+    def is_current(self, head: Any) -> bool:
+        """False if modules were swapped since (e.g. adapters added): the step would run stale modules."""
+        return self._current_modules(head) == self.module_ids
+
+    def new_cache(self, batch: int, slots: int) -> list[torch.Tensor]:
+        """Zeroed per-layer key/value buffers (2, batch, Hkv, slots, head_dim), in layer order."""
+        weight = self.embed.weight
+        return [weight.new_zeros(2, batch, layer.kv_heads, slots, layer.head_dim) for layer in self.layers]
+
+    def pack(self, mask: torch.Tensor) -> Packing | None:
+        """Where the prompts' real tokens are (``pack_prompts``)."""
+        return pack_prompts(mask)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight
+        scale = self.embed_scale
+        if scale != 1.0:  # the scale as the weights' dtype holds it
+            scale = float(torch.tensor(scale, dtype=weight.dtype))
+        return decode.embed(tokens, None, weight, None, scale)
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState, packing: Packing) -> torch.Tensor:
+        """Run the prompts (B, L) on their real tokens only (``packing``); write their keys/values into ``state.kv``
+        at their columns. Returns the (B, V) fp32 logits of each row's last token. No host synchronisation."""
+        x = self._embed(ids.reshape(-1)[packing.flat])
+        where = positions.reshape(-1)[packing.flat]
+        tokens = x.shape[0]
+        for layer, kv in zip(self.layers, state.kv, strict=True):
+            qkv = layer.qkv_product(x, kernels=False)
+            q, k, v = decode.split_qkv(
+                qkv, layer.heads, layer.kv_heads, layer.head_dim, where, layer.rope(), layer.qk_norm()
+            )  # fmt: skip
+            kv[0][packing.rows, :, packing.columns] = k
+            kv[1][packing.rows, :, packing.columns] = v
+            a = packed_attention(
+                q, k, v, packing.info, scale=layer.scaling, causal=True, window=layer.window, softcap=layer.softcap
+            )  # fmt: skip
+            layer.residual(layer.o, a.reshape(tokens, -1), x, "post_attention", kernels=False)
+            layer.mlp(x, kernels=False)
+        return self._logits(x[packing.last], kernels=False)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """tokens, positions: (B, 1). Returns (B, V) fp32 logits."""
+        return self._logits(self._step(tokens, positions, state))
+
+    def greedy(
+        self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState, eos_penalty: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The step with a greedy choice: the (B,) argmax of (logits + ``eos_penalty`` (V,)), chosen as stock
+        generate chooses it from the fp16/bf16 logits."""
+        head = self.head
+        return decode.greedy_head(
+            self._step(tokens, positions, state), head.weight, head.bias, transposed=True,
+            norm=_rms_norm(self.final_norm), eos_penalty=eos_penalty, softcap=self.final_softcap,
+        )  # fmt: skip
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        x = self._embed(tokens[:, 0])
+        where = positions[:, 0]
+        for layer, kv in zip(self.layers, state.kv, strict=True):
+            a = decode.rope_attention(
+                layer.qkv_product(x), kv, state.mask, state.slot, where, heads=layer.heads, scale=layer.scaling,
+                rotary=layer.rope(), qk_norm=layer.qk_norm(), window=layer.window, softcap=layer.softcap,
+            )  # fmt: skip
+            layer.residual(layer.o, a, x, "post_attention", kernels=True)
+            layer.mlp(x)
+        return x
+
+    def _logits(self, x: torch.Tensor, kernels: bool = True) -> torch.Tensor:
+        """(N, V) fp32 logits of the residual stream's rows ``x`` (N, E): final norm, LM head, final softcap."""
+        head = self.head
+        return decode.linear(
+            x, head.weight, head.bias, transposed=True, norm=_rms_norm(self.final_norm), softcap=self.final_softcap,
+            out_dtype=torch.float32, kernels=kernels,
+        )  # fmt: skip
+
+
+class Gemma2DecodeStep(LlamaDecodeStep):
+    """Gemma 2 and 3: a norm before and after each sublayer."""
+
+    layout = GEMMA2_LAYOUT
+
+
+class Olmo2DecodeStep(LlamaDecodeStep):
+    """OLMo 2: norms after each sublayer only (and over the whole q and k projections)."""
+
+    layout = OLMO2_LAYOUT
+
+
+class Phi3DecodeStep(LlamaDecodeStep):
+    """Phi-3: fused qkv and gate|up projections."""
+
+    layout = PHI3_LAYOUT
