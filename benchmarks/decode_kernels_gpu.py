@@ -43,18 +43,28 @@ def graph_us(fn) -> float:
     return start.elapsed_time(end) * 1e3 / 10 / COPIES
 
 
+# (name, K, N, gated) of one layer's products and the LM head.
+LLAMA_SHAPES = {
+    "tinyllama": (("qkv", 2048, 2560, False), ("o", 2048, 2048, False), ("gate|up", 2048, 5632, True),
+                  ("down", 5632, 2048, False), ("head", 2048, 32000, False)),
+    "llama3-8b": (("qkv", 4096, 6144, False), ("o", 4096, 4096, False), ("gate|up", 4096, 14336, True),
+                  ("down", 14336, 4096, False), ("head", 4096, 128256, False)),
+    "gemma2": (("qkv", 2304, 4096, False), ("o", 2048, 2304, False), ("gate|up", 2304, 9216, True),
+               ("down", 9216, 2304, False), ("head", 2304, 256000, False)),
+}  # fmt: skip
+
+
 def llama(args) -> None:
-    """TinyLlama's products at each batch: cuBLAS against our kernel's best configuration, in us and GB/s."""
+    """A Llama-family model's products at each batch: cuBLAS against our kernel's best configuration, in us and
+    TB/s."""
     torch.manual_seed(0)
     dev, dt = "cuda", torch.float16
     source = torch.empty(2**28, device=dev, dtype=dt)
     target = torch.empty_like(source)
     bandwidth = 2 * source.numel() * 2 / (graph_us(lambda i: target.copy_(source)) * 1e-6)
     rows = []
-    shapes = (("qkv", 2048, 2560, False), ("o", 2048, 2048, False), ("gate|up", 2048, 5632, True),
-              ("down", 5632, 2048, False), ("head", 2048, 32000, False))  # fmt: skip
     for m in args.batches:
-        for name, k, n, gated in shapes:
+        for name, k, n, gated in LLAMA_SHAPES[args.llama]:
             a = torch.randn(m, k, device=dev, dtype=dt)
             copies = 4 if n > 10000 else COPIES
             ws = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(copies * (2 if gated else 1))]
@@ -98,7 +108,7 @@ def main() -> None:
     parser.add_argument("--block-k", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--no-lm-head", action="store_true")
-    parser.add_argument("--llama", action="store_true", help="TinyLlama's products instead of GPT-2's")
+    parser.add_argument("--llama", choices=sorted(LLAMA_SHAPES), help="a Llama-family model's products, not GPT-2's")
     args = parser.parse_args()
     if args.llama:
         llama(args)

@@ -26,7 +26,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen3Config
 
-from bettertransformer import BetterTransformer, call_counts
+from bettertransformer import BetterTransformer, cache_info, call_counts
 
 NEW = 128
 
@@ -121,7 +121,7 @@ def run_shape(name: str, args, bandwidth: float, rows: list) -> None:
     for label, batch, length, pad in workloads:
         ids, mask = prompts(batch, length, pad, config.vocab_size)
         ours, first = tokens_per_s(model, ids, mask, 3)
-        results[label].update(ours=ours, **{"ours first s": first})
+        results[label].update(ours=ours, **{"ours first s": first}, graphs=cache_info(model)["graphs"])
         print(name, label, results[label], flush=True)
     counts = call_counts(model)
     for label, r in results.items():

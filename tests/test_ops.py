@@ -325,7 +325,8 @@ def test_greedy_head_picks_the_first_maximum_of_the_rounded_logits_on_cuda(batch
     xs[:, 0] = 1.0
     got = decode.greedy_head(xs, tied, None, transposed=True, norm=None, eos_penalty=penalty)
     assert got.tolist() == [1200] * batch
-    assert launches == {"linear": 3}  # both greedy heads and the logits ran our kernel
+    # Both greedy heads ran our kernel, and the logits too unless a plain product of several rows (cuBLAS's).
+    assert launches == {"linear": 3 if with_norm or batch == 1 else 2}
 
 
 @cuda

@@ -190,7 +190,8 @@ class Runner:
         # Prefill graphs by (prompt shape, mask bytes), and the keys seen once (captured when seen again).
         self.prefills: OrderedDict[tuple, _PrefillGraph] = OrderedDict()
         self.prefills_seen: OrderedDict[tuple, None] = OrderedDict()
-        self.prefill_capturable = True
+        # A prefill that cannot be captured is never tried: a failed capture can leave later captures failing.
+        self.prefill_capturable = step is not None and step.prefill_capturable
         self.graph: Any = None
         self.capturable = True  # False once a capture failed: the steps then run eagerly
         self.signature = inspect.signature(head.forward).parameters

@@ -123,11 +123,16 @@ def linear(
     ``softcap``: softcap * tanh(y / softcap). With ``residual`` (N, out): ``residual += `` that, in place, and
     returns ``residual``. ``kernels=False``: PyTorch's kernels (cuBLAS) whatever the row count."""
     act = "gelu_tanh" if gelu_tanh else act
+    plain = norm is None and act is None and up is None and not parts and softcap is None
+    if plain and x.shape[0] > 1 and max(weight.shape) >= 2048:
+        kernels = False  # several rows through a large plain product: cuBLAS was faster (BENCHMARKS.md)
     if kernels and _kernel_rows(x):
         return decode_kernels.linear(
             x, weight, bias, transposed=transposed, norm=norm, residual=residual, act=act, parts=parts, up=up,
             softcap=softcap, out_dtype=out_dtype,
         )  # fmt: skip
+    if residual is not None and plain and bias is None and transposed:
+        return residual.addmm_(x, weight.t())  # one cuBLAS kernel, the sum rounded once
     y = _softcapped(_reference(x, weight, bias, transposed, norm, act, parts, up), softcap)
     if residual is not None:
         return residual.add_(y)
@@ -265,7 +270,9 @@ def rope_attention(
     kv_heads, slots, dim = kv.shape[2], kv.shape[3], kv.shape[4]
     if _kernel_rows(qkv) and dim <= 256 and positions.is_contiguous():
         block_d = 1 << (dim - 1).bit_length()
-        block_s = max(16, min(1 << (slots - 1).bit_length(), 16384 // block_d, 256))
+        # Key/value tiles of up to 16K elements, but 8K at head_dim 256 (Gemma 2), where 16K spilled registers: 37 us
+        # per call at 16 rows (H200).
+        block_s = max(16, min(1 << (slots - 1).bit_length(), 16384 // block_d if block_d <= 128 else 32, 256))
         warps = 8 if block_s * block_d >= 8192 else 4
         # Split a long cache until there are about two programs per SM (132 on an H100/H200), each over >= 256 slots.
         splits = 1

@@ -31,6 +31,9 @@ class DecodeStep(Protocol):
     and the generic step (the model's own forward under our attention) runs instead.
     """
 
+    prefill_capturable: bool
+    """Whether ``prefill`` can be captured in a CUDA graph (no host synchronisation)."""
+
     def __init__(self, base: nn.Module, head: Any) -> None: ...
 
     def is_current(self, head: Any) -> bool:

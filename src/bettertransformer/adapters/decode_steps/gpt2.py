@@ -86,6 +86,7 @@ class GPT2DecodeStep:
     logits."""
 
     layout = GPT2Layout()
+    prefill_capturable = True
 
     def __init__(self, base: nn.Module, head: Any):
         layout = self.layout

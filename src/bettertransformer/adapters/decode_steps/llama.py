@@ -225,6 +225,9 @@ class LlamaDecodeStep:
         self.final_softcap = float(softcap) if softcap is not None else None
         self.embed_scale = self._embed_scale(self.embed)
         self.module_ids = self._module_ids(head)
+        # Softcapped attention over packed tokens lays them out densely, indexing by a mask: a host
+        # synchronisation that no CUDA graph can hold (and a failed capture can break the ones after it).
+        self.prefill_capturable = all(layer.softcap is None for layer in self.layers)
 
     @staticmethod
     def _embed_scale(embed: nn.Module) -> float:
