@@ -330,6 +330,11 @@ def test_llama_family_generates_through_the_fused_decode_step(name, rope, fast_l
     counts = call_counts(model)
     assert counts["fused steps"] == 2 and counts["generic steps"] == 0
     assert counts["fast"] + counts["stock"] == 0  # the prefill ran the fused layers too
+    # A row with no real token: the model's own forward runs the prefill into the same buffers, then the fused step.
+    empty_ids, empty_mask = left_padded_batch(stock.config.vocab_size, (9, 0, 4))
+    empty = dict(greedy, attention_mask=empty_mask)
+    assert torch.equal(model.generate(empty_ids, **empty), stock.generate(empty_ids, **empty))
+    assert call_counts(model)["fused steps"] == 3
 
 
 def test_rotary_frequencies_that_change_at_run_time_take_the_generic_step(fast_loop_on_cpu, caplog):
