@@ -206,3 +206,20 @@ def test_captures_run_with_the_cycle_collector_paused(monkeypatch):
     for _ in range(2):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
     assert len(seen) == 2 and not any(seen) and gc.isenabled()
+
+
+def test_a_failed_capture_leaves_the_pool_usable_for_the_next():
+    """A capture that fails inside its body (a host sync) used to leave the allocator recording into the model's
+    graph pool, so every later capture into it failed ("already recording to mempool_id")."""
+    from bettertransformer.adapters.generation import _Captured
+    from bettertransformer.adapters.patching import LogOnce
+
+    pool = torch.cuda.graph_pool_handle()
+    x = torch.ones(4, device="cuda")
+    assert _Captured(lambda: x * 2, 1, pool, LogOnce(), "first").graph is not None
+    assert _Captured(lambda: x.sum().item(), 1, pool, LogOnce(), "syncing").graph is None  # waits for the host
+    after = _Captured(lambda: x * 3, 1, pool, LogOnce(), "after")
+    assert after.graph is not None
+    after.graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(after.output, x * 3)

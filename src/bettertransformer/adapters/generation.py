@@ -144,12 +144,31 @@ class _Captured:
                     output = run()
             except Exception as problem:  # e.g. a host sync in the model's step (data-dependent expert routing)
                 torch.cuda.synchronize()
+                _end_failed_capture(pool)
                 log(f"capture {what}", "%s not capturable (%s); it runs eagerly", what, problem)
                 return
             finally:
                 if enabled:
                     gc.enable()
         self.graph, self.output = graph, output
+
+
+def _end_failed_capture(pool: Any) -> None:
+    """Close the allocator's recording into ``pool`` that a failed capture left open.
+
+    A capture that fails inside its body makes ``capture_end`` raise before it tells the caching allocator that the
+    capture is over: the pool stays "being recorded to", so every later capture into it (the model's other graphs)
+    fails with "already recording to mempool_id", and the failed capture's hold on the pool is never released.
+    Ending the recording (and, only when it was still open, dropping that hold) undoes both; if the capture failed
+    before the recording began, there is nothing to end and nothing is released."""
+    if pool is None:
+        return
+    device = torch.cuda.current_device()
+    try:
+        torch._C._cuda_endAllocateToPool(device, pool)
+    except Exception:  # not recording to it: the capture failed before the recording began, or after it ended
+        return
+    torch._C._cuda_releasePool(device, pool)
 
 
 class _PrefillGraph:
