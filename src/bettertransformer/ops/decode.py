@@ -124,7 +124,7 @@ def linear(
     returns ``residual``. ``kernels=False``: PyTorch's kernels (cuBLAS) whatever the row count."""
     act = "gelu_tanh" if gelu_tanh else act
     plain = norm is None and act is None and up is None and not parts and softcap is None
-    if plain and x.shape[0] > 1 and max(weight.shape) >= 2048:
+    if plain and transposed and bias is None and x.shape[0] > 1 and min(weight.shape) >= 2048:
         kernels = False  # several rows through a large plain product: cuBLAS was faster (BENCHMARKS.md)
     if kernels and _kernel_rows(x):
         return decode_kernels.linear(

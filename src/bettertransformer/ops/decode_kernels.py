@@ -620,12 +620,13 @@ class RMSNorm:
 
 
 def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an (m, k) @ (k, n) product: the best of sweeps on an H200
-    (``benchmarks/decode_kernels_gpu.py``, BENCHMARKS.md). GPT-2's products (k < 2048), one row: a few hundred
-    programs, each reading up to 16K weights before the wait. Llama-size products, one row: 8 columns per program
+    """(BLOCK_N, BLOCK_K, num_warps) for an (m, k) @ (k, n) product: the best of sweeps on H100/H200s
+    (``benchmarks/decode_kernels_gpu.py``, BENCHMARKS.md). GPT-2's products, one row: a few hundred programs, each
+    reading up to 16K weights before the wait. Llama-size products (k and n >= 2048), one row: 8 columns per program
     (thousands of programs, each streaming long contiguous runs of k), up to 2,048 of k at a time (1,024 for two
     matrices or a long k, 512 for an LM head)."""
-    if m == 1 and k < 2048:
+    large = k >= 2048 and n >= 2048
+    if m == 1 and not large:
         block_n = 8 if n <= 1024 else 16 if n <= 8192 else 32
         budget = 8192 if gated else 16384
         return block_n, min(triton.next_power_of_2(k), max(16, budget // block_n)), 4
@@ -634,13 +635,13 @@ def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int
         block_k = min(triton.next_power_of_2(k), block_k)
         warps = 8 if k <= 2048 and 8 * block_k * (2 if gated else 1) >= 16384 else 4
         return 8, block_k, warps
-    if k < 2048 and n <= 1024:
-        return 8, 256, 2
+    if not large:
+        return (8, 256, 2) if n <= 1024 else (64, 128, 4) if n >= 16384 else (32, 128, 2)
     if n >= 16384:
-        return 128 if k >= 2048 else 64, 128, 4
+        return 128, 128, 4
     if gated:
         return (64, 128, 8) if k <= 2048 else (32, 64, 4)
-    return 32, 128, 4 if k >= 2048 else 2
+    return 32, 128, 4
 
 
 def segment_block(block_n: int, widths: tuple[int, ...], rows: int) -> int | None:
