@@ -223,3 +223,10 @@ def test_a_failed_capture_leaves_the_pool_usable_for_the_next():
     after.graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(after.output, x * 3)
+
+
+def test_fused_llama_step_with_a_head_size_that_is_not_a_power_of_two():
+    """Phi-3-mini's head size is 96: the rotary attention kernel masks its 128-wide tiles."""
+    size = dict(hidden_size=192, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2, vocab_size=1000)
+    model = _assert_near_maximal("phi3", torch.float16, LENGTHS_LONG, **size)
+    assert call_counts(model)["fused steps"] == 3
