@@ -43,7 +43,8 @@ Decoders (``decoder.py``, ``generation.py``)::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import contextvars
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -157,3 +158,37 @@ def decoding(state: DecodeState) -> contextlib.AbstractContextManager[DecoderCal
 def current_decoder_call() -> DecoderCall | None:
     """The decoder call running in this thread, if any."""
     return _DECODER_CALL.get()
+
+
+class CarriedCheckpoint:
+    """A layer's gradient-checkpointing function (transformers sets one per layer as ``_gradient_checkpointing_func``)
+    that runs the layer, and its recomputation in the backward pass, under the call state of the forward that
+    checkpointed it. The backward pass runs outside that forward, where these context variables are unset: a packed
+    call's attention would otherwise be recomputed across the whole row, its sequences no longer kept apart."""
+
+    def __init__(self, checkpoint: Callable[..., Any]):
+        self.checkpoint = checkpoint
+
+    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        context = contextvars.copy_context()
+
+        def run(*inner: Any, **named: Any) -> Any:
+            return context.copy().run(function, *inner, **named)
+
+        return self.checkpoint(run, *args, **kwargs)
+
+
+def carry_call_state(modules: Iterable[Any]) -> None:
+    """Wrap the modules' gradient-checkpointing functions (where set) in ``CarriedCheckpoint``."""
+    for module in modules:
+        checkpoint = vars(module).get("_gradient_checkpointing_func")
+        if checkpoint is not None and not isinstance(checkpoint, CarriedCheckpoint):
+            module._gradient_checkpointing_func = CarriedCheckpoint(checkpoint)
+
+
+def drop_carried_call_state(modules: Iterable[Any]) -> None:
+    """Undo ``carry_call_state``."""
+    for module in modules:
+        checkpoint = vars(module).get("_gradient_checkpointing_func")
+        if isinstance(checkpoint, CarriedCheckpoint):
+            module._gradient_checkpointing_func = checkpoint.checkpoint

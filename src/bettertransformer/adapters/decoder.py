@@ -31,7 +31,7 @@ from .._compat import register_attention, set_attention
 from ..ops.padding import PackInfo, pack_info, unpack
 from .attention import ATTENTION_NAME, attention_function, mask_function
 from .attention_modules import ModuleAttention
-from .call_state import current_decoder_call, decoder_call
+from .call_state import carry_call_state, current_decoder_call, decoder_call, drop_carried_call_state
 from .decode_steps import DecodeStep
 from .generation import FastGenerate
 from .patching import Calls, InstanceForward, LogOnce, bind_arguments, check_requires, modules_of_class
@@ -72,6 +72,7 @@ class CausalDecoder:
         self.cache_name = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.24
         self.takes_positions = "position_ids" in params  # ALiBi models (BLOOM) take none
         self._patches: list[InstanceForward] = []
+        self._checkpointed: list[nn.Module] = []
         self._previous_attention: Any = None
         self._alibi: dict[tuple[int, torch.device], torch.Tensor] = {}
         # Attention computed in the model's own modules, which we route (models without the interface).
@@ -131,6 +132,8 @@ class CausalDecoder:
                 "in this transformers release, so bettertransformer cannot speed it up"
             )
         self._patches.append(InstanceForward(self.base, self.forward))
+        # Layers that checkpoint (transformers gives them a ``gradient_checkpointing`` flag), the base model included.
+        self._checkpointed = [m for m in self.base.modules() if hasattr(m, "gradient_checkpointing")]
         if self.generation is not None:
             self.generation.attach()
 
@@ -141,6 +144,7 @@ class CausalDecoder:
         for patch in reversed(self._patches):
             patch.restore()
         self._patches = []
+        drop_carried_call_state(self._checkpointed)
         self._alibi.clear()
         self.config._attn_implementation = self._previous_attention
 
@@ -169,6 +173,8 @@ class CausalDecoder:
         call = current_decoder_call()
         if call is not None and call.decode is not None:  # a step of the fast generate loop, counted there
             return stock(*args, **kwargs)
+        if self.base.training and torch.is_grad_enabled():
+            carry_call_state(self._checkpointed)  # checkpointing may have been switched on since the last call
         stock_mask = self._previous_attention if self.by_module else None
         arguments = bind_arguments(self._signature, args, kwargs)
         mode = self._packable(arguments) if arguments is not None else None
