@@ -73,11 +73,16 @@ def test_trainer_losses_match_stock_and_checkpoints_are_stock(tmp_path):
         assert torch.equal(value, trained[key]), key
 
 
-def test_packed_decoder_training_with_flattening_matches_padded_stock(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_decoder_training_with_flattening_matches_padded_stock(tmp_path, checkpointing):
+    """With gradient checkpointing too: the backward pass recomputes each layer of the packed row."""
     stock, fast = make_decoder("llama"), BetterTransformer.transform(make_decoder("llama"))
     data = [{"input_ids": e["input_ids"]} for e in _examples(24, stock.config.vocab_size, seed=1)]
     expected = _train(stock, data, _pad, tmp_path, "stock", remove_unused_columns=False)
-    losses = _train(fast, data, DataCollatorWithFlattening(), tmp_path, "fast", remove_unused_columns=False)
+    losses = _train(
+        fast, data, DataCollatorWithFlattening(), tmp_path, "fast", remove_unused_columns=False,
+        gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": True},
+    )  # fmt: skip
     assert max(abs(a - b) for a, b in zip(losses, expected, strict=True)) < 1e-4, (losses, expected)
     assert call_counts(fast)["fast"] == 6  # every step ran its packed row as separate sequences
 
