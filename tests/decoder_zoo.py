@@ -68,6 +68,10 @@ DECODER_CONFIGS: dict[str, dict] = {
     "gpt_bigcode": dict(_GPT2),  # multi-query by default
     "starcoder2": dict(**_LLAMA, **_GQA, **_SWA, embedding_dropout=0.0, residual_dropout=0.0),
     "olmo2": dict(**_LLAMA, **_GQA),
+    "olmo3": dict(**_LLAMA, **_GQA, **_SWA, layer_types=["sliding_attention", "full_attention"]),
+    "ministral": dict(**_LLAMA, **_GQA, **_SWA, head_dim=16, layer_types=["sliding_attention", "full_attention"]),
+    # No sliding window: its attention ignores the config's (stock generate's cache would still apply it).
+    "seed_oss": dict(**_LLAMA, **_GQA, sliding_window=None, attention_bias=True, attention_out_bias=True, head_dim=16),
 }
 # fmt: on
 

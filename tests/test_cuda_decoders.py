@@ -163,7 +163,9 @@ def test_fused_gpt2_fp16_generate_picks_only_near_maximal_tokens(lengths):
     _assert_near_maximal("gpt2", torch.float16, lengths, n_embd=128, n_inner=512, vocab_size=1000)
 
 
-LLAMA_FAMILY = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"]
+LLAMA_FAMILY = [
+    "llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "olmo3", "seed_oss"
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

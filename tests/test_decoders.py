@@ -314,9 +314,10 @@ def test_gpt2_generates_through_the_fused_decode_step(fast_loop_on_cpu, monkeypa
 
 # Model type -> the fused decode step family that runs it.
 LLAMA_FAMILY = {
-    "llama": "LlamaDecodeStep", "mistral": "LlamaDecodeStep", "qwen2": "LlamaDecodeStep", "qwen3": "LlamaDecodeStep",
+    "llama": "LlamaDecodeStep", "mistral": "MistralDecodeStep", "qwen2": "LlamaDecodeStep", "qwen3": "LlamaDecodeStep",
     "gemma": "LlamaDecodeStep", "gemma2": "Gemma2DecodeStep", "gemma3_text": "Gemma2DecodeStep",
-    "phi3": "Phi3DecodeStep", "olmo2": "Olmo2DecodeStep",
+    "phi3": "Phi3DecodeStep", "olmo2": "Olmo2DecodeStep", "olmo3": "Olmo2DecodeStep", "ministral": "LlamaDecodeStep",
+    "seed_oss": "LlamaDecodeStep",
 }  # fmt: skip
 _ROPE = dict(rope_theta=10000.0, original_max_position_embeddings=16)
 

@@ -25,6 +25,7 @@ from .adapters.decode_steps import (
     Gemma2DecodeStep,
     GPT2DecodeStep,
     LlamaDecodeStep,
+    MistralDecodeStep,
     Olmo2DecodeStep,
     Phi3DecodeStep,
 )
@@ -255,13 +256,16 @@ REGISTRY: dict[str, Support] = {
         notes=OLD_ATTN,
     ),
     "llama": _fused(LlamaDecodeStep),
-    "mistral": replace(_fused(LlamaDecodeStep), notes="sliding window"),
+    "ministral": replace(_fused(LlamaDecodeStep), notes="sliding-window layers"),
+    "mistral": replace(_fused(MistralDecodeStep), notes="sliding window"),
     "mixtral": replace(DECODER, notes="sliding window; mixture of experts"),
     "olmo2": replace(_fused(Olmo2DecodeStep), notes="post-norms; q/k norms over the whole projection"),
+    "olmo3": replace(_fused(Olmo2DecodeStep), notes="as olmo2, with sliding-window layers"),
     "opt": DECODER,
     "phi3": replace(_fused(Phi3DecodeStep), notes="fused qkv and gate/up projections"),
     "qwen2": replace(_fused(LlamaDecodeStep), notes="q/k/v bias; sliding-window layers"),
     "qwen3": replace(_fused(LlamaDecodeStep), notes="per-head q/k norms; sliding-window layers"),
+    "seed_oss": replace(_fused(LlamaDecodeStep), notes="q/k/v (and output) bias"),
     "starcoder2": replace(DECODER, notes="sliding window"),
 }
 

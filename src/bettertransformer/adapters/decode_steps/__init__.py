@@ -6,9 +6,16 @@ one.
 
 from .base import DecodeStep, Packing, Projection, pack_prompts
 from .gpt2 import GPT2DecodeStep, GPT2Layout
-from .llama import Gemma2DecodeStep, LlamaDecodeStep, LlamaLayout, Olmo2DecodeStep, Phi3DecodeStep
+from .llama import (
+    Gemma2DecodeStep,
+    LlamaDecodeStep,
+    LlamaLayout,
+    MistralDecodeStep,
+    Olmo2DecodeStep,
+    Phi3DecodeStep,
+)
 
 __all__ = [
     "DecodeStep", "GPT2DecodeStep", "GPT2Layout", "Gemma2DecodeStep", "LlamaDecodeStep", "LlamaLayout",
-    "Olmo2DecodeStep", "Packing", "Phi3DecodeStep", "Projection", "pack_prompts",
+    "MistralDecodeStep", "Olmo2DecodeStep", "Packing", "Phi3DecodeStep", "Projection", "pack_prompts",
 ]  # fmt: skip

@@ -33,10 +33,14 @@ from .base import TANH_GELU, Packing, pack_prompts
 # RMSNorm classes by name: (offset added to the weight, whether the normalised row is rounded before the weight
 # multiplies it). Llama's multiplies in the input's dtype; Gemma's (1 + w) and OLMo 2's multiply in fp32.
 _RMS_NORMS: dict[str, tuple[float, bool]] = {
-    **dict.fromkeys(("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"), (0.0, True)),
+    **dict.fromkeys(
+        ("LlamaRMSNorm", "MistralRMSNorm", "MinistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
+         "SeedOssRMSNorm"),
+        (0.0, True),
+    ),
     **dict.fromkeys(("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"), (1.0, False)),
-    "Olmo2RMSNorm": (0.0, False),
-}
+    **dict.fromkeys(("Olmo2RMSNorm", "Olmo3RMSNorm"), (0.0, False)),
+}  # fmt: skip
 _SILU = {"SiLU", "SiLUActivation"}
 # Rotary embeddings whose frequencies change with the sequence length at run time.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -47,7 +51,8 @@ class LlamaLayout:
     """Attribute paths of a Llama-shaped decoder. ``embed``, ``layers``, ``final_norm`` and ``rotary`` are relative
     to the base model, the others to one layer. A norm path of None: the layer has no norm there. ``qkv`` names the
     q, k and v projections, or one fused projection (Phi-3); ``gate_up`` the gate and up projections, or one fused
-    (gate | up) projection."""
+    (gate | up) projection. A layer's sliding window is its attention module's ``sliding_window``; with
+    ``config_window`` (Mistral, Phi-3, whose attention reads it there) the config's when the module has none."""
 
     embed: str = "embed_tokens"
     layers: str = "layers"
@@ -63,6 +68,7 @@ class LlamaLayout:
     gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     down: str = "mlp.down_proj"
     act: str = "mlp.act_fn"
+    config_window: bool = False
 
 
 GEMMA2_LAYOUT = LlamaLayout(
@@ -73,7 +79,10 @@ GEMMA2_LAYOUT = LlamaLayout(
 OLMO2_LAYOUT = LlamaLayout(
     pre_attention=None, post_attention="post_attention_layernorm", pre_mlp=None, post_mlp="post_feedforward_layernorm"
 )
-PHI3_LAYOUT = LlamaLayout(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",), act="mlp.activation_fn")
+PHI3_LAYOUT = LlamaLayout(
+    qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",), act="mlp.activation_fn", config_window=True
+)
+MISTRAL_LAYOUT = LlamaLayout(config_window=True)
 
 
 def _rms_norm(module: Any) -> decode.RMSNorm:
@@ -139,7 +148,9 @@ class _Layer:
         intermediate = self.down.in_features
         self.mlp_widths = (intermediate, intermediate)
         self.scaling = float(attention.scaling)
-        window = getattr(attention, "sliding_window", getattr(config, "sliding_window", None))
+        window = getattr(attention, "sliding_window", None)
+        if not hasattr(attention, "sliding_window") and layout.config_window:
+            window = getattr(config, "sliding_window", None)
         self.window = int(window) if window is not None else None
         softcap = getattr(attention, "attn_logit_softcapping", None)
         self.softcap = float(softcap) if softcap is not None else None
@@ -154,7 +165,7 @@ class _Layer:
             self.per_head = self.q_norm.weight.shape[0] == self.head_dim
             if not self.per_head and self.q_norm.weight.shape[0] != q_width:
                 raise NotImplementedError("a q norm over neither one head nor the whole projection")
-        layer_type = getattr(attention, "layer_type", None)
+        layer_type = getattr(attention, "layer_type", getattr(attention, "attention_type", None))
         self.rotary, self.freq_name = rotary, "inv_freq"
         self.scale_name = "attention_scaling"
         if isinstance(layer_type, str) and hasattr(rotary, f"{layer_type}_inv_freq"):
@@ -346,9 +357,15 @@ class Gemma2DecodeStep(LlamaDecodeStep):
 
 
 class Olmo2DecodeStep(LlamaDecodeStep):
-    """OLMo 2: norms after each sublayer only (and over the whole q and k projections)."""
+    """OLMo 2 and 3: norms after each sublayer only (and over the whole q and k projections)."""
 
     layout = OLMO2_LAYOUT
+
+
+class MistralDecodeStep(LlamaDecodeStep):
+    """Mistral: the config's sliding window applies to every layer."""
+
+    layout = MISTRAL_LAYOUT
 
 
 class Phi3DecodeStep(LlamaDecodeStep):
