@@ -210,21 +210,29 @@ def test_captures_run_with_the_cycle_collector_paused(monkeypatch):
     assert len(seen) == 2 and not any(seen) and gc.isenabled()
 
 
-def test_a_failed_capture_leaves_the_pool_usable_for_the_next():
-    """A capture that fails inside its body (a host sync) used to leave the allocator recording into the model's
-    graph pool, so every later capture into it failed ("already recording to mempool_id")."""
-    from bettertransformer.adapters.generation import _Captured
-    from bettertransformer.adapters.patching import LogOnce
+def test_a_failed_capture_does_not_spoil_the_next_ones(monkeypatch):
+    """A capture that fails inside its body (here a prefill that waits for the host) used to leave PyTorch's
+    allocator recording into the model's graph pool, so every later capture of the model failed ("already
+    recording to mempool_id") and its steps ran eagerly (Gemma 2 at batch 16: 1,590 instead of 3,870 tok/s)."""
+    model = BetterTransformer.transform(make_decoder("llama", dtype=torch.float16).cuda())
+    (patch,) = model._bettertransformer_state.patches
+    step_class = type(patch.generation.fused)
+    original = step_class.prefill
 
-    pool = torch.cuda.graph_pool_handle()
-    x = torch.ones(4, device="cuda")
-    assert _Captured(lambda: x * 2, 1, pool, LogOnce(), "first").graph is not None
-    assert _Captured(lambda: x.sum().item(), 1, pool, LogOnce(), "syncing").graph is None  # waits for the host
-    after = _Captured(lambda: x * 3, 1, pool, LogOnce(), "after")
-    assert after.graph is not None
-    after.graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(after.output, x * 3)
+    def syncing(self, *args):
+        logits = original(self, *args)
+        logits.sum().item()  # a host synchronisation: no graph can hold it
+        return logits
+
+    monkeypatch.setattr(step_class, "prefill", syncing)
+    ids, mask = (t.cuda() for t in left_padded_batch(model.config.vocab_size, LENGTHS_LONG))
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    for _ in range(2):  # the second call tries to capture the prefill, and fails
+        model.generate(ids, attention_mask=mask, **kwargs)
+    (first,) = _runners(model).values()
+    assert not first.prefill_capturable and first.graph is not None
+    model.generate(ids[:1], attention_mask=mask[:1], **kwargs)  # batch bucket 1: a new runner, a new capture
+    assert len(_runners(model)) == 2 and all(r.graph is not None for r in _runners(model).values())
 
 
 def test_fused_llama_step_with_a_head_size_that_is_not_a_power_of_two():

@@ -160,7 +160,8 @@ def _end_failed_capture(pool: Any) -> None:
     capture is over: the pool stays "being recorded to", so every later capture into it (the model's other graphs)
     fails with "already recording to mempool_id", and the failed capture's hold on the pool is never released.
     Ending the recording (and, only when it was still open, dropping that hold) undoes both; if the capture failed
-    before the recording began, there is nothing to end and nothing is released."""
+    before the recording began, there is nothing to end and nothing is released. (The runner also moves later
+    captures to a fresh pool: the pinned host allocator keeps its own mark on this one.)"""
     if pool is None:
         return
     device = torch.cuda.current_device()
@@ -195,7 +196,7 @@ class Runner:
     def __init__(self, owner: FastGenerate, batch: int, length: int, plan: _Plan, step: DecodeStep | None, bans: bool):
         head = owner.head
         self.head, self.cache_name, self.fused = head, owner.cache_name, step
-        self.pool, self.log = owner.pool, owner.log
+        self.owner, self.pool, self.log = owner, owner.pool, owner.log
         self.batch, self.length = batch, length
         self.sampling, self.eos_ids = plan.sampling, plan.eos
         weight = head.get_output_embeddings().weight
@@ -317,6 +318,7 @@ class Runner:
         graph = _PrefillGraph(run, ids, positions, self.pool, self.log)  # the second time this shape comes
         if graph.graph is None:
             self.prefill_capturable = False
+            self._new_pool()
         else:
             self.prefills[key] = graph
             while len(self.prefills) > _PREFILL_GRAPHS:
@@ -391,6 +393,14 @@ class Runner:
             torch.cuda.set_rng_state(rng, self.device)
         self.graph = captured.graph
         self.capturable = self.graph is not None
+        if not self.capturable:
+            self._new_pool()
+
+    def _new_pool(self) -> None:
+        """After a failed capture, later captures of this model go to a fresh memory pool: PyTorch can leave the
+        failed capture's pool marked as being recorded to (``_end_failed_capture`` undoes that for device memory,
+        but pinned host memory keeps its mark), and a capture into a pool so marked fails."""
+        self.owner.pool = self.pool = torch.cuda.graph_pool_handle()
 
 
 class FastGenerate:
