@@ -71,6 +71,8 @@ DECODER_CONFIGS: dict[str, dict] = {
     "olmo3": dict(**_LLAMA, **_GQA, **_SWA, layer_types=["sliding_attention", "full_attention"]),
     "ministral": dict(**_LLAMA, **_GQA, **_SWA, head_dim=16, layer_types=["sliding_attention", "full_attention"]),
     # No sliding window: its attention ignores the config's (stock generate's cache would still apply it).
+    # NoPE every second layer: layer 1 has no rotary positions.
+    "smollm3": dict(**_LLAMA, **_GQA, no_rope_layers=[1, 0], use_sliding_window=False),
     "seed_oss": dict(**_LLAMA, **_GQA, sliding_window=None, attention_bias=True, attention_out_bias=True, head_dim=16),
 }
 # fmt: on

@@ -317,7 +317,7 @@ LLAMA_FAMILY = {
     "llama": "LlamaDecodeStep", "mistral": "MistralDecodeStep", "qwen2": "LlamaDecodeStep", "qwen3": "LlamaDecodeStep",
     "gemma": "LlamaDecodeStep", "gemma2": "Gemma2DecodeStep", "gemma3_text": "Gemma2DecodeStep",
     "phi3": "Phi3DecodeStep", "olmo2": "Olmo2DecodeStep", "olmo3": "Olmo2DecodeStep", "ministral": "LlamaDecodeStep",
-    "seed_oss": "LlamaDecodeStep",
+    "seed_oss": "LlamaDecodeStep", "smollm3": "LlamaDecodeStep",
 }  # fmt: skip
 _ROPE = dict(rope_theta=10000.0, original_max_position_embeddings=16)
 
@@ -361,6 +361,31 @@ def test_llama_family_generates_through_the_fused_decode_step(name, rope, fast_l
     empty = dict(greedy, attention_mask=empty_mask)
     assert torch.equal(model.generate(empty_ids, **empty), stock.generate(empty_ids, **empty))
     assert call_counts(model)["fused steps"] == 3
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_FAMILY))
+def test_llama_family_step_logits_match_the_stock_forward(name, fast_loop_on_cpu, monkeypatch):
+    """Every logit the fused prefill and step compute (fp32, CPU: the kernels' reference path) against the stock
+    forward over the final sequences, position by position. Tiny random models soon repeat one token, so equal
+    tokens alone would let a wrong position encoding through (a NoPE layer given rotary positions, say)."""
+    from bettertransformer.adapters.generation import Runner
+
+    stock = make_decoder(name)
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    seen: list[torch.Tensor] = []
+    original = Runner._select
+    monkeypatch.setattr(Runner, "_select", lambda self, logits: seen.append(logits.clone()) or original(self, logits))
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    # A repetition penalty makes the step return its logits (not the fused greedy choice); both models apply it.
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=PAD, do_sample=False, repetition_penalty=1.01)
+    out = model.generate(ids, **kwargs)
+    assert torch.equal(out, stock.generate(ids, **kwargs))
+    assert call_counts(model)["fused steps"] == 1 and len(seen) == 10
+    full = torch.cat([mask, torch.ones_like(out[:, ids.shape[1] :])], dim=1)
+    with torch.no_grad():
+        expected = stock(out, attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits
+    ours = torch.stack(seen, dim=1)[: out.shape[0]]  # (B, new, V): the logits token i was chosen from
+    torch.testing.assert_close(ours, expected[:, ids.shape[1] - 1 : -1], atol=1e-4, rtol=1e-4)
 
 
 def test_rotary_frequencies_that_change_at_run_time_take_the_generic_step(fast_loop_on_cpu, caplog):

@@ -266,6 +266,7 @@ REGISTRY: dict[str, Support] = {
     "qwen2": replace(_fused(LlamaDecodeStep), notes="q/k/v bias; sliding-window layers"),
     "qwen3": replace(_fused(LlamaDecodeStep), notes="per-head q/k norms; sliding-window layers"),
     "seed_oss": replace(_fused(LlamaDecodeStep), notes="q/k/v (and output) bias"),
+    "smollm3": replace(_fused(LlamaDecodeStep), notes="layers without rotary positions (NoPE)"),
     "starcoder2": replace(DECODER, notes="sliding window"),
 }
 

@@ -211,8 +211,11 @@ def attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: floa
 
 def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
     """x (N, H, D) turned by the rotary embedding at ``positions`` (N,): rotate-half pairs over the first
-    ``2 * len(inv_freq)`` features, the rest passed through; cos and sin rounded to x's dtype, as stock does."""
+    ``2 * len(inv_freq)`` features (none for an empty ``inv_freq``), the rest passed through; cos and sin rounded to
+    x's dtype, as stock does."""
     rot = 2 * rotary.inv_freq.shape[0]
+    if rot == 0:  # a layer without positions (NoPE)
+        return x
     freqs = positions.float()[:, None] * rotary.inv_freq.float()[None, :]
     angles = torch.cat((freqs, freqs), dim=-1)
     cos = (angles.cos() * rotary.scale).to(x.dtype)[:, None, :]

@@ -357,6 +357,8 @@ if AVAILABLE:
     def _rotate(x, xp, d, pos, FREQ, rope_scale, ROT: tl.constexpr, DTYPE):
         # Rotary embedding of one head x (fp32, BLOCK_D) whose rotate-half partners are xp: dims d < ROT turn by
         # position * FREQ[d % (ROT / 2)]; cos and sin are rounded to DTYPE, as stock computes them.
+        if ROT == 0:  # a layer without positions (NoPE)
+            return x
         half: tl.constexpr = ROT // 2
         rot = d < ROT
         angle = pos * tl.load(FREQ + d % half, mask=rot, other=0.0)

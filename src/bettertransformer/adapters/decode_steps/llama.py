@@ -35,7 +35,7 @@ from .base import TANH_GELU, Packing, pack_prompts
 _RMS_NORMS: dict[str, tuple[float, bool]] = {
     **dict.fromkeys(
         ("LlamaRMSNorm", "MistralRMSNorm", "MinistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
-         "SeedOssRMSNorm"),
+         "SeedOssRMSNorm", "SmolLM3RMSNorm"),
         (0.0, True),
     ),
     **dict.fromkeys(("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"), (1.0, False)),
@@ -173,13 +173,15 @@ class _Layer:
         freq = getattr(rotary, self.freq_name, None)
         if not isinstance(freq, torch.Tensor) or 2 * freq.shape[0] > self.head_dim:
             raise NotImplementedError("a rotary embedding without inverse frequencies the fused step can read")
+        self.use_rope = bool(getattr(attention, "use_rope", True))  # SmolLM3's NoPE layers have none
 
     def norm(self, where: str) -> decode.RMSNorm | None:
         module = self.norms[where]
         return _rms_norm(module) if module is not None else None
 
     def rope(self) -> decode.Rotary:
-        return decode.Rotary(getattr(self.rotary, self.freq_name), float(getattr(self.rotary, self.scale_name, 1.0)))
+        freq = getattr(self.rotary, self.freq_name)
+        return decode.Rotary(freq if self.use_rope else freq[:0], float(getattr(self.rotary, self.scale_name, 1.0)))
 
     def qk_norm(self) -> tuple[decode.RMSNorm, decode.RMSNorm, bool] | None:
         if self.q_norm is None:
