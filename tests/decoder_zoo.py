@@ -71,6 +71,10 @@ DECODER_CONFIGS: dict[str, dict] = {
     "olmo3": dict(**_LLAMA, **_GQA, **_SWA, layer_types=["sliding_attention", "full_attention"]),
     "ministral": dict(**_LLAMA, **_GQA, **_SWA, head_dim=16, layer_types=["sliding_attention", "full_attention"]),
     # No sliding window: its attention ignores the config's (stock generate's cache would still apply it).
+    "granite": dict(
+        **_LLAMA, **_GQA, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+        logits_scaling=8.0,
+    ),
     # NoPE every second layer: layer 1 has no rotary positions.
     "smollm3": dict(**_LLAMA, **_GQA, no_rope_layers=[1, 0], use_sliding_window=False),
     "seed_oss": dict(**_LLAMA, **_GQA, sliding_window=None, attention_bias=True, attention_out_bias=True, head_dim=16),

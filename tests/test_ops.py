@@ -418,6 +418,9 @@ def _run_llama_decode_ops(device, dtype, batch):
     logits = decode.linear(x, head, None, transposed=True, norm=norm, softcap=3.0, out_dtype=torch.float32)
     chosen = decode.greedy_head(x, head, None, transposed=True, norm=norm, eos_penalty=None, softcap=3.0)
     added = decode.add_norm(x.clone(), rand(batch, width), gemma_norm)
+    # Granite's multipliers: a residual add of 0.22 x the product, logits divided by 8.
+    scaled = decode.linear(x, wg, None, transposed=True, residual=torch.ones_like(gated), scale=0.22)
+    divided = decode.linear(x, head, None, transposed=True, divide=8.0)
     embedded = decode.embed(torch.tensor([3, 49, 0, 7][:batch], device=device), None, rand(50, width), None, 8.0)
     mask = torch.where(torch.rand(batch, slots, generator=gen) < 0.7, 0.0, float("-inf")).to(device, dtype)
     slot = torch.tensor([30], device=device)
@@ -425,7 +428,7 @@ def _run_llama_decode_ops(device, dtype, batch):
     positions = torch.tensor([29, 3, 4000, 17][:batch], device=device)
     rotary = decode.Rotary((1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)).to(device), 1.2)  # half the features
     qk_norm = (decode.RMSNorm(rand(dim) + 1, 1e-6), decode.RMSNorm(rand(dim) + 1, 1e-6), True)
-    outputs = [qkv, gated, gelu, logits, added, embedded]
+    outputs = [qkv, gated, gelu, logits, added, embedded, scaled, divided]
     for window, softcap, norms in ((None, None, None), (6, 20.0, qk_norm)):
         kv = rand(2, batch, kv_heads, slots, dim)
         att = decode.rope_attention(
@@ -444,7 +447,7 @@ def test_llama_decode_kernels_match_the_reference_path_on_cuda(batch, monkeypatc
 
     launches = _count_launches(monkeypatch, decode_kernels, "linear", "rope_attention", "embed", "add_norm")
     got, chosen, logits = _run_llama_decode_ops("cuda", torch.float16, batch)
-    assert launches == {"linear": 5, "rope_attention": 2, "embed": 1, "add_norm": 1}  # the kernels ran
+    assert launches == {"linear": 7, "rope_attention": 2, "embed": 1, "add_norm": 1}  # the kernels ran
     expected, _, _ = _run_llama_decode_ops("cpu", torch.float64, batch)
     for i, (a, b) in enumerate(zip(got, expected, strict=True)):
         error = (a.double().cpu() - b).abs().max().item()

@@ -24,6 +24,7 @@ from .adapters.decode_steps import (
     DecodeStep,
     Gemma2DecodeStep,
     GPT2DecodeStep,
+    GraniteDecodeStep,
     LlamaDecodeStep,
     MistralDecodeStep,
     Olmo2DecodeStep,
@@ -244,6 +245,7 @@ REGISTRY: dict[str, Support] = {
     "gemma3_text": replace(_fused(Gemma2DecodeStep), notes="sliding-window layers; q/k norms"),
     "gpt2": _fused(GPT2DecodeStep),
     "gpt_bigcode": replace(DECODER, notes="multi-query attention"),
+    "granite": replace(_fused(GraniteDecodeStep), notes="embedding, residual, attention and logit multipliers"),
     "gpt_neo": replace(
         DECODER,
         attention=ModuleAttention("GPTNeoSelfAttention", gpt_neo_attention),

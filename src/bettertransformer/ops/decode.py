@@ -35,16 +35,14 @@ def embed(
     wpe: torch.Tensor | None,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """wte[tokens] (+ wpe[positions]) (* ``scale``, rounded to wte's dtype first, as Gemma's scaled embedding
-    multiplies); tokens, positions (B,) -> (B, E)."""
+    """wte[tokens] (+ wpe[positions]) (* ``scale``, a Python float: the product in fp32, rounded once, as PyTorch
+    multiplies a tensor by a number); tokens, positions (B,) -> (B, E)."""
     if use_triton(wte) and wte.is_contiguous() and (wpe is None or wpe.is_contiguous()):
         return decode_kernels.embed(tokens, positions, wte, wpe, scale)
     x = F.embedding(tokens, wte)
     if wpe is not None and positions is not None:
         x = x + F.embedding(positions, wpe)
-    if scale != 1.0:
-        x = x * torch.tensor(scale, dtype=wte.dtype, device=wte.device)
-    return x
+    return x * scale if scale != 1.0 else x
 
 
 def rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
@@ -75,6 +73,12 @@ def _activation(y: torch.Tensor, act: str | None) -> torch.Tensor:
     if act == "silu":
         return F.silu(y)
     return y
+
+
+def _scaled(y: torch.Tensor, scale: float, divide: float) -> torch.Tensor:
+    if scale != 1.0:
+        y = y * scale
+    return y / divide if divide != 1.0 else y
 
 
 def _softcapped(y: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -114,26 +118,28 @@ def linear(
     parts: tuple[Part, ...] = (),
     up: Part | None = None,
     softcap: float | None = None,
+    scale: float = 1.0,
+    divide: float = 1.0,
     out_dtype: torch.dtype | None = None,
     kernels: bool = True,
 ) -> torch.Tensor:
     """act(norm(x) @ W + bias); W = ``weight`` (in, out), or ``weight.T`` for an (out, in) ``nn.Linear`` weight.
     ``norm``: LayerNorm (weight, bias, eps) or ``RMSNorm``; ``act``: "gelu_tanh" or "silu"; ``parts``: more
     matrices whose columns follow (separate q, k, v); ``up``: a gated product act(...) * (norm(x) @ U + b);
-    ``softcap``: softcap * tanh(y / softcap). With ``residual`` (N, out): ``residual += `` that, in place, and
-    returns ``residual``. ``kernels=False``: PyTorch's kernels (cuBLAS) whatever the row count."""
+    ``scale``, ``divide``: y * scale / divide (Granite's multipliers); ``softcap``: softcap * tanh(y / softcap).
+    With ``residual`` (N, out): ``residual += `` that, in place, and returns ``residual``. ``kernels=False``: PyTorch's kernels (cuBLAS) whatever the row count."""
     act = "gelu_tanh" if gelu_tanh else act
-    plain = norm is None and act is None and up is None and not parts and softcap is None
+    plain = norm is None and act is None and up is None and not parts and softcap is None and scale == divide == 1.0
     if plain and transposed and bias is None and x.shape[0] > 1 and min(weight.shape) >= 2048:
         kernels = False  # several rows through a large plain product: cuBLAS was faster (BENCHMARKS.md)
     if kernels and _kernel_rows(x):
         return decode_kernels.linear(
             x, weight, bias, transposed=transposed, norm=norm, residual=residual, act=act, parts=parts, up=up,
-            softcap=softcap, out_dtype=out_dtype,
+            softcap=softcap, scale=scale, divide=divide, out_dtype=out_dtype,
         )  # fmt: skip
     if residual is not None and plain and bias is None and transposed:
         return residual.addmm_(x, weight.t())  # one cuBLAS kernel, the sum rounded once
-    y = _softcapped(_reference(x, weight, bias, transposed, norm, act, parts, up), softcap)
+    y = _softcapped(_scaled(_reference(x, weight, bias, transposed, norm, act, parts, up), scale, divide), softcap)
     if residual is not None:
         return residual.add_(y)
     return y if out_dtype is None else y.to(out_dtype)
@@ -155,15 +161,17 @@ def greedy_head(
     norm: Norm | RMSNorm | None,
     eos_penalty: torch.Tensor | None,
     softcap: float | None = None,
+    divide: float = 1.0,
 ) -> torch.Tensor:
     """The greedy next token of each row: argmax of (logits + ``eos_penalty`` (V,)), logits = norm(x) @ W + bias
-    (softcapped) rounded to x's dtype as a stock LM head's are; the first index on ties, as ``torch.argmax``.
+    (divided by ``divide``, softcapped) rounded to x's dtype as a stock LM head's are; the first index on ties, as ``torch.argmax``.
     Returns (N,) int64."""
     if _kernel_rows(x):
         return decode_kernels.linear(
-            x, weight, bias, transposed=transposed, norm=norm, eos_penalty=eos_penalty, argmax=True, softcap=softcap
+            x, weight, bias, transposed=transposed, norm=norm, eos_penalty=eos_penalty, argmax=True, softcap=softcap,
+            divide=divide,
         )  # fmt: skip
-    scores = _softcapped(_reference(x, weight, bias, transposed, norm), softcap).float()
+    scores = _softcapped(_scaled(_reference(x, weight, bias, transposed, norm), 1.0, divide), softcap).float()
     return (scores if eos_penalty is None else scores + eos_penalty).argmax(-1)
 
 

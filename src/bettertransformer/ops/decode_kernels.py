@@ -154,7 +154,8 @@ if AVAILABLE:
     @triton.jit
     def _linear_kernel(
         X, W, B, W2, B2, W3, B3, Y, R, NW, NB, PEN, KV, SLOT, PV, PI,
-        M, N, K, n1, n2, stride_xm, stride_wk, stride_wn, stride_ym, stride_rm, eps, norm_offset, softcap,
+        M, N, K, n1, n2, stride_xm, stride_wk, stride_wn, stride_ym, stride_rm, eps, norm_offset, softcap, out_scale,
+        out_divide,
         split, kv_width, stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, stride_pm,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr, ACT: tl.constexpr,
         GATED: tl.constexpr, SEGMENTS: tl.constexpr, SOFTCAP: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -172,6 +173,8 @@ if AVAILABLE:
         # B3; W2's columns start at n1, W3's at n2; BLOCK_N divides both), each (K, width) with W's strides: the
         # separate q, k and v projections of a Llama layer as one product.
         # GATED: act(norm(X) @ W + B) * (norm(X) @ W2 + B2), each product rounded first (a gated MLP's gate and up).
+        # Then y * out_scale / out_divide (Granite's residual and logit multipliers), each rounded as stock's are
+        # (exact when they are 1).
         # SOFTCAP: softcap * tanh(y / softcap), rounded after each operation as a stock LM head's dtype ops are.
         # RESIDUAL: R += that, in place (each program owns its columns). KV_WRITE: columns >= split are keys then
         # values, written into the cache at slot SLOT instead of Y. ARGMAX: the max of each row's (product + PEN)
@@ -274,6 +277,8 @@ if AVAILABLE:
             if HAS_BIAS:
                 acc_u += bias_u[None, :]
             acc = acc.to(dtype).to(tl.float32) * acc_u.to(dtype).to(tl.float32)
+        acc = (acc.to(dtype).to(tl.float32) * out_scale).to(dtype).to(tl.float32)
+        acc = (acc / out_divide).to(dtype).to(tl.float32)
         if SOFTCAP:
             acc = (acc / softcap).to(dtype).to(tl.float32)
             acc = (_tanh(acc)).to(dtype).to(tl.float32)
@@ -667,6 +672,8 @@ def linear(
     parts: tuple[Part, ...] = (),
     up: Part | None = None,
     softcap: float | None = None,
+    scale: float = 1.0,
+    divide: float = 1.0,
     out_dtype: torch.dtype | None = None,
     kv: torch.Tensor | None = None,
     slot: torch.Tensor | None = None,
@@ -683,6 +690,7 @@ def linear(
     - ``parts``: up to two more (weight, bias) matrices laid out like ``weight``, whose columns follow its columns
       (separate q, k, v projections computed as one); every width a multiple of 16.
     - ``up``: a gated product, act(norm(x) @ W + bias) * (norm(x) @ U + up bias), U laid out like ``weight``.
+    - ``scale``, ``divide``: result * scale / divide (Granite's multipliers), each operation rounded to x's dtype.
     - ``softcap``: softcap * tanh(result / softcap) (Gemma 2's final logits), each operation rounded to x's dtype.
     - ``residual`` (M, N): ``residual += result`` in place; returns ``residual``.
     - ``kv`` (2, M, Hkv, S, head_dim) and ``slot`` (1,): only the first ``split`` columns are returned; the rest,
@@ -733,7 +741,8 @@ def linear(
     _linear_kernel[(programs,)](
         x, *pointers, y, r, nw, nb, eos_penalty if eos_penalty is not None else x,
         kv_args[0], kv_args[1], partial_values, partial_index, m, n, k, widths[0], sum(widths[:2]), x.stride(0),
-        stride_wk, stride_wn, y.stride(0), r.stride(0), eps, offset, softcap or 1.0, *kv_args[2:], programs,
+        stride_wk, stride_wn, y.stride(0), r.stride(0), eps, offset, softcap or 1.0, scale, divide, *kv_args[2:],
+        programs,
         HAS_BIAS=bias is not None, NORM=kind, ROUND_FIRST=round_first,
         ACT=_ACTIVATIONS["gelu_tanh" if gelu_tanh else act], GATED=up is not None, SEGMENTS=len(matrices),
         SOFTCAP=softcap is not None, RESIDUAL=residual is not None, KV_WRITE=kv is not None, ARGMAX=argmax,

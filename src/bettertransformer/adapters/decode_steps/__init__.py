@@ -8,6 +8,7 @@ from .base import DecodeStep, Packing, Projection, pack_prompts
 from .gpt2 import GPT2DecodeStep, GPT2Layout
 from .llama import (
     Gemma2DecodeStep,
+    GraniteDecodeStep,
     LlamaDecodeStep,
     LlamaLayout,
     MistralDecodeStep,
@@ -16,6 +17,6 @@ from .llama import (
 )
 
 __all__ = [
-    "DecodeStep", "GPT2DecodeStep", "GPT2Layout", "Gemma2DecodeStep", "LlamaDecodeStep", "LlamaLayout",
+    "DecodeStep", "GPT2DecodeStep", "GPT2Layout", "Gemma2DecodeStep", "GraniteDecodeStep", "LlamaDecodeStep", "LlamaLayout",
     "MistralDecodeStep", "Olmo2DecodeStep", "Packing", "Phi3DecodeStep", "Projection", "pack_prompts",
 ]  # fmt: skip

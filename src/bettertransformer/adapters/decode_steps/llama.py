@@ -35,7 +35,7 @@ from .base import TANH_GELU, Packing, pack_prompts
 _RMS_NORMS: dict[str, tuple[float, bool]] = {
     **dict.fromkeys(
         ("LlamaRMSNorm", "MistralRMSNorm", "MinistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
-         "SeedOssRMSNorm", "SmolLM3RMSNorm"),
+         "SeedOssRMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm"),
         (0.0, True),
     ),
     **dict.fromkeys(("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"), (1.0, False)),
@@ -51,7 +51,8 @@ class LlamaLayout:
     """Attribute paths of a Llama-shaped decoder. ``embed``, ``layers``, ``final_norm`` and ``rotary`` are relative
     to the base model, the others to one layer. A norm path of None: the layer has no norm there. ``qkv`` names the
     q, k and v projections, or one fused projection (Phi-3); ``gate_up`` the gate and up projections, or one fused
-    (gate | up) projection. A layer's sliding window is its attention module's ``sliding_window``; with
+    (gate | up) projection. ``multipliers``: the base model's ``embedding_multiplier``, each layer's
+    ``residual_multiplier`` and the config's ``logits_scaling`` (Granite). A layer's sliding window is its attention module's ``sliding_window``; with
     ``config_window`` (Mistral, Phi-3, whose attention reads it there) the config's when the module has none."""
 
     embed: str = "embed_tokens"
@@ -69,6 +70,7 @@ class LlamaLayout:
     down: str = "mlp.down_proj"
     act: str = "mlp.act_fn"
     config_window: bool = False
+    multipliers: bool = False  # Granite: embedding, residual and logit multipliers
 
 
 GEMMA2_LAYOUT = LlamaLayout(
@@ -83,6 +85,7 @@ PHI3_LAYOUT = LlamaLayout(
     qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",), act="mlp.activation_fn", config_window=True
 )
 MISTRAL_LAYOUT = LlamaLayout(config_window=True)
+GRANITE_LAYOUT = LlamaLayout(multipliers=True)
 
 
 def _rms_norm(module: Any) -> decode.RMSNorm:
@@ -174,6 +177,11 @@ class _Layer:
         if not isinstance(freq, torch.Tensor) or 2 * freq.shape[0] > self.head_dim:
             raise NotImplementedError("a rotary embedding without inverse frequencies the fused step can read")
         self.use_rope = bool(getattr(attention, "use_rope", True))  # SmolLM3's NoPE layers have none
+        if layout.multipliers and not hasattr(layer, "residual_multiplier"):
+            raise NotImplementedError("a layer without the residual multiplier its layout names")
+        self.multiplier = float(getattr(layer, "residual_multiplier", 1.0)) if layout.multipliers else 1.0
+        if self.multiplier != 1.0 and any(self.norms[w] is not None for w in ("post_attention", "post_mlp")):
+            raise NotImplementedError("a residual multiplier with post-norms")
 
     def norm(self, where: str) -> decode.RMSNorm | None:
         module = self.norms[where]
@@ -207,7 +215,9 @@ class _Layer:
         """x += post_norm(proj(a)) (or proj(a) without a post-norm), in place."""
         norm = self.norm(post)
         if norm is None:
-            decode.linear(a, proj.weight, proj.bias, transposed=True, residual=x, kernels=kernels)
+            decode.linear(
+                a, proj.weight, proj.bias, transposed=True, residual=x, scale=self.multiplier, kernels=kernels
+            )  # fmt: skip
         else:
             t = decode.linear(a, proj.weight, proj.bias, transposed=True, kernels=kernels)
             decode.add_norm(x, t, norm, kernels=kernels)
@@ -237,6 +247,9 @@ class LlamaDecodeStep:
         softcap = getattr(config, "final_logit_softcapping", None)
         self.final_softcap = float(softcap) if softcap is not None else None
         self.embed_scale = self._embed_scale(self.embed)
+        multipliers: Any = (base, config) if layout.multipliers else None
+        self.embed_multiplier = float(multipliers[0].embedding_multiplier) if multipliers else 1.0
+        self.logit_divide = float(multipliers[1].logits_scaling) if multipliers else 1.0
         self.module_ids = self._module_ids(head)
         # Softcapped attention over packed tokens lays them out densely, indexing by a mask: a host
         # synchronisation that no CUDA graph can hold (and a failed capture can break the ones after it).
@@ -292,9 +305,9 @@ class LlamaDecodeStep:
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight
         scale = self.embed_scale
-        if scale != 1.0:  # the scale as the weights' dtype holds it
+        if scale != 1.0:  # Gemma's scale as the weights' dtype holds it
             scale = float(torch.tensor(scale, dtype=weight.dtype))
-        return decode.embed(tokens, None, weight, None, scale)
+        return decode.embed(tokens, None, weight, None, scale * self.embed_multiplier)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState, packing: Packing) -> torch.Tensor:
         """Run the prompts (B, L) on their real tokens only (``packing``); write their keys/values into ``state.kv``
@@ -329,6 +342,7 @@ class LlamaDecodeStep:
         return decode.greedy_head(
             self._step(tokens, positions, state), head.weight, head.bias, transposed=True,
             norm=_rms_norm(self.final_norm), eos_penalty=eos_penalty, softcap=self.final_softcap,
+            divide=self.logit_divide,
         )  # fmt: skip
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
@@ -348,7 +362,7 @@ class LlamaDecodeStep:
         head = self.head
         return decode.linear(
             x, head.weight, head.bias, transposed=True, norm=_rms_norm(self.final_norm), softcap=self.final_softcap,
-            out_dtype=torch.float32, kernels=kernels,
+            divide=self.logit_divide, out_dtype=torch.float32, kernels=kernels,
         )  # fmt: skip
 
 
@@ -368,6 +382,12 @@ class MistralDecodeStep(LlamaDecodeStep):
     """Mistral: the config's sliding window applies to every layer."""
 
     layout = MISTRAL_LAYOUT
+
+
+class GraniteDecodeStep(LlamaDecodeStep):
+    """Granite: multipliers on the embeddings, each sublayer's output and the logits."""
+
+    layout = GRANITE_LAYOUT
 
 
 class Phi3DecodeStep(LlamaDecodeStep):
