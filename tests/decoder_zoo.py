@@ -75,6 +75,9 @@ DECODER_CONFIGS: dict[str, dict] = {
         **_LLAMA, **_GQA, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
         logits_scaling=8.0,
     ),
+    "helium": dict(**_LLAMA, **_GQA, head_dim=16),
+    "glm": dict(**_LLAMA, **_GQA, head_dim=16, attention_bias=True),  # partial rotary 0.5 by default
+    "glm4": dict(**_LLAMA, **_GQA, head_dim=16, attention_bias=True),
     # NoPE every second layer: layer 1 has no rotary positions.
     "smollm3": dict(**_LLAMA, **_GQA, no_rope_layers=[1, 0], use_sliding_window=False),
     "seed_oss": dict(**_LLAMA, **_GQA, sliding_window=None, attention_bias=True, attention_out_bias=True, head_dim=16),

@@ -318,6 +318,7 @@ LLAMA_FAMILY = {
     "gemma": "LlamaDecodeStep", "gemma2": "Gemma2DecodeStep", "gemma3_text": "Gemma2DecodeStep",
     "phi3": "Phi3DecodeStep", "olmo2": "Olmo2DecodeStep", "olmo3": "Olmo2DecodeStep", "ministral": "LlamaDecodeStep",
     "seed_oss": "LlamaDecodeStep", "smollm3": "LlamaDecodeStep", "granite": "GraniteDecodeStep",
+    "helium": "HeliumDecodeStep", "glm": "GlmDecodeStep", "glm4": "Glm4DecodeStep",
 }  # fmt: skip
 _ROPE = dict(rope_theta=10000.0, original_max_position_embeddings=16)
 

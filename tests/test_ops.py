@@ -429,10 +429,15 @@ def _run_llama_decode_ops(device, dtype, batch):
     rotary = decode.Rotary((1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)).to(device), 1.2)  # half the features
     qk_norm = (decode.RMSNorm(rand(dim) + 1, 1e-6), decode.RMSNorm(rand(dim) + 1, 1e-6), True)
     outputs = [qkv, gated, gelu, logits, added, embedded, scaled, divided]
-    for window, softcap, norms in ((None, None, None), (6, 20.0, qk_norm)):
+    interleaved = decode.Rotary(rotary.inv_freq, 1.0, interleaved=True)  # GLM's pairs (2i, 2i + 1)
+    for window, softcap, norms, turn in (
+        (None, None, None, rotary),
+        (6, 20.0, qk_norm, rotary),
+        (None, None, None, interleaved),
+    ):
         kv = rand(2, batch, kv_heads, slots, dim)
         att = decode.rope_attention(
-            qkv, kv, mask, slot, positions, heads=heads, scale=dim**-0.5, rotary=rotary, qk_norm=norms,
+            qkv, kv, mask, slot, positions, heads=heads, scale=dim**-0.5, rotary=turn, qk_norm=norms,
             window=window, softcap=softcap,
         )  # fmt: skip
         outputs += [att, kv]
@@ -447,7 +452,7 @@ def test_llama_decode_kernels_match_the_reference_path_on_cuda(batch, monkeypatc
 
     launches = _count_launches(monkeypatch, decode_kernels, "linear", "rope_attention", "embed", "add_norm")
     got, chosen, logits = _run_llama_decode_ops("cuda", torch.float16, batch)
-    assert launches == {"linear": 7, "rope_attention": 2, "embed": 1, "add_norm": 1}  # the kernels ran
+    assert launches == {"linear": 7, "rope_attention": 3, "embed": 1, "add_norm": 1}  # the kernels ran
     expected, _, _ = _run_llama_decode_ops("cpu", torch.float64, batch)
     for i, (a, b) in enumerate(zip(got, expected, strict=True)):
         error = (a.double().cpu() - b).abs().max().item()

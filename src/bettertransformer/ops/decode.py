@@ -218,8 +218,8 @@ def attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: floa
 
 
 def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-    """x (N, H, D) turned by the rotary embedding at ``positions`` (N,): rotate-half pairs over the first
-    ``2 * len(inv_freq)`` features (none for an empty ``inv_freq``), the rest passed through; cos and sin rounded to
+    """x (N, H, D) turned by the rotary embedding at ``positions`` (N,): rotate-half (or interleaved) pairs over the
+    first ``2 * len(inv_freq)`` features (none for an empty ``inv_freq``), the rest passed through; cos and sin rounded to
     x's dtype, as stock does."""
     rot = 2 * rotary.inv_freq.shape[0]
     if rot == 0:  # a layer without positions (NoPE)
@@ -230,7 +230,11 @@ def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -
     sin = (angles.sin() * rotary.scale).to(x.dtype)[:, None, :]
     turned, kept = x[..., :rot], x[..., rot:]
     half = rot // 2
-    rotated = torch.cat((-turned[..., half:], turned[..., :half]), dim=-1)
+    if rotary.interleaved:  # pairs (2i, 2i + 1), angle i
+        cos, sin = cos[..., :half].repeat_interleave(2, dim=-1), sin[..., :half].repeat_interleave(2, dim=-1)
+        rotated = torch.stack((-turned[..., 1::2], turned[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        rotated = torch.cat((-turned[..., half:], turned[..., :half]), dim=-1)
     out = (turned * cos) + (rotated * sin)
     return torch.cat([out, kept], dim=-1) if kept.shape[-1] else out
 

@@ -359,17 +359,22 @@ if AVAILABLE:
         tl.store(X + row * E + cols, (x + y).to(X.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rotate(x, xp, d, pos, FREQ, rope_scale, ROT: tl.constexpr, DTYPE):
-        # Rotary embedding of one head x (fp32, BLOCK_D) whose rotate-half partners are xp: dims d < ROT turn by
-        # position * FREQ[d % (ROT / 2)]; cos and sin are rounded to DTYPE, as stock computes them.
+    def _rotate(x, xp, d, pos, FREQ, rope_scale, ROT: tl.constexpr, INTERLEAVED: tl.constexpr, DTYPE):
+        # Rotary embedding of one head x (fp32, BLOCK_D) whose partners are xp: dims d < ROT turn by
+        # position * FREQ[d % (ROT / 2)] (rotate-half pairs d, d + ROT / 2), or, INTERLEAVED, by
+        # position * FREQ[d // 2] (pairs 2i, 2i + 1); cos and sin are rounded to DTYPE, as stock computes them.
         if ROT == 0:  # a layer without positions (NoPE)
             return x
         half: tl.constexpr = ROT // 2
         rot = d < ROT
-        angle = pos * tl.load(FREQ + d % half, mask=rot, other=0.0)
+        if INTERLEAVED:
+            angle = pos * tl.load(FREQ + d // 2, mask=rot, other=0.0)
+            sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        else:
+            angle = pos * tl.load(FREQ + d % half, mask=rot, other=0.0)
+            sign = tl.where(d < half, -1.0, 1.0)
         c = (_cos(angle) * rope_scale).to(DTYPE).to(tl.float32)
         s = (_sin(angle) * rope_scale).to(DTYPE).to(tl.float32)
-        sign = tl.where(d < half, -1.0, 1.0)
         return tl.where(rot, x * c + sign * xp * s, x).to(DTYPE).to(tl.float32)
 
     @triton.jit
@@ -399,9 +404,9 @@ if AVAILABLE:
         QKV, K, V, MASK, SLOT, POS, FREQ, QN, KN, OUT, PART_O, PART_ML,
         S, stride_qkv, q_width, k_width, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_mb, stride_ob, scale, rope_scale, eps, norm_offset, window, softcap, chunk,
-        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, ROT: tl.constexpr, QK_NORM: tl.constexpr,
-        NORM_BLOCK: tl.constexpr, ROUND_FIRST: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-        BLOCK_S: tl.constexpr, ONE_BLOCK: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
+        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
+        QK_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ROUND_FIRST: tl.constexpr, WINDOW: tl.constexpr,
+        SOFTCAP: tl.constexpr, BLOCK_S: tl.constexpr, ONE_BLOCK: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         # One query token per (row, head) of a rotary decoder, from the raw QKV product (B, q | k | v): the q/k
         # norm (QK_NORM 1: per head; 2: over the whole projection, OLMo 2), the rotary embedding, the new key/value
@@ -417,7 +422,10 @@ if AVAILABLE:
         d = tl.arange(0, BLOCK_D)
         dm = d < D
         half: tl.constexpr = ROT // 2
-        partner = tl.where(d < ROT, tl.where(d < half, d + half, d - half), d)
+        if INTERLEAVED:
+            partner = tl.where(d < ROT, d ^ 1, d)
+        else:
+            partner = tl.where(d < ROT, tl.where(d < half, d + half, d - half), d)
         dtype = K.dtype.element_ty
         k_row = K + b * stride_kb + kv_h * stride_kh
         v_row = V + b * stride_vb + kv_h * stride_vh
@@ -452,8 +460,8 @@ if AVAILABLE:
             k_norm = KN + kv_h * D
         q, qp = _qk_norm(q, qp, d, partner, dm, q_norm, q_rstd, norm_offset, QK_NORM, ROUND_FIRST, dtype)
         kn, kp = _qk_norm(kn, kp, d, partner, dm, k_norm, k_rstd, norm_offset, QK_NORM, ROUND_FIRST, dtype)
-        q = _rotate(q, qp, d, pos, FREQ, rope_scale, ROT, dtype) * scale
-        kn = _rotate(kn, kp, d, pos, FREQ, rope_scale, ROT, dtype)
+        q = _rotate(q, qp, d, pos, FREQ, rope_scale, ROT, INTERLEAVED, dtype) * scale
+        kn = _rotate(kn, kp, d, pos, FREQ, rope_scale, ROT, INTERLEAVED, dtype)
         if (h % GROUP == 0) & (split == 0):
             tl.store(k_row + slot * stride_ks + d, kn.to(dtype), mask=dm)
             tl.store(v_row + slot * stride_vs + d, vn, mask=dm)
@@ -791,10 +799,12 @@ def add_norm(x: torch.Tensor, t: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
 @dataclass(frozen=True)
 class Rotary:
     """A rotary embedding: the first ``2 * len(inv_freq)`` features of each head turn by position * inv_freq
-    (rotate-half pairs), cos and sin times ``scale`` (YaRN's attention factor)."""
+    (rotate-half pairs (i, i + half); ``interleaved``: pairs (2i, 2i + 1), as GLM and Helium), cos and sin times
+    ``scale`` (YaRN's attention factor)."""
 
     inv_freq: torch.Tensor
     scale: float = 1.0
+    interleaved: bool = False
 
 
 def rope_attention(
@@ -839,7 +849,7 @@ def rope_attention(
         part_ml, slots, qkv.stride(0), q_width, k_width, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), mask.stride(0), out.stride(0), scale, rotary.scale, norm.eps, norm.offset,
         window or 0, softcap or 1.0, chunk, GROUP=heads // kv_heads, D=dim, BLOCK_D=block_d,
-        ROT=2 * rotary.inv_freq.shape[0], QK_NORM=mode, NORM_BLOCK=triton.next_power_of_2(max(q_width, k_width)),
+        ROT=2 * rotary.inv_freq.shape[0], INTERLEAVED=rotary.interleaved, QK_NORM=mode, NORM_BLOCK=triton.next_power_of_2(max(q_width, k_width)),
         ROUND_FIRST=norm.round_first, WINDOW=window is not None, SOFTCAP=softcap is not None, BLOCK_S=block_s,
         ONE_BLOCK=one_block, SPLITS=splits, num_warps=warps, **pdl,
     )  # fmt: skip

@@ -8,7 +8,10 @@ from .base import DecodeStep, Packing, Projection, pack_prompts
 from .gpt2 import GPT2DecodeStep, GPT2Layout
 from .llama import (
     Gemma2DecodeStep,
+    Glm4DecodeStep,
+    GlmDecodeStep,
     GraniteDecodeStep,
+    HeliumDecodeStep,
     LlamaDecodeStep,
     LlamaLayout,
     MistralDecodeStep,
@@ -17,6 +20,7 @@ from .llama import (
 )
 
 __all__ = [
-    "DecodeStep", "GPT2DecodeStep", "GPT2Layout", "Gemma2DecodeStep", "GraniteDecodeStep", "LlamaDecodeStep", "LlamaLayout",
+    "DecodeStep", "GPT2DecodeStep", "GPT2Layout", "Gemma2DecodeStep", "Glm4DecodeStep", "GlmDecodeStep",
+    "GraniteDecodeStep", "HeliumDecodeStep", "LlamaDecodeStep", "LlamaLayout",
     "MistralDecodeStep", "Olmo2DecodeStep", "Packing", "Phi3DecodeStep", "Projection", "pack_prompts",
 ]  # fmt: skip

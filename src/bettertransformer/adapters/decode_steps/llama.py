@@ -35,11 +35,11 @@ from .base import TANH_GELU, Packing, pack_prompts
 _RMS_NORMS: dict[str, tuple[float, bool]] = {
     **dict.fromkeys(
         ("LlamaRMSNorm", "MistralRMSNorm", "MinistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
-         "SeedOssRMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm"),
+         "SeedOssRMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm", "GlmRMSNorm", "Glm4RMSNorm"),
         (0.0, True),
     ),
     **dict.fromkeys(("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"), (1.0, False)),
-    **dict.fromkeys(("Olmo2RMSNorm", "Olmo3RMSNorm"), (0.0, False)),
+    **dict.fromkeys(("Olmo2RMSNorm", "Olmo3RMSNorm", "HeliumRMSNorm"), (0.0, False)),
 }  # fmt: skip
 _SILU = {"SiLU", "SiLUActivation"}
 # Rotary embeddings whose frequencies change with the sequence length at run time.
@@ -71,6 +71,7 @@ class LlamaLayout:
     act: str = "mlp.act_fn"
     config_window: bool = False
     multipliers: bool = False  # Granite: embedding, residual and logit multipliers
+    interleaved_rotary: bool = False  # rotary pairs (2i, 2i + 1): GLM, Helium
 
 
 GEMMA2_LAYOUT = LlamaLayout(
@@ -86,6 +87,12 @@ PHI3_LAYOUT = LlamaLayout(
 )
 MISTRAL_LAYOUT = LlamaLayout(config_window=True)
 GRANITE_LAYOUT = LlamaLayout(multipliers=True)
+HELIUM_LAYOUT = LlamaLayout(interleaved_rotary=True)
+GLM_LAYOUT = LlamaLayout(gate_up=("mlp.gate_up_proj",), act="mlp.activation_fn", interleaved_rotary=True)
+GLM4_LAYOUT = LlamaLayout(
+    post_attention="post_self_attn_layernorm", pre_mlp="post_attention_layernorm", post_mlp="post_mlp_layernorm",
+    gate_up=("mlp.gate_up_proj",), act="mlp.activation_fn", interleaved_rotary=True,
+)  # fmt: skip
 
 
 def _rms_norm(module: Any) -> decode.RMSNorm:
@@ -177,6 +184,7 @@ class _Layer:
         if not isinstance(freq, torch.Tensor) or 2 * freq.shape[0] > self.head_dim:
             raise NotImplementedError("a rotary embedding without inverse frequencies the fused step can read")
         self.use_rope = bool(getattr(attention, "use_rope", True))  # SmolLM3's NoPE layers have none
+        self.interleaved = layout.interleaved_rotary
         if layout.multipliers and not hasattr(layer, "residual_multiplier"):
             raise NotImplementedError("a layer without the residual multiplier its layout names")
         self.multiplier = float(getattr(layer, "residual_multiplier", 1.0)) if layout.multipliers else 1.0
@@ -189,7 +197,8 @@ class _Layer:
 
     def rope(self) -> decode.Rotary:
         freq = getattr(self.rotary, self.freq_name)
-        return decode.Rotary(freq if self.use_rope else freq[:0], float(getattr(self.rotary, self.scale_name, 1.0)))
+        scale = float(getattr(self.rotary, self.scale_name, 1.0))
+        return decode.Rotary(freq if self.use_rope else freq[:0], scale, self.interleaved)
 
     def qk_norm(self) -> tuple[decode.RMSNorm, decode.RMSNorm, bool] | None:
         if self.q_norm is None:
@@ -388,6 +397,24 @@ class GraniteDecodeStep(LlamaDecodeStep):
     """Granite: multipliers on the embeddings, each sublayer's output and the logits."""
 
     layout = GRANITE_LAYOUT
+
+
+class HeliumDecodeStep(LlamaDecodeStep):
+    """Helium: interleaved rotary pairs."""
+
+    layout = HELIUM_LAYOUT
+
+
+class GlmDecodeStep(LlamaDecodeStep):
+    """GLM: interleaved partial rotary, fused gate|up."""
+
+    layout = GLM_LAYOUT
+
+
+class Glm4DecodeStep(LlamaDecodeStep):
+    """GLM-4: as GLM, with a norm after each sublayer too."""
+
+    layout = GLM4_LAYOUT
 
 
 class Phi3DecodeStep(LlamaDecodeStep):
