@@ -375,49 +375,20 @@ class LlamaDecodeStep:
         )  # fmt: skip
 
 
-class Gemma2DecodeStep(LlamaDecodeStep):
-    """Gemma 2 and 3: a norm before and after each sublayer."""
-
-    layout = GEMMA2_LAYOUT
-
-
-class Olmo2DecodeStep(LlamaDecodeStep):
-    """OLMo 2 and 3: norms after each sublayer only (and over the whole q and k projections)."""
-
-    layout = OLMO2_LAYOUT
+def _variant(name: str, layout: LlamaLayout, doc: str) -> type[LlamaDecodeStep]:
+    """The Llama step over another layout: a class of its own, which the registry names."""
+    return type(name, (LlamaDecodeStep,), {"layout": layout, "__doc__": doc, "__module__": __name__})
 
 
-class MistralDecodeStep(LlamaDecodeStep):
-    """Mistral: the config's sliding window applies to every layer."""
-
-    layout = MISTRAL_LAYOUT
-
-
-class GraniteDecodeStep(LlamaDecodeStep):
-    """Granite: multipliers on the embeddings, each sublayer's output and the logits."""
-
-    layout = GRANITE_LAYOUT
-
-
-class HeliumDecodeStep(LlamaDecodeStep):
-    """Helium: interleaved rotary pairs."""
-
-    layout = HELIUM_LAYOUT
-
-
-class GlmDecodeStep(LlamaDecodeStep):
-    """GLM: interleaved partial rotary, fused gate|up."""
-
-    layout = GLM_LAYOUT
-
-
-class Glm4DecodeStep(LlamaDecodeStep):
-    """GLM-4: as GLM, with a norm after each sublayer too."""
-
-    layout = GLM4_LAYOUT
-
-
-class Phi3DecodeStep(LlamaDecodeStep):
-    """Phi-3: fused qkv and gate|up projections."""
-
-    layout = PHI3_LAYOUT
+Gemma2DecodeStep = _variant("Gemma2DecodeStep", GEMMA2_LAYOUT, "Gemma 2 and 3: a norm before and after each sublayer.")
+Olmo2DecodeStep = _variant(
+    "Olmo2DecodeStep", OLMO2_LAYOUT, "OLMo 2 and 3: norms after each sublayer only (and over the whole q and k)."
+)
+MistralDecodeStep = _variant("MistralDecodeStep", MISTRAL_LAYOUT, "Mistral: the config's window in every layer.")
+GraniteDecodeStep = _variant(
+    "GraniteDecodeStep", GRANITE_LAYOUT, "Granite: multipliers on the embeddings, sublayer outputs and logits."
+)
+HeliumDecodeStep = _variant("HeliumDecodeStep", HELIUM_LAYOUT, "Helium: interleaved rotary pairs.")
+GlmDecodeStep = _variant("GlmDecodeStep", GLM_LAYOUT, "GLM: interleaved partial rotary, fused gate|up.")
+Glm4DecodeStep = _variant("Glm4DecodeStep", GLM4_LAYOUT, "GLM-4: as GLM, with a norm after each sublayer too.")
+Phi3DecodeStep = _variant("Phi3DecodeStep", PHI3_LAYOUT, "Phi-3: fused qkv and gate|up projections.")
