@@ -389,6 +389,17 @@ def test_fused_step_logits_match_the_stock_forward(name, fast_loop_on_cpu, monke
     torch.testing.assert_close(ours, expected[:, ids.shape[1] - 1 : -1], atol=1e-4, rtol=1e-4)
 
 
+def test_a_model_on_several_devices_takes_the_generic_step(caplog):
+    """A fused step launches its kernels over all the weights at once: a model split across devices (accelerate's
+    device_map) or offloaded (weights on "meta" until a hook loads them) must not build one."""
+    stock = make_decoder("llama")
+    stock.model.layers[1].mlp.down_proj.to("meta")
+    with caplog.at_level(logging.INFO, logger="bettertransformer"):
+        model = BetterTransformer.transform(stock)
+    (patch,) = model._bettertransformer_state.patches
+    assert patch.generation.fused is None and "several devices" in caplog.text
+
+
 def test_rotary_frequencies_that_change_at_run_time_take_the_generic_step(fast_loop_on_cpu, caplog):
     stock = make_decoder("llama", rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))
     with caplog.at_level(logging.INFO, logger="bettertransformer"):

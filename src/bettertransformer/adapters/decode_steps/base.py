@@ -66,6 +66,16 @@ class DecodeStep(Protocol):
         ...
 
 
+def check_one_device(base: nn.Module) -> None:
+    """Raise ``NotImplementedError`` unless every parameter of ``base`` lives on one real device: a fused step
+    launches its kernels over all of them at once (a model split across GPUs by ``device_map``, or offloaded, runs
+    the generic step, whose modules move their inputs themselves)."""
+    devices = {p.device for p in base.parameters()}
+    if len(devices) > 1 or any(d.type == "meta" for d in devices):
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise NotImplementedError(f"parameters on several devices or offloaded ({names})")
+
+
 @dataclass(frozen=True)
 class Packing:
     """The real tokens of a left-padded prompt batch: ``info`` (``ops.padding.PackInfo``); ``flat`` (T,) their

@@ -22,7 +22,7 @@ from ...ops import decode
 from ...ops.attention import packed_attention
 from ..decode_state import DecodeState
 from ..patching import check_requires, resolve
-from .base import TANH_GELU, Packing, Projection, pack_prompts
+from .base import TANH_GELU, Packing, Projection, check_one_device, pack_prompts
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class GPT2DecodeStep:
     def __init__(self, base: nn.Module, head: Any):
         layout = self.layout
         check_requires(base.config, layout.requires, "fused decode step")
+        check_one_device(base)
         self.embed: nn.Embedding = resolve(base, layout.embed)
         self.positions: nn.Embedding = resolve(base, layout.positions)
         self.final_norm: nn.LayerNorm = resolve(base, layout.final_norm)

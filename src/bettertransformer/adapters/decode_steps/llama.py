@@ -28,7 +28,7 @@ from ...ops import decode
 from ...ops.attention import packed_attention
 from ..decode_state import DecodeState
 from ..patching import resolve
-from .base import TANH_GELU, Packing, pack_prompts
+from .base import TANH_GELU, Packing, check_one_device, pack_prompts
 
 # RMSNorm classes by name: (offset added to the weight, whether the normalised row is rounded before the weight
 # multiplies it). Llama's multiplies in the input's dtype; Gemma's (1 + w) and OLMo 2's multiply in fp32.
@@ -240,6 +240,7 @@ class LlamaDecodeStep:
 
     def __init__(self, base: nn.Module, head: Any):
         layout, config = self.layout, base.config
+        check_one_device(base)
         self.base = base
         self.embed: nn.Embedding = resolve(base, layout.embed)
         rotary = resolve(base, layout.rotary)
