@@ -398,6 +398,10 @@ def test_a_model_on_several_devices_takes_the_generic_step(caplog):
         model = BetterTransformer.transform(stock)
     (patch,) = model._bettertransformer_state.patches
     assert patch.generation.fused is None and "several devices" in caplog.text
+    # Nor does the fast loop run: its static buffers would live on one device (here a layer cannot even run).
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    plan = patch.generation._plan((ids,), dict(attention_mask=mask, max_new_tokens=4, pad_token_id=PAD))
+    assert isinstance(plan, str) and "split across devices" in plan
 
 
 def test_rotary_frequencies_that_change_at_run_time_take_the_generic_step(fast_loop_on_cpu, caplog):

@@ -490,6 +490,8 @@ class FastGenerate:
         device = next(head.parameters()).device
         if device.type not in SWITCHES.generate_devices:
             return f"a model on {device.type}"
+        if any(p.device != device for p in head.parameters()):
+            return "a model split across devices or offloaded (its static buffers would live on one device)"
         if head.training:
             return "a model in train mode"
         if self.unsupported is not None:
