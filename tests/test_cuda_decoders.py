@@ -165,7 +165,7 @@ def test_fused_gpt2_fp16_generate_picks_only_near_maximal_tokens(lengths):
 
 LLAMA_FAMILY = [
     "llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "olmo3", "seed_oss",
-    "smollm3", "granite", "helium", "glm", "glm4",
+    "smollm3", "granite", "helium", "glm", "glm4", "starcoder2",
 ]  # fmt: skip
 
 

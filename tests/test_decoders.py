@@ -319,6 +319,7 @@ LLAMA_FAMILY = {
     "phi3": "Phi3DecodeStep", "olmo2": "Olmo2DecodeStep", "olmo3": "Olmo2DecodeStep", "ministral": "LlamaDecodeStep",
     "seed_oss": "LlamaDecodeStep", "smollm3": "LlamaDecodeStep", "granite": "GraniteDecodeStep",
     "helium": "HeliumDecodeStep", "glm": "GlmDecodeStep", "glm4": "Glm4DecodeStep",
+    "starcoder2": "Starcoder2DecodeStep",
 }  # fmt: skip
 _ROPE = dict(rope_theta=10000.0, original_max_position_embeddings=16)
 
@@ -470,7 +471,7 @@ def test_decode_buffers_are_found_by_layer_index():
 
 
 def test_generate_runs_stock_when_decode_steps_cannot_use_the_buffers(fast_loop_on_cpu, caplog):
-    stock = make_decoder("starcoder2")  # the generic step: the model's own forward, our attention
+    stock = make_decoder("mixtral")  # the generic step: the model's own forward, our attention
     model = BetterTransformer.transform(stock, keep_original_model=True)
     for layer in model.model.layers:
         layer.self_attn.is_cross_attention = True  # as if it attended to an encoder: no static buffer serves it

@@ -32,6 +32,7 @@ from .adapters.decode_steps import (
     MistralDecodeStep,
     Olmo2DecodeStep,
     Phi3DecodeStep,
+    Starcoder2DecodeStep,
 )
 from .adapters.decoder import CausalDecoder
 from .adapters.encoder import EncoderLayout, PackedEncoder
@@ -275,7 +276,7 @@ REGISTRY: dict[str, Support] = {
     "qwen3": replace(_fused(LlamaDecodeStep), notes="per-head q/k norms; sliding-window layers"),
     "seed_oss": replace(_fused(LlamaDecodeStep), notes="q/k/v (and output) bias"),
     "smollm3": replace(_fused(LlamaDecodeStep), notes="layers without rotary positions (NoPE)"),
-    "starcoder2": replace(DECODER, notes="sliding window"),
+    "starcoder2": replace(_fused(Starcoder2DecodeStep), notes="sliding window; LayerNorms and biases"),
 }
 
 

@@ -17,10 +17,12 @@ from .llama import (
     MistralDecodeStep,
     Olmo2DecodeStep,
     Phi3DecodeStep,
+    Starcoder2DecodeStep,
 )
 
 __all__ = [
     "DecodeStep", "GPT2DecodeStep", "GPT2Layout", "Gemma2DecodeStep", "Glm4DecodeStep", "GlmDecodeStep",
     "GraniteDecodeStep", "HeliumDecodeStep", "LlamaDecodeStep", "LlamaLayout",
-    "MistralDecodeStep", "Olmo2DecodeStep", "Packing", "Phi3DecodeStep", "Projection", "pack_prompts",
+    "MistralDecodeStep", "Olmo2DecodeStep", "Packing", "Phi3DecodeStep", "Projection", "Starcoder2DecodeStep",
+    "pack_prompts",
 ]  # fmt: skip

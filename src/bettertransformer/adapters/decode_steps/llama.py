@@ -72,6 +72,7 @@ class LlamaLayout:
     config_window: bool = False
     multipliers: bool = False  # Granite: embedding, residual and logit multipliers
     interleaved_rotary: bool = False  # rotary pairs (2i, 2i + 1): GLM, Helium
+    gated: bool = True  # False: one up projection and the activation (StarCoder2), ``gate_up`` names it
 
 
 GEMMA2_LAYOUT = LlamaLayout(
@@ -88,6 +89,9 @@ PHI3_LAYOUT = LlamaLayout(
 MISTRAL_LAYOUT = LlamaLayout(config_window=True)
 GRANITE_LAYOUT = LlamaLayout(multipliers=True)
 HELIUM_LAYOUT = LlamaLayout(interleaved_rotary=True)
+STARCODER2_LAYOUT = LlamaLayout(
+    gate_up=("mlp.c_fc",), down="mlp.c_proj", act="mlp.act", gated=False, config_window=True
+)
 GLM_LAYOUT = LlamaLayout(gate_up=("mlp.gate_up_proj",), act="mlp.activation_fn", interleaved_rotary=True)
 GLM4_LAYOUT = LlamaLayout(
     post_attention="post_self_attn_layernorm", pre_mlp="post_attention_layernorm", post_mlp="post_mlp_layernorm",
@@ -101,7 +105,23 @@ def _rms_norm(module: Any) -> decode.RMSNorm:
     return decode.RMSNorm(module.weight, float(eps), offset, round_first)
 
 
-def _check_norm(module: Any, where: str) -> None:
+def _is_layer_norm(module: Any) -> bool:
+    return type(module) is nn.LayerNorm and module.weight is not None and module.bias is not None
+
+
+def _norm_spec(module: Any) -> decode.RMSNorm | decode.Norm:
+    """What ``decode.linear`` takes for a norm before a product: an affine LayerNorm's (weight, bias, eps), or an
+    ``RMSNorm``."""
+    if _is_layer_norm(module):
+        return (module.weight, module.bias, float(module.eps))
+    return _rms_norm(module)
+
+
+def _check_norm(module: Any, where: str, layer_norm: bool = False) -> None:
+    """Raise unless ``module`` is an RMSNorm the step knows (or, with ``layer_norm``, an affine nn.LayerNorm: the
+    norms before a product, StarCoder2's)."""
+    if layer_norm and _is_layer_norm(module):
+        return
     name = type(module).__name__
     if name not in _RMS_NORMS or not isinstance(getattr(module, "weight", None), torch.Tensor):
         raise NotImplementedError(f"a {where} norm the fused step does not know ({name})")
@@ -138,7 +158,7 @@ class _Layer:
         }  # fmt: skip
         for where, norm in self.norms.items():
             if norm is not None:
-                _check_norm(norm, where.replace("_", "-"))
+                _check_norm(norm, where.replace("_", "-"), layer_norm=where.startswith("pre"))
         attention = resolve(layer, layout.attention)
         self.attention = attention
         self.qkv = _linears([resolve(layer, p) for p in layout.qkv], "q/k/v")
@@ -156,7 +176,7 @@ class _Layer:
         self.heads, self.kv_heads = q_width // self.head_dim, (total - q_width) // (2 * self.head_dim)
         self.widths = (q_width, *(((total - q_width) // 2,) * 2))
         intermediate = self.down.in_features
-        self.mlp_widths = (intermediate, intermediate)
+        self.mlp_widths = (intermediate, intermediate) if layout.gated else (intermediate,)
         self.scaling = float(attention.scaling)
         window = getattr(attention, "sliding_window", None)
         if not hasattr(attention, "sliding_window") and layout.config_window:
@@ -191,9 +211,9 @@ class _Layer:
         if self.multiplier != 1.0 and any(self.norms[w] is not None for w in ("post_attention", "post_mlp")):
             raise NotImplementedError("a residual multiplier with post-norms")
 
-    def norm(self, where: str) -> decode.RMSNorm | None:
+    def norm(self, where: str) -> decode.RMSNorm | decode.Norm | None:
         module = self.norms[where]
-        return _rms_norm(module) if module is not None else None
+        return _norm_spec(module) if module is not None else None
 
     def rope(self) -> decode.Rotary:
         freq = getattr(self.rotary, self.freq_name)
@@ -214,7 +234,8 @@ class _Layer:
 
     def mlp(self, x: torch.Tensor, kernels: bool = True) -> None:
         """x += the MLP's output (post-normed where the layer has that norm), in place."""
-        (wg, bg), up = _parts(self.gate_up, self.mlp_widths)
+        (wg, bg), *gated = _parts(self.gate_up, self.mlp_widths)
+        up = gated[0] if gated else None
         f = decode.linear(
             x, wg, bg, transposed=True, norm=self.norm("pre_mlp"), act=self.act, up=up, kernels=kernels
         )  # fmt: skip
@@ -228,6 +249,7 @@ class _Layer:
                 a, proj.weight, proj.bias, transposed=True, residual=x, scale=self.multiplier, kernels=kernels
             )  # fmt: skip
         else:
+            assert isinstance(norm, decode.RMSNorm)  # post-norms are RMSNorms (checked in __init__)
             t = decode.linear(a, proj.weight, proj.bias, transposed=True, kernels=kernels)
             decode.add_norm(x, t, norm, kernels=kernels)
 
@@ -250,7 +272,7 @@ class LlamaDecodeStep:
             raise NotImplementedError(f"a rotary embedding whose frequencies change at run time ({rope_type})")
         self.layers = [_Layer(layer, layout, rotary, config) for layer in resolve(base, layout.layers)]
         self.final_norm = resolve(base, layout.final_norm)
-        _check_norm(self.final_norm, "final")
+        _check_norm(self.final_norm, "final", layer_norm=True)
         self.head: Any = head.get_output_embeddings()
         if type(self.head) is not nn.Linear:
             raise NotImplementedError("an LM head that is not nn.Linear")
@@ -351,7 +373,7 @@ class LlamaDecodeStep:
         head = self.head
         return decode.greedy_head(
             self._step(tokens, positions, state), head.weight, head.bias, transposed=True,
-            norm=_rms_norm(self.final_norm), eos_penalty=eos_penalty, softcap=self.final_softcap,
+            norm=_norm_spec(self.final_norm), eos_penalty=eos_penalty, softcap=self.final_softcap,
             divide=self.logit_divide,
         )  # fmt: skip
 
@@ -371,7 +393,7 @@ class LlamaDecodeStep:
         """(N, V) fp32 logits of the residual stream's rows ``x`` (N, E): final norm, LM head, final softcap."""
         head = self.head
         return decode.linear(
-            x, head.weight, head.bias, transposed=True, norm=_rms_norm(self.final_norm), softcap=self.final_softcap,
+            x, head.weight, head.bias, transposed=True, norm=_norm_spec(self.final_norm), softcap=self.final_softcap,
             divide=self.logit_divide, out_dtype=torch.float32, kernels=kernels,
         )  # fmt: skip
 
@@ -393,3 +415,6 @@ HeliumDecodeStep = _variant("HeliumDecodeStep", HELIUM_LAYOUT, "Helium: interlea
 GlmDecodeStep = _variant("GlmDecodeStep", GLM_LAYOUT, "GLM: interleaved partial rotary, fused gate|up.")
 Glm4DecodeStep = _variant("Glm4DecodeStep", GLM4_LAYOUT, "GLM-4: as GLM, with a norm after each sublayer too.")
 Phi3DecodeStep = _variant("Phi3DecodeStep", PHI3_LAYOUT, "Phi-3: fused qkv and gate|up projections.")
+Starcoder2DecodeStep = _variant(
+    "Starcoder2DecodeStep", STARCODER2_LAYOUT, "StarCoder2: LayerNorms, biases, a plain GELU MLP, the config's window."
+)
