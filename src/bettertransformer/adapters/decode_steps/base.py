@@ -66,6 +66,59 @@ class DecodeStep(Protocol):
         ...
 
 
+class FusedStep:
+    """What every family's fused step shares (``DecodeStep``): the check that its modules are still the model's,
+    the prompts' packing, and the LM head, for logits and for the greedy choice. A family supplies ``_modules``
+    (every module it reads, resolved afresh from the model, in a fixed order), ``_step`` (its layers for one token
+    per row, returning the residual stream) and ``head_options`` (the final norm and what the head's epilogue
+    applies), and sets ``head`` and ``module_ids`` in ``__init__``."""
+
+    head: Any
+    module_ids: list[int]
+    prefill_capturable = True
+
+    def _modules(self, head: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head_options(self) -> dict[str, Any]:
+        """``decode.linear`` keyword arguments of the LM head: ``norm`` and optional epilogue settings."""
+        raise NotImplementedError
+
+    def is_current(self, head: Any) -> bool:
+        """False if modules were swapped since (e.g. adapters added): the step would run stale modules."""
+        return [id(m) for m in self._modules(head)] == self.module_ids
+
+    def pack(self, mask: torch.Tensor) -> Packing | None:
+        """Where the prompts' real tokens are (``pack_prompts``)."""
+        return pack_prompts(mask)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """tokens, positions: (B, 1). Returns (B, V) fp32 logits."""
+        return self._logits(self._step(tokens, positions, state))
+
+    def greedy(
+        self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState, eos_penalty: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The step with a greedy choice: the (B,) argmax of (logits + ``eos_penalty`` (V,)), chosen as stock
+        generate chooses it from the fp16/bf16 logits."""
+        head = self.head
+        return decode.greedy_head(
+            self._step(tokens, positions, state), head.weight, head.bias, transposed=True, eos_penalty=eos_penalty,
+            **self.head_options(),
+        )  # fmt: skip
+
+    def _logits(self, x: torch.Tensor, kernels: bool = True) -> torch.Tensor:
+        """(N, V) fp32 logits of the residual stream's rows ``x`` (N, E): final norm, LM head and its epilogue."""
+        head = self.head
+        return decode.linear(
+            x, head.weight, head.bias, transposed=True, out_dtype=torch.float32, kernels=kernels,
+            **self.head_options(),
+        )  # fmt: skip
+
+
 def check_one_device(base: nn.Module) -> None:
     """Raise ``NotImplementedError`` unless every parameter of ``base`` lives on one real device: a fused step
     launches its kernels over all of them at once (a model split across GPUs by ``device_map``, or offloaded, runs

@@ -22,7 +22,7 @@ from ...ops import decode
 from ...ops.attention import packed_attention
 from ..decode_state import DecodeState
 from ..patching import check_requires, resolve
-from .base import TANH_GELU, Packing, Projection, check_one_device, pack_prompts
+from .base import TANH_GELU, FusedStep, Packing, Projection, check_one_device
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,11 @@ class _Layer:
         return None
 
 
-class GPT2DecodeStep:
+class GPT2DecodeStep(FusedStep):
     """The fused decode step of a GPT-2-shaped model (``base.DecodeStep``): (tokens, positions, state) -> next-token
     logits."""
 
     layout = GPT2Layout()
-    prefill_capturable = True
 
     def __init__(self, base: nn.Module, head: Any):
         layout = self.layout
@@ -97,15 +96,16 @@ class GPT2DecodeStep:
         self.final_norm: nn.LayerNorm = resolve(base, layout.final_norm)
         self.layers = [_Layer(layer, layout) for layer in resolve(base, layout.layers)]
         self.head: Any = head.get_output_embeddings()
-        self.base, self.layout, self.module_ids = base, layout, self._module_ids(base, head, layout)
+        self.base, self.layout = base, layout
+        self.module_ids = [id(m) for m in self._modules(head)]
         problem = next((p for p in (layer.unsupported() for layer in self.layers) if p), None)
         if problem is None and not _affine_layer_norm(self.final_norm):
             problem = "a final norm that is not an nn.LayerNorm with weight and bias"
         if problem:
             raise NotImplementedError(problem)
 
-    @staticmethod
-    def _module_ids(base: nn.Module, head: Any, layout: GPT2Layout) -> list[int]:
+    def _modules(self, head: Any) -> list[Any]:
+        base, layout = self.base, self.layout
         paths = (
             layout.ln1,
             layout.attention,
@@ -118,11 +118,10 @@ class GPT2DecodeStep:
         )
         modules = [resolve(base, p) for p in (layout.embed, layout.positions, layout.final_norm)]
         modules += [resolve(layer, p) for layer in resolve(base, layout.layers) for p in paths]
-        return [id(m) for m in modules + [head.get_output_embeddings()]]
+        return modules + [head.get_output_embeddings()]
 
-    def is_current(self, head: Any) -> bool:
-        """False if modules were swapped since (e.g. adapters added): the step would run stale modules."""
-        return self._module_ids(self.base, head, self.layout) == self.module_ids
+    def head_options(self) -> dict[str, Any]:
+        return {"norm": _norm(self.final_norm)}
 
     def new_cache(self, batch: int, slots: int) -> list[torch.Tensor]:
         """Zeroed per-layer key/value buffers (2, batch, heads, slots, head_dim), in layer order."""
@@ -130,10 +129,6 @@ class GPT2DecodeStep:
         return [
             weight.new_zeros(2, batch, layer.heads, slots, layer.head_dim) for layer in self.layers
         ]  # fmt: skip
-
-    def pack(self, mask: torch.Tensor) -> Packing | None:
-        """Where the prompts' real tokens are (``pack_prompts``)."""
-        return pack_prompts(mask)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState, packing: Packing) -> torch.Tensor:
         """Run the prompts (B, L) on their real tokens only (``packing``); write their keys/values into ``state.kv``
@@ -156,21 +151,6 @@ class GPT2DecodeStep:
         # call then compiles no Triton kernels for its row count (each ~0.5-1 s with an empty Triton cache).
         h = self._layers(x, state, attend, kernels=False)
         return self._logits(h[packing.last], kernels=False)
-
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        """tokens, positions: (B, 1). Returns (B, V) fp32 logits."""
-        return self._logits(self._step(tokens, positions, state))
-
-    def greedy(
-        self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState, eos_penalty: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The step with a greedy choice: the (B,) argmax of (logits + ``eos_penalty`` (V,)), chosen as stock
-        generate chooses it from the fp16/bf16 logits."""
-        head = self.head
-        return decode.greedy_head(
-            self._step(tokens, positions, state), head.weight, head.bias, transposed=True,
-            norm=_norm(self.final_norm), eos_penalty=eos_penalty,
-        )  # fmt: skip
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
         x = decode.embed(tokens[:, 0], positions[:, 0], self.embed.weight, self.positions.weight)
@@ -201,11 +181,3 @@ class GPT2DecodeStep:
             f = layer.ffn_in(x, norm=layer.norm2, gelu_tanh=layer.gelu_tanh, kernels=kernels)
             layer.ffn_out(f if layer.gelu_tanh else layer.act(f), residual=x, kernels=kernels)
         return x
-
-    def _logits(self, x: torch.Tensor, kernels: bool = True) -> torch.Tensor:
-        """(N, V) fp32 logits of the residual stream's rows ``x`` (N, E): final norm, LM head."""
-        head = self.head
-        return decode.linear(
-            x, head.weight, head.bias, transposed=True, norm=_norm(self.final_norm), out_dtype=torch.float32,
-            kernels=kernels,
-        )  # fmt: skip

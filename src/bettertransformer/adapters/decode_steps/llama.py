@@ -28,7 +28,7 @@ from ...ops import decode
 from ...ops.attention import packed_attention
 from ..decode_state import DecodeState
 from ..patching import resolve
-from .base import TANH_GELU, Packing, check_one_device, pack_prompts
+from .base import TANH_GELU, FusedStep, Packing, check_one_device
 
 # RMSNorm classes by name: (offset added to the weight, whether the normalised row is rounded before the weight
 # multiplies it). Llama's multiplies in the input's dtype; Gemma's (1 + w) and OLMo 2's multiply in fp32.
@@ -254,7 +254,7 @@ class _Layer:
             decode.add_norm(x, t, norm, kernels=kernels)
 
 
-class LlamaDecodeStep:
+class LlamaDecodeStep(FusedStep):
     """The fused decode step of a Llama-shaped model (``base.DecodeStep``): (tokens, positions, state) -> next-token
     logits."""
 
@@ -282,7 +282,7 @@ class LlamaDecodeStep:
         multipliers: Any = (base, config) if layout.multipliers else None
         self.embed_multiplier = float(multipliers[0].embedding_multiplier) if multipliers else 1.0
         self.logit_divide = float(multipliers[1].logits_scaling) if multipliers else 1.0
-        self.module_ids = self._module_ids(head)
+        self.module_ids = [id(m) for m in self._modules(head)]
         # Softcapped attention over packed tokens lays them out densely, indexing by a mask: a host
         # synchronisation that no CUDA graph can hold (and a failed capture can break the ones after it).
         self.prefill_capturable = all(layer.softcap is None for layer in self.layers)
@@ -300,14 +300,7 @@ class LlamaDecodeStep:
             raise NotImplementedError(f"an embedding the fused step does not know ({type(embed).__name__})")
         return float(scale)
 
-    def _module_ids(self, head: Any) -> list[int]:
-        modules: list[Any] = [self.embed, self.final_norm, head.get_output_embeddings()]
-        for layer in self.layers:
-            modules += [layer.attention, *layer.qkv, layer.o, *layer.gate_up, layer.down, layer.act_module]
-            modules += [*layer.norms.values(), layer.q_norm, layer.k_norm]
-        return [id(m) for m in modules]
-
-    def _current_modules(self, head: Any) -> list[int]:
+    def _modules(self, head: Any) -> list[Any]:
         layout = self.layout
         modules: list[Any] = [resolve(self.base, layout.embed), resolve(self.base, layout.final_norm)]
         modules.append(head.get_output_embeddings())
@@ -319,20 +312,15 @@ class LlamaDecodeStep:
             norms = (layout.pre_attention, layout.post_attention, layout.pre_mlp, layout.post_mlp)
             modules += [resolve(layer, p) if p is not None else None for p in norms]
             modules += [getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)]
-        return [id(m) for m in modules]
+        return modules
 
-    def is_current(self, head: Any) -> bool:
-        """False if modules were swapped since (e.g. adapters added): the step would run stale modules."""
-        return self._current_modules(head) == self.module_ids
+    def head_options(self) -> dict[str, Any]:
+        return {"norm": _norm_spec(self.final_norm), "softcap": self.final_softcap, "divide": self.logit_divide}
 
     def new_cache(self, batch: int, slots: int) -> list[torch.Tensor]:
         """Zeroed per-layer key/value buffers (2, batch, Hkv, slots, head_dim), in layer order."""
         weight = self.embed.weight
         return [weight.new_zeros(2, batch, layer.kv_heads, slots, layer.head_dim) for layer in self.layers]
-
-    def pack(self, mask: torch.Tensor) -> Packing | None:
-        """Where the prompts' real tokens are (``pack_prompts``)."""
-        return pack_prompts(mask)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight
@@ -361,22 +349,6 @@ class LlamaDecodeStep:
             layer.mlp(x, kernels=False)
         return self._logits(x[packing.last], kernels=False)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        """tokens, positions: (B, 1). Returns (B, V) fp32 logits."""
-        return self._logits(self._step(tokens, positions, state))
-
-    def greedy(
-        self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState, eos_penalty: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The step with a greedy choice: the (B,) argmax of (logits + ``eos_penalty`` (V,)), chosen as stock
-        generate chooses it from the fp16/bf16 logits."""
-        head = self.head
-        return decode.greedy_head(
-            self._step(tokens, positions, state), head.weight, head.bias, transposed=True,
-            norm=_norm_spec(self.final_norm), eos_penalty=eos_penalty, softcap=self.final_softcap,
-            divide=self.logit_divide,
-        )  # fmt: skip
-
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
         x = self._embed(tokens[:, 0])
         where = positions[:, 0]
@@ -388,14 +360,6 @@ class LlamaDecodeStep:
             layer.residual(layer.o, a, x, "post_attention", kernels=True)
             layer.mlp(x)
         return x
-
-    def _logits(self, x: torch.Tensor, kernels: bool = True) -> torch.Tensor:
-        """(N, V) fp32 logits of the residual stream's rows ``x`` (N, E): final norm, LM head, final softcap."""
-        head = self.head
-        return decode.linear(
-            x, head.weight, head.bias, transposed=True, norm=_norm_spec(self.final_norm), softcap=self.final_softcap,
-            divide=self.logit_divide, out_dtype=torch.float32, kernels=kernels,
-        )  # fmt: skip
 
 
 def _variant(name: str, layout: LlamaLayout, doc: str) -> type[LlamaDecodeStep]:
