@@ -11,6 +11,7 @@ Run: ``PYTHONPATH=src python benchmarks/decode_kernels_gpu.py [--llama]``
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 
 import torch
@@ -54,6 +55,23 @@ LLAMA_SHAPES = {
 }  # fmt: skip
 
 
+def best_config(configs, ours, reference) -> tuple[float, tuple, float]:
+    """(us, config, max error against ``reference(0)``) of the fastest of ``ours(i, config)`` over ``configs``;
+    a configuration that does not fit (shared memory) is skipped."""
+    best = None
+    for config in configs:
+        run = functools.partial(ours, config=config)
+        try:
+            err = (run(0).float() - reference(0).float()).abs().max().item()
+            us = graph_us(run)
+        except Exception:
+            continue
+        if best is None or us < best[0]:
+            best = (us, config, err)
+    assert best is not None, "no configuration ran"
+    return best
+
+
 def llama(args) -> None:
     """A Llama-family model's products at each batch: cuBLAS against our kernel's best configuration, in us and
     TB/s."""
@@ -75,26 +93,14 @@ def llama(args) -> None:
                     return F.silu(F.linear(a, ws[2 * (i % copies)])) * F.linear(a, ws[2 * (i % copies) + 1])
                 return F.linear(a, ws[i % copies])
 
-            base = graph_us(cublas)
-            best = None
-            for config in itertools.product(args.block_n, args.block_k, args.warps):
+            def ours(i, config, a=a, ws=ws, gated=gated, copies=copies):
+                if gated:
+                    j = 2 * (i % copies)
+                    return dk.linear(a, ws[j], None, transposed=True, act="silu", up=(ws[j + 1], None), config=config)
+                return dk.linear(a, ws[i % copies], None, transposed=True, config=config)
 
-                def ours(i, a=a, ws=ws, gated=gated, copies=copies, config=config):
-                    if gated:
-                        j = 2 * (i % copies)
-                        return dk.linear(
-                            a, ws[j], None, transposed=True, act="silu", up=(ws[j + 1], None), config=config
-                        )
-                    return dk.linear(a, ws[i % copies], None, transposed=True, config=config)
-
-                try:
-                    err = (ours(0).float() - cublas(0).float()).abs().max().item()
-                    us = graph_us(ours)
-                except Exception:  # a configuration that does not fit (shared memory)
-                    continue
-                if best is None or us < best[0]:
-                    best = (us, config, err)
-            rows.append((f"m={m} {name} {k}->{n}", base, best, nbytes))
+            configs = itertools.product(args.block_n, args.block_k, args.warps)
+            rows.append((f"m={m} {name} {k}->{n}", graph_us(cublas), best_config(configs, ours, cublas), nbytes))
     print(torch.cuda.get_device_name(), torch.__version__, f"copy {bandwidth / 1e12:.2f} TB/s")
     print(f"{'op':28s} {'cuBLAS us':>9s} {'ours us':>8s} {'ours TB/s':>9s}  best config, max err")
     for name, base, (us, config, err), nbytes in rows:
@@ -132,22 +138,13 @@ def main() -> None:
                 y = F.linear(x, w) if transposed else torch.addmm(b, x, w)
                 return F.gelu(y, approximate="tanh") if gelu else y
 
-            base = graph_us(cublas)
-            best = None
-            for config in itertools.product(args.block_n, args.block_k, args.warps):
+            def ours(i, config, x=x, ws=ws, b=b, gelu=gelu, transposed=transposed, copies=copies):
+                bias = None if transposed else b
+                return dk.linear(x, ws[i % copies], bias, transposed=transposed, gelu_tanh=gelu, config=config)
 
-                def ours(i, x=x, ws=ws, b=b, gelu=gelu, transposed=transposed, copies=copies, config=config):
-                    bias = None if transposed else b
-                    return dk.linear(x, ws[i % copies], bias, transposed=transposed, gelu_tanh=gelu, config=config)
-
-                try:
-                    err = (ours(0).float() - cublas(0).float()).abs().max().item()
-                    us = graph_us(ours)
-                except Exception:  # a configuration that does not fit (shared memory)
-                    continue
-                if best is None or us < best[0]:
-                    best = (us, config, err)
-            rows.append((f"matmul m={m} {k}->{n}{' +gelu' if gelu else ''}", base, best))
+            configs = itertools.product(args.block_n, args.block_k, args.warps)
+            best = best_config(configs, ours, cublas)
+            rows.append((f"matmul m={m} {k}->{n}{' +gelu' if gelu else ''}", graph_us(cublas), best))
         for s in (128, 256):
             q = torch.randn(m, 12, 1, 64, device=dev, dtype=dt)
             kvs = [torch.randn(2, m, 12, s, 64, device=dev, dtype=dt) for _ in range(COPIES)]
