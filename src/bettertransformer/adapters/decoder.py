@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .._compat import register_attention, set_attention
-from ..ops.padding import PackInfo, pack_info, unpack
+from ..ops.padding import PackInfo, gather_rows, pack_info, unpack
 from .attention import ATTENTION_NAME, attention_function, mask_function
 from .attention_modules import ModuleAttention
 from .call_state import carry_call_state, current_decoder_call, decoder_call, drop_carried_call_state
@@ -258,7 +258,7 @@ class CausalDecoder:
         for name in ("input_ids", "inputs_embeds"):
             if run.get(name) is not None:
                 value = run[name]
-                run[name] = value.reshape(batch * length, *value.shape[2:]).index_select(0, flat)[None]
+                run[name] = gather_rows(value.reshape(batch * length, *value.shape[2:]), flat)[None]
         if self.takes_positions:
             positions = arguments["position_ids"].expand(batch, length)
             run["position_ids"] = positions.reshape(-1).index_select(0, flat)[None]

@@ -162,6 +162,7 @@ def _end_failed_capture(pool: Any) -> None:
     Ending the recording (and, only when it was still open, dropping that hold) undoes both; if the capture failed
     before the recording began, there is nothing to end and nothing is released. (The runner also moves later
     captures to a fresh pool: the pinned host allocator keeps its own mark on this one.)"""
+    _close_generator_capture()
     if pool is None:
         return
     device = torch.cuda.current_device()
@@ -170,6 +171,18 @@ def _end_failed_capture(pool: Any) -> None:
     except Exception:  # not recording to it: the capture failed before the recording began, or after it ended
         return
     torch._C._cuda_releasePool(device, pool)
+
+
+def _close_generator_capture() -> None:
+    """Take the device's random generator out of capture mode, where a failed capture leaves it.
+
+    ``capture_end`` raises before it tells the generator that the capture is over, and from then on every random
+    draw outside a graph (``torch.randn``, sampling in ``generate``) raises "Offset increment outside graph capture
+    encountered unexpectedly". A tiny capture that ends normally runs the generator's capture epilogue."""
+    graph = torch.cuda.CUDAGraph()
+    scratch = torch.zeros(1, device="cuda")
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        scratch.add_(1)
 
 
 class _PrefillGraph:

@@ -5,8 +5,8 @@ Four ways to compute the same function, picked per call:
 
 - ``triton``: our Triton kernel on the packed tokens, CUDA, fp16/bf16, power-of-two head sizes, inference
   (no gradient), bidirectional only. Faster than ``varlen`` on short and mixed-length rows (see BENCHMARKS.md).
-- ``varlen``: flash attention on the packed tokens (``torch.nn.attention.varlen``), CUDA, fp16/bf16, no bias,
-  no dropout. Computes only real-token pairs.
+- ``varlen``: flash attention on the packed tokens (``torch.nn.attention.varlen``; with dropout, PyTorch's flash
+  kernels called directly), CUDA, fp16/bf16, no bias. Computes only real-token pairs.
 - ``dense``: lay the packed tokens out left-aligned in a ``(B, max_len)`` grid and call SDPA with a key mask
   (and an optional additive bias). Works everywhere, supports dropout and bias; pads to the longest row only.
 - ``loop``: one SDPA call per sequence, no mask. Computes only real-token pairs; on the CPU this is the fastest
@@ -40,6 +40,34 @@ def _varlen_kernel() -> tuple[Any, frozenset[str]]:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+class _FlashVarlenDropout(torch.autograd.Function):
+    """Flash attention on packed tokens with dropout on the attention weights (training).
+
+    ``varlen_attn`` takes no dropout; PyTorch's flash kernels do (SDPA's flash backend runs them on padded rows).
+    Called here on the packed rows, with the flash backward; the dropout draws come from the CUDA generator's Philox
+    stream, as SDPA's do. q: (T, Hq, D); k, v: (T, Hkv, D) with Hkv = Hq."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len: int, dropout_p: float, causal: bool, scale: float, window: tuple[int, int]):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, dropout_p, causal, False,
+            scale=scale, window_size_left=window[0], window_size_right=window[1],
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
+        ctx.options = (max_len, dropout_p, causal, scale, window)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+        max_len, dropout_p, causal, scale, window = ctx.options
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu, cu, max_len, max_len, dropout_p, causal, rng, unused,
+            scale=scale, window_size_left=window[0], window_size_right=window[1],
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 def pick_backend(
     q: torch.Tensor,
     dropout_p: float,
@@ -65,8 +93,10 @@ def pick_backend(
             and not (torch.is_grad_enabled() and q.requires_grad)
         ):
             return "triton"
+        # Dropout (training) takes PyTorch's flash kernels on the packed rows too (``_FlashVarlenDropout``).
+        flash = bias is None and q.dtype in (torch.float16, torch.bfloat16)
         if (
-            plain
+            flash
             and _varlen_kernel()[0] is not None
             and head_dim % 8 == 0
             and head_dim <= 256
@@ -123,12 +153,20 @@ def _varlen(c: _Call) -> torch.Tensor:
     varlen_attn, params = _varlen_kernel()
     if varlen_attn is None:
         raise RuntimeError("torch.nn.attention.varlen is not available in this PyTorch")
-    if c.bias is not None or c.dropout_p or c.softcap is not None:
-        raise ValueError("the varlen backend takes no bias, dropout or softcap")
+    if c.bias is not None or c.softcap is not None:
+        raise ValueError("the varlen backend takes no bias or softcap")
     k, v = c.k, c.v
     extra: dict[str, Any] = {}
+    window = (c.window - 1 if c.window is not None else -1, 0) if c.causal else (-1, -1)
+    if c.dropout_p:
+        if c.gqa:
+            k, v = (t.repeat_interleave(c.q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        info = c.info
+        return _FlashVarlenDropout.apply(
+            c.q, k, v, info.cu_seqlens, info.max_len, c.dropout_p, c.causal, c.scale, window
+        )
     if c.causal:
-        extra["window_size"] = (c.window - 1 if c.window is not None else -1, 0)
+        extra["window_size"] = window
     if c.gqa and "enable_gqa" in params:
         extra["enable_gqa"] = True
     elif c.gqa:  # this torch's varlen_attn wants one key/value head per query head
@@ -179,7 +217,7 @@ def _dense(c: _Call) -> torch.Tensor:
     if c.bias is not None:
         mask = c.bias.to(c.q.dtype).masked_fill(~mask, float("-inf"))
     out = attention(qd, kd, vd, mask, scale=c.scale, dropout_p=c.dropout_p, softcap=c.softcap)
-    return from_dense(out.transpose(1, 2), valid)  # (T, H, D)
+    return from_dense(out.transpose(1, 2), info)  # (T, H, D)
 
 
 BACKENDS: dict[str, Callable[[_Call], torch.Tensor]] = {

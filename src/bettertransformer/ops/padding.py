@@ -120,12 +120,35 @@ def pack_info(mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.
     return PendingPack(mask, batch, seqlen, device).finish()
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` for distinct indices, whose backward copies the gradient rows back into zeros
+    (``index_copy``) instead of ``index_select``'s ``index_add``: atomic adds, slow in 16-bit types (BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_copy_(0, index, grad), None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along dim 0 for distinct ``index`` values, differentiable."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GatherRows.apply(x, index)
+    return x.index_select(0, index)
+
+
 def pack(x: torch.Tensor, info: PackInfo) -> torch.Tensor:
     """(B, S, *rest) -> (T, *rest): keep the real tokens only."""
     flat = x.reshape(info.batch * info.seqlen, *x.shape[2:])
     if info.indices is None:
         return flat
-    return flat.index_select(0, info.indices)
+    return gather_rows(flat, info.indices)
 
 
 def unpack(x: torch.Tensor, info: PackInfo) -> torch.Tensor:
@@ -163,6 +186,12 @@ def to_dense(x: torch.Tensor, info: PackInfo, index: torch.Tensor, valid: torch.
     return out * valid.reshape(info.batch, info.max_len, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
-def from_dense(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, max_len, *rest) -> (T, *rest): the inverse of ``to_dense`` on filled slots."""
-    return x.reshape(-1, *x.shape[2:])[valid.reshape(-1)]
+def from_dense(x: torch.Tensor, info: PackInfo) -> torch.Tensor:
+    """(B, max_len, *rest) -> (T, *rest): the inverse of ``to_dense`` on filled slots. Each packed token's slot is
+    computed from ``cu_seqlens`` (no boolean indexing), so this needs no host synchronisation and can be captured
+    in a CUDA graph."""
+    cu = info.cu_seqlens
+    tokens = torch.arange(info.total, device=cu.device, dtype=cu.dtype)
+    row = torch.searchsorted(cu[1:], tokens, right=True)  # the row of each packed token (empty rows skipped)
+    slots = row * info.max_len + (tokens - cu[row])
+    return gather_rows(x.reshape(-1, *x.shape[2:]), slots)

@@ -283,9 +283,6 @@ class LlamaDecodeStep(FusedStep):
         self.embed_multiplier = float(multipliers[0].embedding_multiplier) if multipliers else 1.0
         self.logit_divide = float(multipliers[1].logits_scaling) if multipliers else 1.0
         self.module_ids = [id(m) for m in self._modules(head)]
-        # Softcapped attention over packed tokens lays them out densely, indexing by a mask: a host
-        # synchronisation that no CUDA graph can hold (and a failed capture can break the ones after it).
-        self.prefill_capturable = all(layer.softcap is None for layer in self.layers)
 
     @staticmethod
     def _embed_scale(embed: nn.Module) -> float:
