@@ -89,3 +89,12 @@ def repetition_penalty_skips_left_padding() -> bool:
     from transformers.generation.utils import GenerationMixin
 
     return "prompt_ignore_length=padding_lengths" in inspect.getsource(GenerationMixin._get_logits_processor)
+
+
+def is_distributed_tensor(t: torch.Tensor) -> bool:
+    """A DTensor (tensor parallelism, FSDP2 outside its forward): each process holds a shard, not the tensor."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - a torch built without distributed
+        return False
+    return isinstance(t, DTensor)

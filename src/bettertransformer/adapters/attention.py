@@ -52,6 +52,7 @@ def attention_function(
     if info is not None and query.shape[0] == 1 and query.shape[2] == info.total and key.shape[2] == info.total:
         # (1, H, T, D) -> (T, H, D): views of the projections' (T, H, D) layout, no copy.
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        info = info.to(q.device)  # a layer on another GPU (device_map)
         bias = None
         if alibi_slopes is not None:  # slope * (key position - query position) inside each sequence
             positions = torch.arange(info.max_len, device=q.device, dtype=torch.float32)

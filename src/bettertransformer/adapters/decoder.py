@@ -268,7 +268,9 @@ class CausalDecoder:
         scratch = DynamicCache()  # every layer keeps the full packed keys/values
         run[self.cache_name], run["use_cache"] = scratch, True
         out = self._run_packed(stock, info, run)
-        out.last_hidden_state = unpack(out.last_hidden_state[0], info)  # (B, L, hidden), zeros at padding
+        out.last_hidden_state = unpack(
+            out.last_hidden_state[0], info.to(out.last_hidden_state.device)
+        )  # (B, L, hidden), zeros at padding
         if not use_cache:
             setattr(out, self.cache_name, None)
             return out
@@ -278,7 +280,9 @@ class CausalDecoder:
         layer: Any
         for index, layer in enumerate(scratch.layers):
             # (1, Hkv, T, D) -> (B, Hkv, L, D) with zeros at padding; decode steps mask those slots out.
-            keys, values = (unpack(t[0].transpose(0, 1), info).transpose(1, 2) for t in (layer.keys, layer.values))
+            keys, values = (
+                unpack(t[0].transpose(0, 1), info.to(t.device)).transpose(1, 2) for t in (layer.keys, layer.values)
+            )
             cache.update(keys.contiguous(), values.contiguous(), index)
         setattr(out, self.cache_name, cache)
         return out

@@ -173,6 +173,11 @@ class PackedLayer:
         """
         return all(parent._modules.get(attr) is child for parent, attr, child in self._slots)
 
+    @property
+    def device(self) -> torch.device:
+        """Where this layer's parameters live."""
+        return self.ln1.weight.device
+
     def qkv_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused (3 * H * D, hidden) projection: a derived cache, rebuilt whenever a source tensor changes.
 
@@ -437,6 +442,13 @@ class PackedEncoder:
             return stock(hidden_states, attention_mask, *args, **kwargs)
         self.calls.add("fast")
         assert call is not None
+        return self._packed(call, hidden_states, kwargs.get("return_dict") is not False)
+
+    @torch.compiler.disable
+    def _packed(self, call: EncoderCall, hidden_states: torch.Tensor, return_dict: bool) -> Any:
+        """The layers on the real tokens only. Left out of ``torch.compile``'s graphs: its shapes come from the
+        mask's row lengths (a host read: a graph break whatever we do), and its kernels are our fused ones already,
+        so the compiler has nothing to gain inside; it compiles the embeddings and the heads around it."""
         batch, seqlen, _ = hidden_states.shape
         if call.pending is not None and call.pending.device == hidden_states.device:
             info = call.pending.finish()
@@ -456,6 +468,12 @@ class PackedEncoder:
         rotary = self.layout.rotary(self.encoder, _columns(info)) if self.layout.rotary is not None else None
         for packed in self.layers:
             layer = packed.layer
+            device = packed.device
+            if device != x.device:  # layers spread over GPUs (device_map): move the tokens and their layout along
+                x, info = x.to(device), info.to(device)
+                bias = None if bias is None else bias.to(device)
+                if rotary is not None:
+                    rotary = (rotary[0].to(device), rotary[1].to(device), rotary[2])
             if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
                 x = checkpoint(packed, x, info, bias, rotary, use_reentrant=False)
             else:
@@ -463,9 +481,7 @@ class PackedEncoder:
         if self.final_norm is not None:
             x = self.final_norm(x)
         out = unpack(x, info)  # (B, S, hidden), zeros at padding
-        if kwargs.get("return_dict") is False:
-            return (out,)
-        return self.output_type(last_hidden_state=out)
+        return self.output_type(last_hidden_state=out) if return_dict else (out,)
 
     def _relative_bias(self, info: PackInfo) -> torch.Tensor:
         """(B or 1, H, L, L) bias from the tokens' original positions in the padded batch."""

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .._compat import repetition_penalty_skips_left_padding
+from .._compat import is_distributed_tensor, repetition_penalty_skips_left_padding
 from ..ops.sampling import Sampling, advance, next_tokens
 from ..ops.step_buffers import StepBuffers
 from ..switches import SWITCHES
@@ -505,6 +505,8 @@ class FastGenerate:
             return f"a model on {device.type}"
         if any(p.device != device for p in head.parameters()):
             return "a model split across devices or offloaded (its static buffers would live on one device)"
+        if any(is_distributed_tensor(p) for p in head.parameters()):
+            return "a tensor-parallel or sharded model (its static buffers and steps would hold one shard)"
         if head.training:
             return "a model in train mode"
         if self.unsupported is not None:

@@ -35,6 +35,14 @@ class PackInfo:
     seqlen: int
     left_padded: bool = False
 
+    def to(self, device: torch.device) -> PackInfo:
+        """The same layout with its device tensors on ``device`` (a model split across GPUs by ``device_map``)."""
+        if self.cu_seqlens.device == device:
+            return self
+        indices = None if self.indices is None else self.indices.to(device)
+        moved = (indices, self.cu_seqlens.to(device), self.lengths.to(device), self.host_lengths)
+        return PackInfo(*moved, self.max_len, self.batch, self.seqlen, self.left_padded)
+
     @property
     def total(self) -> int:
         """T, the number of real tokens."""

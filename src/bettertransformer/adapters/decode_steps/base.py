@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..._compat import is_distributed_tensor
 from ...ops import decode
 from ...ops.padding import PackInfo, pack_info
 from ..decode_state import DecodeState
@@ -127,6 +128,8 @@ def check_one_device(base: nn.Module) -> None:
     if len(devices) > 1 or any(d.type == "meta" for d in devices):
         names = ", ".join(sorted(str(d) for d in devices))
         raise NotImplementedError(f"parameters on several devices or offloaded ({names})")
+    if any(is_distributed_tensor(p) for p in base.parameters()):
+        raise NotImplementedError("sharded (DTensor) parameters: tensor parallelism or FSDP")
 
 
 @dataclass(frozen=True)
