@@ -126,3 +126,45 @@ def test_reverse_restores_stock_encode(model):
     assert "encode" in vars(fast)
     BetterTransformer.reverse(fast)
     assert "encode" not in vars(fast)
+
+
+def _fast_encode(model):
+    from bettertransformer.api import _state_of
+
+    (encode,) = [p for p in _state_of(model, "").patches if type(p).__name__ == "FastEncode"]
+    return encode
+
+
+def test_rust_tokenizer_gives_sentence_transformers_tensors(model):
+    """The tokenizer shortcut of our encode: the same input ids, masks and token types as sentence-transformers'
+    preprocess, on prose in batches (longest first, as encode forms them) and on text past the truncation length."""
+    from bettertransformer.adapters.sentence_encode import RustTokenizer
+
+    rust = RustTokenizer(model.tokenizer, model.max_seq_length)
+    texts = sorted(corpus(600), key=len, reverse=True) + ["long " * 400, "  padded with spaces  ", "UPPER Case"]
+    for start in range(0, len(texts), 97):
+        batch = texts[start : start + 97]
+        expected = {k: v for k, v in model.preprocess(batch).items() if isinstance(v, torch.Tensor)}
+        got = rust(batch)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert rust.same_as(model.preprocess, texts[:40]) is not None
+
+
+def test_encode_tokenizes_with_the_shortcut_only_when_it_agrees(model, fast_model, monkeypatch):
+    from bettertransformer.adapters import sentence_encode
+
+    calls = []
+    original = sentence_encode.RustTokenizer.__call__
+    monkeypatch.setattr(
+        sentence_encode.RustTokenizer, "__call__", lambda self, t: calls.append(len(t)) or original(self, t)
+    )
+    texts = corpus(200)
+    expected = model.encode(texts, batch_size=16, convert_to_tensor=True)
+    actual = fast_model.encode(texts, batch_size=16, convert_to_tensor=True)
+    assert (actual - expected).abs().max().item() < 1e-5
+    assert sum(calls) >= len(texts)  # every sentence went through the shortcut (the first batch twice: the check)
+    # A model whose preprocess changes the text before its Rust tokenizer sees it: the check fails, preprocess runs.
+    encode = _fast_encode(fast_model)
+    monkeypatch.setattr(fast_model, "preprocess", lambda t, **k: model.preprocess([f"query: {x}" for x in t], **k))
+    assert encode._rust_tokenizer(texts[:8]) is None
