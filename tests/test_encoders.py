@@ -277,8 +277,11 @@ def test_low_precision_error_is_a_small_multiple_of_stock(dtype):
 
 
 def test_zoo_covers_the_registry():
-    """Every registered type has a tiny model: the encoders here, the decoders in tests/decoder_zoo.py."""
-    assert set(supported_model_types()) <= set(CONFIGS) | set(DECODER_CONFIGS)
+    """Every registered type has a tiny model: the encoders here, the decoders in tests/decoder_zoo.py, the
+    encoder-decoders in tests/test_seq2seq.py."""
+    from test_seq2seq import SEQ2SEQ_CONFIGS
+
+    assert set(supported_model_types()) <= set(CONFIGS) | set(DECODER_CONFIGS) | set(SEQ2SEQ_CONFIGS)
     assert set(CONFIGS) <= set(supported_model_types())
 
 

@@ -196,10 +196,32 @@ _DEBERTA = Support(
     ),
 )
 
+# The encoder of BART and its kin (encoder-decoders): its forward computes the embeddings, then loops over its
+# layers (post-LayerNorm, as BERT's); the base model's mask also feeds the decoder, so the mask is taken at the
+# encoder's own forward. The decoder and generate run stock.
+BART = EncoderLayout(
+    encoder="encoder", layers="layers", entry="encoder", loop=True, clamp_fp16="nonfinite",
+    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", attn_dropout=None, o="self_attn.out_proj",
+    o_dropout=None, ln1="self_attn_layer_norm", ffn_in="fc1", act="activation_fn", ffn_out="fc2", ffn_dropout=None,
+    ln2="final_layer_norm", num_heads="encoder_attention_heads",
+)  # fmt: skip
+# mBART, Pegasus, M2M-100 (NLLB), Blenderbot: the same with pre-LayerNorm layers (the norm after the loop stays
+# the stock code's) and an unconditional fp16 clamp.
+MBART = replace(BART, pre_norm=True, clamp_fp16="always")
+_SEQ2SEQ_NOTES = "the encoder, padding-free (inference); the decoder and generate run stock"
+
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model (a
 # refused entry: that transform refuses it, with its reason).
 REGISTRY: dict[str, Support] = {
     "albert": Support(encoder=ALBERT, notes="shared layers run once per step, fused QKV cached once"),
+    "bart": Support(encoder=BART, notes=_SEQ2SEQ_NOTES),
+    "blenderbot": Support(encoder=MBART, notes=_SEQ2SEQ_NOTES),
+    "blenderbot-small": Support(encoder=BART, notes=_SEQ2SEQ_NOTES),
+    "m2m_100": Support(encoder=MBART, notes=_SEQ2SEQ_NOTES),
+    "marian": Support(encoder=BART, notes=_SEQ2SEQ_NOTES),
+    "mbart": Support(encoder=MBART, notes=_SEQ2SEQ_NOTES),
+    "pegasus": Support(encoder=MBART, notes=_SEQ2SEQ_NOTES),
+    "plbart": Support(encoder=BART, notes=_SEQ2SEQ_NOTES),
     "bert": Support(encoder=BERT),
     "bert-generation": Support(encoder=BERT, notes="the encoder (BertGenerationEncoder)"),
     "camembert": Support(encoder=BERT),
@@ -284,8 +306,12 @@ def support_for(base: nn.Module, root: nn.Module) -> Support | None:
     """The registry entry for base model ``base`` inside ``root``; causal LMs of unlisted types that use the
     attention interface get the general decoder entry (not verified by our tests)."""
     model_type = getattr(base.config, "model_type", None) or ""
-    if model_type in REGISTRY:
-        return REGISTRY[model_type]
+    support = REGISTRY.get(model_type)
+    if support is not None and support.encoder is not None and support.encoder.entry is not None:
+        if not getattr(base.config, "is_encoder_decoder", False):
+            support = None  # the decoder of an encoder-decoder type alone (BartForCausalLM): see below
+    if support is not None:
+        return support
     if getattr(base.config, "is_encoder_decoder", False):
         return None
     is_lm_head = any(

@@ -12,6 +12,7 @@ Calls the packed path cannot honour exactly run the stock encoder forward instea
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import math
@@ -79,6 +80,20 @@ class EncoderLayout:
     rotary: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor, bool]] | None = None
     # Config flags that change the layer's math away from the shape above, each with the value we support.
     requires: tuple[tuple[str, Any], ...] = (("is_decoder", False), ("add_cross_attention", False))
+    # The module whose forward takes the padding mask, relative to the base model, when it is not the base model
+    # itself: an encoder-decoder's encoder (the base model's mask also feeds the decoder's cross-attention).
+    entry: str | None = None
+    # The encoder's own forward computes the embeddings and then loops over ``layers`` (BART and its kin): the
+    # first layer's call runs every layer packed and the others pass its result on, so the embeddings, and any
+    # norm after the loop, stay the stock code's. Inference only (their dropouts are plain floats).
+    loop: bool = False
+    # fp16 overflow guard after each layer, as the stock layer applies it: "always" (clamp to the fp16 range
+    # minus 1000) or "nonfinite" (only when some value is not finite); None: no guard.
+    clamp_fp16: str | None = None
+
+
+# The encoder call whose layers the first layer of a ``loop`` layout ran packed (the later layers pass on its result).
+_LOOPED: contextvars.ContextVar[EncoderCall | None] = contextvars.ContextVar("bettertransformer_looped", default=None)
 
 
 def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -297,7 +312,11 @@ class PackedEncoder:
         check_requires(config, layout.requires, "padding-free path")
         self.base = base
         self.layout = layout
-        self.encoder: nn.Module = resolve(base, layout.encoder)
+        standalone = layout.entry is not None and not hasattr(base, layout.entry.split(".")[0])
+        # An encoder-decoder's encoder transformed on its own is its own entry and encoder.
+        self.encoder: nn.Module = base if standalone else resolve(base, layout.encoder)
+        if layout.loop and any(hasattr(m, "encoder_attn") for m in resolve(self.encoder, layout.layers)):
+            raise NotImplementedError(f"{config.model_type}: these are decoder layers (cross-attention)")
         self.layers = self._build_layers()
         problem = self._unsupported()
         if problem:
@@ -309,7 +328,8 @@ class PackedEncoder:
         self.calls = Calls()
         self.counted = ("fast", "stock")  # the keys call_counts always shows
         self.log = LogOnce()
-        self._signature = inspect.signature(base.forward)
+        self.entry: nn.Module = resolve(base, layout.entry) if layout.entry and not standalone else base
+        self._signature = inspect.signature(self.entry.forward)
         self._patches: list[InstanceForward] = []
         self.output_type = _output_type(self.encoder.forward)
         self.reads_first = _reads_first_position(base, root if root is not None else base)
@@ -343,10 +363,13 @@ class PackedEncoder:
         if self._previous_attention == "sdpa":
             register_attention(ATTENTION_NAME, attention_function, mask_function)
             self._switched = set_attention(self.base, ATTENTION_NAME)
-        self._patches = [
-            InstanceForward(self.base, self.base_forward),
-            InstanceForward(self.encoder, self.forward),
-        ]
+        self._patches = [InstanceForward(self.entry, self.base_forward)]
+        if self.layout.loop:
+            stock = list(resolve(self.encoder, self.layout.layers))
+            self._patches.append(InstanceForward(stock[0], self._run_layers))
+            self._patches += [InstanceForward(layer, self._pass_on) for layer in stock[1:]]
+        else:
+            self._patches.append(InstanceForward(self.encoder, self.forward))
 
     def detach(self) -> None:
         """Restore both forwards and the attention implementation; drop the fused weights."""
@@ -478,10 +501,38 @@ class PackedEncoder:
                 x = checkpoint(packed, x, info, bias, rotary, use_reentrant=False)
             else:
                 x = packed(x, info, bias, rotary)
+            if self.layout.clamp_fp16 is not None and x.dtype == torch.float16:
+                x = _clamp_fp16(x, always=self.layout.clamp_fp16 == "always")
         if self.final_norm is not None:
             x = self.final_norm(x)
         out = unpack(x, info)  # (B, S, hidden), zeros at padding
         return self.output_type(last_hidden_state=out) if return_dict else (out,)
+
+    def _run_layers(self, stock: Callable, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        """The first layer's forward in a ``loop`` layout: every layer, packed, when exact (the other layers then
+        pass the result on); else this layer's own forward."""
+        call = current_encoder_call(id(self))
+        reason = self._stock_reason(call, hidden_states, (), kwargs)  # args: the stock 4D mask (unused)
+        if reason is None and self.encoder.training:
+            reason = "training (this encoder's dropouts are plain floats: its own layers run)"
+        if reason is not None:
+            if call is not None and call.mask_dropped:
+                raise _Restart(reason)
+            self.calls.add("stock")
+            self.log(reason, "stock %s layers for %s", type(self.encoder).__name__, reason)
+            return stock(hidden_states, *args, **kwargs)
+        self.calls.add("fast")
+        assert call is not None
+        out = self._packed(call, hidden_states, return_dict=False)[0]
+        _LOOPED.set(call)
+        return out
+
+    def _pass_on(self, stock: Callable, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        """A later layer's forward in a ``loop`` layout: the first layer ran them all in this call."""
+        call = current_encoder_call(id(self))
+        if call is not None and _LOOPED.get() is call:
+            return hidden_states
+        return stock(hidden_states, *args, **kwargs)
 
     def _relative_bias(self, info: PackInfo) -> torch.Tensor:
         """(B or 1, H, L, L) bias from the tokens' original positions in the padded batch."""
@@ -493,6 +544,13 @@ class PackedEncoder:
             index, valid = dense_layout(info)
             positions = to_dense(_columns(info), info, index, valid)  # (B, L)
         return self.layout.relative_bias(self.encoder, positions)
+
+
+def _clamp_fp16(x: torch.Tensor, always: bool) -> torch.Tensor:
+    """The stock layers' fp16 overflow guard, without a host read for the "only when not finite" form."""
+    limit = torch.finfo(torch.float16).max - 1000
+    clamped = x.clamp(min=-limit, max=limit)
+    return clamped if always else torch.where(torch.isfinite(x).all(), x, clamped)
 
 
 def _columns(info: PackInfo) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""Encoder-decoders (BART and its kin): the encoder padding-free, the decoder and generate stock (issue 13).
+
+Tiny random-weight models of every registered encoder-decoder type, fp32 on the CPU, against the stock model on
+padded batches: encoder outputs at real tokens, the whole model's logits, and ``generate`` token for token.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, BartForCausalLM
+from zoo import LAYOUTS, VOCAB, make_batch
+
+from bettertransformer import BetterTransformer, call_counts, is_transformed, reverse
+
+_COMMON = dict(
+    vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+    decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64, pad_token_id=0,
+    bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, dropout=0.0, attention_dropout=0.0,
+    activation_dropout=0.0,
+)  # fmt: skip
+
+# Per model type: config overrides. Post-LayerNorm layers (bart, marian, blenderbot-small, plbart) and
+# pre-LayerNorm ones with a norm after the loop (mbart, pegasus, m2m_100, blenderbot).
+SEQ2SEQ_CONFIGS: dict[str, dict] = {
+    "bart": {},
+    "blenderbot": {},
+    "blenderbot-small": {},
+    "m2m_100": {},
+    "marian": dict(activation_function="swish"),
+    "mbart": {},
+    "pegasus": {},
+    "plbart": {},
+}
+
+
+def make_seq2seq(model_type: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **SEQ2SEQ_CONFIGS[model_type], **overrides})
+    return AutoModelForSeq2SeqLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("layout", ["none", "right", "left", "length1", "empty_row"])
+@pytest.mark.parametrize("model_type", sorted(SEQ2SEQ_CONFIGS))
+def test_encoder_outputs_logits_and_generate_match_stock(model_type, layout):
+    stock = make_seq2seq(model_type)
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    lengths, side = LAYOUTS[layout]
+    ids, mask = make_batch(lengths, side)
+    keep = mask.bool()
+    with torch.no_grad():
+        expected = stock.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        actual = fast.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(actual[keep], expected[keep], atol=1e-5, rtol=1e-5)
+        decoder = ids[:, :7].clamp(min=3)
+        logits = fast(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+        torch.testing.assert_close(logits, stock(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits)
+    if layout != "empty_row":  # a row with no input at all: stock's own encoder output there is arbitrary
+        kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+        assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+    assert call_counts(fast)["fast"] >= 2 and call_counts(fast)["stock"] == 0
+
+
+def test_sampling_and_beam_search_generate_match_stock():
+    stock = make_seq2seq("bart")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    for kwargs in (dict(do_sample=True, top_k=5), dict(num_beams=3, do_sample=False)):
+        torch.manual_seed(0)
+        expected = stock.generate(ids, attention_mask=mask, max_new_tokens=8, **kwargs)
+        torch.manual_seed(0)
+        assert torch.equal(fast.generate(ids, attention_mask=mask, max_new_tokens=8, **kwargs), expected), kwargs
+
+
+def test_calls_the_packed_encoder_cannot_compute_run_its_layers():
+    """Hidden states per layer, and training (the layers' dropouts are plain floats): the stock layers run."""
+    stock = make_seq2seq("mbart")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    out = fast.get_encoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    expected = stock.get_encoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert len(out.hidden_states) == len(expected.hidden_states) == 3
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state)
+    fast.train()
+    stock.train()
+    labels = ids[:, :6].clamp(min=3)
+    loss = fast(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, stock(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    assert call_counts(fast)["stock"] == 2 and call_counts(fast)["fast"] == 0
+
+
+def test_an_encoder_alone_and_reverse():
+    stock = make_seq2seq("pegasus")
+    encoder = copy.deepcopy(stock.get_encoder())
+    fast = BetterTransformer.transform(encoder, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "left")
+    with torch.no_grad():
+        expected = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        actual = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert call_counts(fast)["fast"] == 1
+    reverse(fast)
+    assert not is_transformed(fast) and "forward" not in vars(fast) and "forward" not in vars(fast.layers[0])
+
+
+def test_the_decoder_alone_is_not_taken_for_an_encoder():
+    """BartForCausalLM (the decoder with a language-model head) has cross-attention layers: it takes the general
+    decoder path, never the encoder layout."""
+    config = AutoConfig.for_model("bart", **_COMMON)
+    torch.manual_seed(0)
+    stock = BartForCausalLM(config).eval()
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "left")
+    with torch.no_grad():
+        expected = stock(input_ids=ids, attention_mask=mask).logits
+        actual = fast(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
