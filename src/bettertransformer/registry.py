@@ -210,6 +210,20 @@ BART = EncoderLayout(
 MBART = replace(BART, pre_norm=True, clamp_fp16="always")
 _SEQ2SEQ_NOTES = "the encoder, padding-free (inference); the decoder and generate run stock"
 
+# Speech encoders (wav2vec2 and kin): the encoder's forward zeroes the padded frames, adds its convolutional
+# positions and a LayerNorm, then loops over post-LayerNorm layers; the frame-level mask comes to that forward.
+WAV2VEC2 = EncoderLayout(
+    encoder="encoder", layers="layers", entry="encoder", loop=True, keep_mask=True,
+    q="attention.q_proj", k="attention.k_proj", v="attention.v_proj", attn_dropout=None, o="attention.out_proj",
+    o_dropout="dropout", ln1="layer_norm", ffn_in="feed_forward.intermediate_dense",
+    act="feed_forward.intermediate_act_fn", ffn_out="feed_forward.output_dense", ffn_dropout="feed_forward.output_dropout",
+    ln2="final_layer_norm", requires=(("do_stable_layer_norm", False), ("is_decoder", False)),
+)  # fmt: skip
+_SPEECH_NOTES = (
+    "the transformer encoder, padding-free over the frames the mask marks (inference); the pre-LayerNorm "
+    "(do_stable_layer_norm) configurations are refused"
+)
+
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model (a
 # refused entry: that transform refuses it, with its reason).
 REGISTRY: dict[str, Support] = {
@@ -225,6 +239,9 @@ REGISTRY: dict[str, Support] = {
     "bert": Support(encoder=BERT),
     "bert-generation": Support(encoder=BERT, notes="the encoder (BertGenerationEncoder)"),
     "camembert": Support(encoder=BERT),
+    "data2vec-audio": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
+    "hubert": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
+    "wav2vec2": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
     "data2vec-text": Support(encoder=BERT),
     "deberta": _DEBERTA,
     "deberta-v2": _DEBERTA,
@@ -308,7 +325,7 @@ def support_for(base: nn.Module, root: nn.Module) -> Support | None:
     model_type = getattr(base.config, "model_type", None) or ""
     support = REGISTRY.get(model_type)
     if support is not None and support.encoder is not None and support.encoder.entry is not None:
-        if not getattr(base.config, "is_encoder_decoder", False):
+        if getattr(base.config, "is_decoder", False):
             support = None  # the decoder of an encoder-decoder type alone (BartForCausalLM): see below
     if support is not None:
         return support

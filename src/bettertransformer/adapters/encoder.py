@@ -87,6 +87,9 @@ class EncoderLayout:
     # first layer's call runs every layer packed and the others pass its result on, so the embeddings, and any
     # norm after the loop, stay the stock code's. Inference only (their dropouts are plain floats).
     loop: bool = False
+    # The entry's own forward reads the padding mask before the layers (wav2vec2 zeroes the padded frames before its
+    # positional convolution): it keeps the mask, rather than leaving it to the packed layers alone.
+    keep_mask: bool = False
     # fp16 overflow guard after each layer, as the stock layer applies it: "always" (clamp to the fp16 range
     # minus 1000) or "nonfinite" (only when some value is not finite); None: no guard.
     clamp_fp16: str | None = None
@@ -392,7 +395,8 @@ class PackedEncoder:
         """
         call, bound = self._describe_call(args, kwargs)
         run_args, run_kwargs = args, kwargs
-        if call.blocked is None and call.mask is not None and bound is not None and not output_capture_active():
+        droppable = call.blocked is None and call.mask is not None and bound is not None and not self.layout.keep_mask
+        if droppable and not output_capture_active():
             bound.arguments["attention_mask"] = None
             run_args, run_kwargs = bound.args, bound.kwargs
             # Start counting the real tokens now; the encoder collects the result after the embeddings are queued.
@@ -512,7 +516,8 @@ class PackedEncoder:
         """The first layer's forward in a ``loop`` layout: every layer, packed, when exact (the other layers then
         pass the result on); else this layer's own forward."""
         call = current_encoder_call(id(self))
-        reason = self._stock_reason(call, hidden_states, (), kwargs)  # args: the stock 4D mask (unused)
+        # The stock layers' 4D mask (positional or by name) is not read: the packed layers take the call's own.
+        reason = self._stock_reason(call, hidden_states, (), {k: v for k, v in kwargs.items() if k != "attention_mask"})
         if reason is None and self.encoder.training:
             reason = "training (this encoder's dropouts are plain floats: its own layers run)"
         if reason is not None:
