@@ -117,3 +117,22 @@ def test_the_decoder_alone_is_not_taken_for_an_encoder():
         expected = stock(input_ids=ids, attention_mask=mask).logits
         actual = fast(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_output_attentions_returns_exact_weights():
+    """The stock layers run for that call, through our attention function (the model was on SDPA), which returns
+    the weights SDPA does not."""
+    stock = make_seq2seq("bart")
+    eager = copy.deepcopy(stock)
+    eager.config._attn_implementation = "eager"
+    for module in eager.modules():
+        if hasattr(module, "config"):
+            module.config._attn_implementation = "eager"
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    with torch.no_grad():
+        out = fast.get_encoder()(input_ids=ids, attention_mask=mask, output_attentions=True)
+        expected = eager.get_encoder()(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == len(expected.attentions) == 2
+    for a, e in zip(out.attentions, expected.attentions, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,128 @@
+"""Encoder-decoders and speech encoders, stock against transformed, side by side in one process (issue 13).
+
+- ``bart``: BART-base config, random weights, fp16: 16 inputs of ``torch.manual_seed(0); torch.randint(16, 513, (16,))``
+  tokens right-padded; the encoder alone, and greedy ``generate`` of 64 new tokens (``min_new_tokens`` too).
+- ``wav2vec2``: wav2vec2-base config (post-LayerNorm), random weights, fp16: 16 clips of 2-15 s at 16 kHz
+  (``torch.manual_seed(0); torch.randint(32_000, 240_001, (16,))`` samples), zero-padded, with the mask.
+
+Medians of CUDA-event timings; the error at real positions against the fp32 stock model. ``--small`` runs tiny
+configs (a check of the script on the CPU). Run: ``PYTHONPATH=src python benchmarks/seq2seq_audio_gpu.py
+[--only bart wav2vec2] [--small] [--device cpu]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import AutoModel, BartConfig, BartForConditionalGeneration, Wav2Vec2Config
+
+from bettertransformer import BetterTransformer, call_counts
+
+
+def timed(fn, device: torch.device, warmup: int = 2, iters: int = 10) -> float:
+    """Median milliseconds of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def bench_bart(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    sizes = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000) if args.small else {}  # fmt: skip
+    config = BartConfig(**sizes, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    torch.manual_seed(0)
+    reference = BartForConditionalGeneration(config).to(device).eval()
+    stock = copy.deepcopy(reference).to(dtype)
+    fast = BetterTransformer.transform(copy.deepcopy(stock))
+    torch.manual_seed(0)
+    lengths = torch.randint(16, 513, (16,)).clamp(max=config.max_position_embeddings - 2)
+    width = int(lengths.max())
+    ids = torch.randint(4, config.vocab_size, (16, width))
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    ids, mask = (ids * mask).to(device), mask.to(device)
+    keep = mask.bool()
+    rows = []
+    with torch.inference_mode():
+        expected = reference.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        for name, model in (("stock", stock), ("transformed", fast)):
+            out = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            err = (out.float() - expected)[keep].abs().max().item()
+            ms = timed(lambda model=model: model.get_encoder()(input_ids=ids, attention_mask=mask), device)
+            rows.append(f"| bart encoder, 16 x randint(16, 513) | {name} | {ms:.2f} ms | {err:.2e} |")
+        kwargs = dict(attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False, num_beams=1)
+        tokens = {}
+        for name, model in (("stock", stock), ("transformed", fast)):
+            tokens[name] = model.generate(ids, **kwargs)
+            ms = timed(lambda model=model: model.generate(ids, **kwargs), device, warmup=1, iters=3)
+            rows.append(f"| bart generate, 64 new tokens | {name} | {ms:.1f} ms | |")
+    same = torch.equal(tokens["stock"], tokens["transformed"])
+    rows.append(f"| bart generate tokens equal (fp16: near-ties may differ) | {same} | | |")
+    print("bart calls", call_counts(fast), flush=True)
+    return rows
+
+
+def bench_wav2vec2(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 conv_dim=(32,) * 7, num_conv_pos_embeddings=16) if args.small else {}  # fmt: skip
+    config = Wav2Vec2Config(**sizes, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                            feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    reference = AutoModel.from_config(config).to(device).eval()
+    stock = copy.deepcopy(reference).to(dtype)
+    fast = BetterTransformer.transform(copy.deepcopy(stock))
+    torch.manual_seed(0)
+    lengths = torch.randint(32_000, 240_001, (16,)) // (8 if args.small else 1)  # --small: 8x shorter clips
+    width = int(lengths.max())
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    audio = (torch.randn(16, width) * mask).to(device)
+    mask = mask.to(device)
+    rows = []
+    with torch.inference_mode():
+        expected = reference(audio, attention_mask=mask).last_hidden_state
+        frames = reference._get_feature_vector_attention_mask(expected.shape[1], mask).bool()
+        for name, model in (("stock", stock), ("transformed", fast)):
+            out = model(audio.to(dtype), attention_mask=mask).last_hidden_state
+            err = (out.float() - expected)[frames].abs().max().item()
+            ms = timed(lambda model=model: model(audio.to(dtype), attention_mask=mask), device)
+            rows.append(f"| wav2vec2, 16 clips of 2-15 s, padded | {name} | {ms:.2f} ms | {err:.2e} |")
+    print("wav2vec2 calls", call_counts(fast), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=["bart", "wav2vec2"], choices=["bart", "wav2vec2"])
+    parser.add_argument("--small", action="store_true", help="tiny configs: a check of the script")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    rows = []
+    for part in args.only:
+        rows += {"bart": bench_bart, "wav2vec2": bench_wav2vec2}[part](args, device, dtype)
+    print(
+        f"\n{card}, {dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
+    )
+    print("| workload | model | time | max error vs fp32 at real positions |\n|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
