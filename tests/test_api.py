@@ -106,17 +106,17 @@ def test_double_transform_and_bad_reverse_raise_value_error():
         BetterTransformer.reverse(make_model("bert"))
 
 
-def _tiny_t5():
-    from transformers import T5Config, T5Model
+def _tiny_umt5():
+    from transformers import UMT5Config, UMT5Model
 
-    return T5Model(T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=37, d_kv=8, vocab_size=99))
+    return UMT5Model(UMT5Config(d_model=32, num_layers=1, num_heads=2, d_ff=37, d_kv=8, vocab_size=99))
 
 
 def test_unsupported_model_type_names_it_and_lists_supported():
-    model = _tiny_t5()  # an encoder-decoder
+    model = _tiny_umt5()  # an encoder-decoder we do not serve
     with pytest.raises(NotImplementedError) as info:
         BetterTransformer.transform(model)
-    assert "'t5'" in str(info.value)
+    assert "'umt5'" in str(info.value)
     for model_type in bettertransformer.supported_model_types():
         assert model_type in str(info.value)
     assert not is_transformed(model)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from decoder_zoo import make_decoder
-from transformers import T5Config, T5Model
+from transformers import UMT5Config, UMT5Model
 from zoo import make_model
 
 from bettertransformer import cli, supported_model_types
@@ -77,9 +77,10 @@ def test_not_a_model_is_a_one_line_error(tmp_path):
 
 
 def test_unsupported_architecture_is_a_one_line_error(tmp_path):
-    T5Model(T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=37, d_kv=8, vocab_size=99)).save_pretrained(tmp_path)
+    config = UMT5Config(d_model=32, num_layers=1, num_heads=2, d_ff=37, d_kv=8, vocab_size=99)
+    UMT5Model(config).save_pretrained(tmp_path)
     result = _run("check", str(tmp_path))
-    assert result.returncode == 2 and "'t5' is not supported" in result.stderr
+    assert result.returncode == 2 and "'umt5' is not supported" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -22,23 +22,32 @@ _COMMON = dict(
     activation_dropout=0.0,
 )  # fmt: skip
 
-# Per model type: config overrides. Post-LayerNorm layers (bart, marian, blenderbot-small, plbart) and
-# pre-LayerNorm ones with a norm after the loop (mbart, pegasus, m2m_100, blenderbot).
+_T5 = dict(
+    vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
+    relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0, pad_token_id=0,
+    eos_token_id=2, decoder_start_token_id=0,
+)  # fmt: skip
+
+# Per model type: its config. Post-LayerNorm layers (bart, marian, blenderbot-small, plbart), pre-LayerNorm ones
+# with a norm after the loop (mbart, pegasus, m2m_100, blenderbot), and T5's pre-RMS-norm blocks with a relative
+# position bias (t5 with the ReLU feed-forward, mt5 with the gated GELU one).
 SEQ2SEQ_CONFIGS: dict[str, dict] = {
-    "bart": {},
-    "blenderbot": {},
-    "blenderbot-small": {},
-    "m2m_100": {},
-    "marian": dict(activation_function="swish"),
-    "mbart": {},
-    "pegasus": {},
-    "plbart": {},
+    "bart": _COMMON,
+    "blenderbot": _COMMON,
+    "blenderbot-small": _COMMON,
+    "m2m_100": _COMMON,
+    "marian": dict(_COMMON, activation_function="swish"),
+    "mbart": _COMMON,
+    "mt5": dict(_T5, feed_forward_proj="gated-gelu"),
+    "pegasus": _COMMON,
+    "plbart": _COMMON,
+    "t5": _T5,
 }
 
 
 def make_seq2seq(model_type: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **{**_COMMON, **SEQ2SEQ_CONFIGS[model_type], **overrides})
+    config = AutoConfig.for_model(model_type, **{**SEQ2SEQ_CONFIGS[model_type], **overrides})
     return AutoModelForSeq2SeqLM.from_config(config).eval()
 
 
@@ -56,7 +65,11 @@ def test_encoder_outputs_logits_and_generate_match_stock(model_type, layout):
         torch.testing.assert_close(actual[keep], expected[keep], atol=1e-5, rtol=1e-5)
         decoder = ids[:, :7].clamp(min=3)
         logits = fast(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
-        torch.testing.assert_close(logits, stock(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits)
+        expected = stock(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+        # A row with no input at all: T5's cross-attention (an additive mask) then averages the encoder's states at
+        # pad positions, stock's pad-token states against our zeros; both meaningless. Every other row must agree.
+        rows = mask.any(1) if model_type in ("t5", "mt5") else slice(None)
+        torch.testing.assert_close(logits[rows], expected[rows])
     if layout != "empty_row":  # a row with no input at all: stock's own encoder output there is arbitrary
         kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
         assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs))
@@ -103,6 +116,29 @@ def test_an_encoder_alone_and_reverse():
     assert call_counts(fast)["fast"] == 1
     reverse(fast)
     assert not is_transformed(fast) and "forward" not in vars(fast) and "forward" not in vars(fast.layers[0])
+
+
+def test_a_t5_encoder_model_alone_and_fp16_guard():
+    """T5EncoderModel (the encoder-only T5 that embedding models use) runs packed; in fp16 T5's overflow guard is
+    kept: a huge feed-forward output is clamped as the stock block clamps it."""
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    stock = T5EncoderModel(AutoConfig.for_model("t5", **_T5)).eval()
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "left")
+    with torch.no_grad():
+        expected = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        actual = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert call_counts(fast)["fast"] == 1
+    from bettertransformer.adapters.encoder import _t5_clamp
+
+    x = torch.tensor([1.0, -3.0, float("inf")], dtype=torch.float16)
+    top = torch.finfo(torch.float16).max
+    assert torch.equal(_t5_clamp(x), torch.tensor([1.0, -3.0, top - 1000], dtype=torch.float16))
+    finite = torch.tensor([1.0, top], dtype=torch.float16)
+    assert torch.equal(_t5_clamp(finite), finite)
 
 
 def test_the_decoder_alone_is_not_taken_for_an_encoder():

@@ -35,7 +35,7 @@ from .adapters.decode_steps import (
     Starcoder2DecodeStep,
 )
 from .adapters.decoder import CausalDecoder
-from .adapters.encoder import EncoderLayout, PackedEncoder
+from .adapters.encoder import EncoderLayout, PackedEncoder, T5Layer
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,28 @@ _SPEECH_NOTES = (
     "(do_stable_layer_norm) configurations are refused"
 )
 
+
+def _t5_relative_bias(encoder: Any, positions: torch.Tensor) -> torch.Tensor:
+    """T5's bucketed relative-position bias (the first block's table, shared by all) for tokens at ``positions``
+    (B, L) -> (B, H, L, L)."""
+    attention = encoder.block[0].layer[0].SelfAttention
+    relative = positions[:, None, :] - positions[:, :, None]  # (B, L, L): key position - query position
+    buckets = attention._relative_position_bucket(
+        relative, bidirectional=True, num_buckets=attention.relative_attention_num_buckets,
+        max_distance=attention.relative_attention_max_distance,
+    )  # fmt: skip
+    return attention.relative_attention_bias(buckets).permute(0, 3, 1, 2)
+
+
+# T5's encoder stack: pre-RMS-norm blocks with a relative-position bias and no attention scale (T5Layer), looped
+# over by the stack's forward, which then applies its final norm; a block returns (hidden, bias, cross bias).
+T5 = EncoderLayout(
+    encoder="encoder", layers="block", entry="encoder", loop=True, layer_class=T5Layer,
+    layer_output=lambda hidden: (hidden, None, None), relative_bias=_t5_relative_bias, num_heads="num_heads",
+    q="layer.0.SelfAttention.q", k="layer.0.SelfAttention.k", v="layer.0.SelfAttention.v", attn_dropout=None,
+    o="layer.0.SelfAttention.o", o_dropout=None, ln1="layer.0.layer_norm", ln2="layer.1.layer_norm", pre_norm=True,
+)  # fmt: skip
+
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model (a
 # refused entry: that transform refuses it, with its reason).
 REGISTRY: dict[str, Support] = {
@@ -236,6 +258,8 @@ REGISTRY: dict[str, Support] = {
     "mbart": Support(encoder=MBART, notes=_SEQ2SEQ_NOTES),
     "pegasus": Support(encoder=MBART, notes=_SEQ2SEQ_NOTES),
     "plbart": Support(encoder=BART, notes=_SEQ2SEQ_NOTES),
+    "t5": Support(encoder=T5, notes=_SEQ2SEQ_NOTES + "; T5EncoderModel too; relative-position bias"),
+    "mt5": Support(encoder=T5, notes=_SEQ2SEQ_NOTES + "; MT5EncoderModel too; relative-position bias"),
     "bert": Support(encoder=BERT),
     "bert-generation": Support(encoder=BERT, notes="the encoder (BertGenerationEncoder)"),
     "camembert": Support(encoder=BERT),

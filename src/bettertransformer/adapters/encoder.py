@@ -93,6 +93,10 @@ class EncoderLayout:
     # fp16 overflow guard after each layer, as the stock layer applies it: "always" (clamp to the fp16 range
     # minus 1000) or "nonfinite" (only when some value is not finite); None: no guard.
     clamp_fp16: str | None = None
+    # A layer of another shape than the BERT one above (T5's): the class that runs it on packed tokens.
+    layer_class: type[PackedLayer] | None = None
+    # In a ``loop`` layout, what a stock layer returns, made from the hidden states (T5's blocks return a tuple).
+    layer_output: Callable[[torch.Tensor], Any] | None = None
 
 
 # The encoder call whose layers the first layer of a ``loop`` layout ran packed (the later layers pass on its result).
@@ -274,6 +278,55 @@ class PackedLayer:
         return h
 
 
+class T5Layer(PackedLayer):
+    """A T5 encoder block on packed tokens: its RMS norm, attention with no 1/sqrt(d) scale and the encoder's
+    relative-position bias (computed once per call, as the stock stack shares the first block's), residual; its RMS
+    norm, its feed-forward module run whole (it keeps T5's fp32 output projection in fp16 models), residual; T5's fp16
+    guard after each sublayer. The norms and the feed-forward are position-wise modules: their own forwards run on
+    the packed tokens."""
+
+    def __init__(self, layer: nn.Module, layout: EncoderLayout, num_heads: int):
+        self.layer = layer
+        attention, feed_forward = layer.layer[0], layer.layer[-1]
+        self.q, self.k, self.v, self.o = (getattr(attention.SelfAttention, n) for n in ("q", "k", "v", "o"))
+        self.ln1, self.ln2, self.ffn = attention.layer_norm, feed_forward.layer_norm, feed_forward.DenseReluDense
+        self._slots = [(attention.SelfAttention, n, getattr(attention.SelfAttention, n)) for n in ("q", "k", "v", "o")]
+        self._slots += [(attention, "layer_norm", self.ln1), (feed_forward, "layer_norm", self.ln2)]
+        self._slots.append((feed_forward, "DenseReluDense", self.ffn))
+        self.attn_dropout = self.o_dropout = None  # training runs the stock blocks (loop layout)
+        self.num_heads = num_heads
+        self.head_dim = self.q.out_features // num_heads
+        self.scale = 1.0
+        self._qkv_cache = None
+        self.plain = {name: type(getattr(self, name)).forward is nn.Linear.forward for name in ("q", "k", "v", "o")}
+        self.fused_qkv = all(self.plain[name] for name in ("q", "k", "v"))
+        self.pre_norm = True
+
+    def unsupported(self) -> str | None:
+        for name in ("q", "k", "v", "o"):
+            module = getattr(self, name)
+            if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
+                return f"{name} is a {type(module).__name__}, not a linear projection"
+        if getattr(self.layer, "is_decoder", False) or len(self.layer.layer) != 2:
+            return "a decoder block (cross-attention)"
+        return None
+
+    def __call__(
+        self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None = None
+    ) -> torch.Tensor:
+        x = _t5_clamp(x + self._attention(self.ln1(x), info, bias, rotary))
+        return _t5_clamp(x + self.ffn(self.ln2(x)))
+
+
+def _t5_clamp(x: torch.Tensor) -> torch.Tensor:
+    """T5's fp16 guard: clamp to the fp16 range, less 1000 when some value is infinite (no host read)."""
+    if x.dtype != torch.float16:
+        return x
+    top = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), top - 1000, top)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
 class _Restart(Exception):
     """Raised by the encoder when a call whose mask was withheld from the stock model must run stock."""
 
@@ -343,7 +396,8 @@ class PackedEncoder:
         stock = layout.layer_order(self.encoder) if layout.layer_order else list(resolve(self.encoder, layout.layers))
         num_heads = getattr(self.base.config, layout.num_heads)
         unique: dict[int, PackedLayer] = {}  # ALBERT runs one layer module many times: one PackedLayer for it
-        return [unique.setdefault(id(m), PackedLayer(m, layout, num_heads)) for m in stock]
+        kind = layout.layer_class or PackedLayer
+        return [unique.setdefault(id(m), kind(m, layout, num_heads)) for m in stock]
 
     def _layers_changed(self) -> str | None:
         """Re-read the layers if someone swapped modules since transform; say why they cannot run packed."""
@@ -530,13 +584,13 @@ class PackedEncoder:
         assert call is not None
         out = self._packed(call, hidden_states, return_dict=False)[0]
         _LOOPED.set(call)
-        return out
+        return self.layout.layer_output(out) if self.layout.layer_output else out
 
     def _pass_on(self, stock: Callable, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
         """A later layer's forward in a ``loop`` layout: the first layer ran them all in this call."""
         call = current_encoder_call(id(self))
         if call is not None and _LOOPED.get() is call:
-            return hidden_states
+            return self.layout.layer_output(hidden_states) if self.layout.layer_output else hidden_states
         return stock(hidden_states, *args, **kwargs)
 
     def _relative_bias(self, info: PackInfo) -> torch.Tensor:
