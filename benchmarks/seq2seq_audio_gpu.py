@@ -2,6 +2,7 @@
 
 - ``bart``: BART-base config, random weights, fp16: 16 inputs of ``torch.manual_seed(0); torch.randint(16, 513, (16,))``
   tokens right-padded; the encoder alone, and greedy ``generate`` of 64 new tokens (``min_new_tokens`` too).
+- ``t5``: T5-base config, the same inputs and generate.
 - ``wav2vec2``: wav2vec2-base config (post-LayerNorm), random weights, fp16: 16 clips of 2-15 s at 16 kHz
   (``torch.manual_seed(0); torch.randint(32_000, 240_001, (16,))`` samples), zero-padded, with the mask.
 
@@ -20,7 +21,14 @@ import time
 
 import torch
 import transformers
-from transformers import AutoModel, BartConfig, BartForConditionalGeneration, Wav2Vec2Config
+from transformers import (
+    AutoModel,
+    BartConfig,
+    BartForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+    Wav2Vec2Config,
+)
 
 from bettertransformer import BetterTransformer, call_counts
 
@@ -46,11 +54,24 @@ def bench_bart(args, device: torch.device, dtype: torch.dtype) -> list[str]:
                  encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000) if args.small else {}  # fmt: skip
     config = BartConfig(**sizes, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     torch.manual_seed(0)
-    reference = BartForConditionalGeneration(config).to(device).eval()
+    return bench_seq2seq("bart", BartForConditionalGeneration(config), device, dtype)
+
+
+def bench_t5(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """T5-base's shapes (12 + 12 layers, 768 wide, 12 heads, ReLU feed-forward 3072, vocab 32128)."""
+    sizes = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=1000) if args.small else {}
+    config = T5Config(**sizes, dropout_rate=0.0, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    return bench_seq2seq("t5", T5ForConditionalGeneration(config), device, dtype)
+
+
+def bench_seq2seq(kind: str, model, device: torch.device, dtype: torch.dtype) -> list[str]:
+    config = model.config
+    reference = model.to(device).eval()
     stock = copy.deepcopy(reference).to(dtype)
     fast = BetterTransformer.transform(copy.deepcopy(stock))
     torch.manual_seed(0)
-    lengths = torch.randint(16, 513, (16,)).clamp(max=config.max_position_embeddings - 2)
+    lengths = torch.randint(16, 513, (16,)).clamp(max=getattr(config, "max_position_embeddings", 4096) - 2)
     width = int(lengths.max())
     ids = torch.randint(4, config.vocab_size, (16, width))
     mask = (torch.arange(width)[None] < lengths[:, None]).long()
@@ -63,16 +84,16 @@ def bench_bart(args, device: torch.device, dtype: torch.dtype) -> list[str]:
             out = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
             err = (out.float() - expected)[keep].abs().max().item()
             ms = timed(lambda model=model: model.get_encoder()(input_ids=ids, attention_mask=mask), device)
-            rows.append(f"| bart encoder, 16 x randint(16, 513) | {name} | {ms:.2f} ms | {err:.2e} |")
+            rows.append(f"| {kind} encoder, 16 x randint(16, 513) | {name} | {ms:.2f} ms | {err:.2e} |")
         kwargs = dict(attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False, num_beams=1)
         tokens = {}
         for name, model in (("stock", stock), ("transformed", fast)):
             tokens[name] = model.generate(ids, **kwargs)
             ms = timed(lambda model=model: model.generate(ids, **kwargs), device, warmup=1, iters=3)
-            rows.append(f"| bart generate, 64 new tokens | {name} | {ms:.1f} ms | |")
+            rows.append(f"| {kind} generate, 64 new tokens | {name} | {ms:.1f} ms | |")
     same = torch.equal(tokens["stock"], tokens["transformed"])
-    rows.append(f"| bart generate tokens equal (fp16: near-ties may differ) | {same} | | |")
-    print("bart calls", call_counts(fast), flush=True)
+    rows.append(f"| {kind} generate tokens equal (fp16: near-ties may differ) | {same} | | |")
+    print(kind, "calls", call_counts(fast), flush=True)
     return rows
 
 
@@ -106,7 +127,7 @@ def bench_wav2vec2(args, device: torch.device, dtype: torch.dtype) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=["bart", "wav2vec2"], choices=["bart", "wav2vec2"])
+    parser.add_argument("--only", nargs="+", default=["bart", "t5", "wav2vec2"], choices=["bart", "t5", "wav2vec2"])
     parser.add_argument("--small", action="store_true", help="tiny configs: a check of the script")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -115,7 +136,7 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     rows = []
     for part in args.only:
-        rows += {"bart": bench_bart, "wav2vec2": bench_wav2vec2}[part](args, device, dtype)
+        rows += {"bart": bench_bart, "t5": bench_t5, "wav2vec2": bench_wav2vec2}[part](args, device, dtype)
     print(
         f"\n{card}, {dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"

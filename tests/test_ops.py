@@ -71,6 +71,16 @@ def test_pack_unpack_round_trip(left):
     torch.testing.assert_close(back, x * mask[..., None])
 
 
+def test_pack_info_says_whether_rows_have_holes():
+    for left in (False, True):
+        assert pack_info(_mask([5, 1, 7, 0], 7, left), 4, 7, torch.device("cpu")).contiguous
+    holes = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0]])
+    assert not pack_info(holes, 2, 4, torch.device("cpu")).contiguous
+    from bettertransformer.ops.padding import PendingPack
+
+    assert not PendingPack(holes, 2, 4, torch.device("cpu"), host_mask=holes).finish().contiguous
+
+
 def test_pack_gradient_lands_on_the_real_tokens():
     """pack's backward copies each packed row's gradient back to its position, zeros at padding."""
     mask = _mask([5, 1, 7, 0], 7, left=True)

@@ -141,6 +141,20 @@ def test_a_t5_encoder_model_alone_and_fp16_guard():
     assert torch.equal(_t5_clamp(finite), finite)
 
 
+def test_t5_relative_bias_with_holes_in_the_mask():
+    """A mask with holes: the bias follows each token's position in its padded row, as stock's does."""
+    stock = make_seq2seq("t5")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    mask[0, 3:6] = 0
+    mask[2, 1] = 0
+    with torch.no_grad():
+        expected = stock.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        actual = fast.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert call_counts(fast)["fast"] == 1
+
+
 def test_the_decoder_alone_is_not_taken_for_an_encoder():
     """BartForCausalLM (the decoder with a language-model head) has cross-attention layers: it takes the general
     decoder path, never the encoder layout."""

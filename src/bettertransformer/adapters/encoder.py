@@ -597,7 +597,9 @@ class PackedEncoder:
         """(B or 1, H, L, L) bias from the tokens' original positions in the padded batch."""
         assert self.layout.relative_bias is not None
         device = info.cu_seqlens.device
-        if info.indices is None:
+        if info.indices is None or info.contiguous:
+            # No holes in any row: distances between a row's tokens are distances in its packed order, and the
+            # relative biases (functions of distance) are one (1, H, L, L) table for all rows.
             positions = torch.arange(info.max_len, device=device)[None, :]  # (1, L)
         else:
             index, valid = dense_layout(info)
