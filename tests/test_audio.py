@@ -76,3 +76,20 @@ def test_pre_layernorm_configurations_are_refused_with_the_reason():
     model = make_audio_model("wav2vec2", do_stable_layer_norm=True)
     with pytest.raises(NotImplementedError, match="do_stable_layer_norm"):
         BetterTransformer.transform(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_error_is_a_small_multiple_of_stock_on_cuda(dtype):
+    reference = make_audio_model("wav2vec2").cuda()
+    stock = make_audio_model("wav2vec2").to("cuda", dtype)
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    audio, mask = (t.cuda() for t in _clips([1600, 900, 300]))
+    with torch.no_grad():
+        expected = reference(audio, attention_mask=mask).last_hidden_state
+        frames = reference._get_feature_vector_attention_mask(expected.shape[1], mask).bool()
+        stock_error = stock(audio.to(dtype), attention_mask=mask).last_hidden_state[frames].float() - expected[frames]
+        ours = fast(audio.to(dtype), attention_mask=mask).last_hidden_state[frames].float()
+    assert (ours - expected[frames]).abs().max() <= 4 * stock_error.abs().max() + 1e-3
+    assert call_counts(fast)["fast"] == 1

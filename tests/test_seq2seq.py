@@ -186,3 +186,23 @@ def test_output_attentions_returns_exact_weights():
     assert len(out.attentions) == len(expected.attentions) == 2
     for a, e in zip(out.attentions, expected.attentions, strict=True):
         torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_type", ["bart", "mbart", "t5", "mt5"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_encoder_error_is_a_small_multiple_of_stock_on_cuda(model_type, dtype):
+    """The packed encoder on the GPU (our kernels, the dense layout for T5's bias): its error against the fp32 model
+    at real tokens stays within a small multiple of the stock model's own error in the same dtype."""
+    reference = make_seq2seq(model_type).cuda()
+    stock = make_seq2seq(model_type).to("cuda", dtype)
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = (t.cuda() for t in make_batch([24, 17, 5, 11], "right"))
+    keep = mask.bool()
+    with torch.no_grad():
+        expected = reference.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
+        stock_error = stock.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[keep] - expected
+        ours = fast.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
+    assert (ours.float() - expected).abs().max() <= 4 * stock_error.float().abs().max() + 1e-3
+    assert call_counts(fast)["fast"] == 1
