@@ -287,7 +287,8 @@ class T5Layer(PackedLayer):
 
     def __init__(self, layer: nn.Module, layout: EncoderLayout, num_heads: int):
         self.layer = layer
-        attention, feed_forward = layer.layer[0], layer.layer[-1]
+        block: Any = layer
+        attention, feed_forward = block.layer[0], block.layer[-1]
         self.q, self.k, self.v, self.o = (getattr(attention.SelfAttention, n) for n in ("q", "k", "v", "o"))
         self.ln1, self.ln2, self.ffn = attention.layer_norm, feed_forward.layer_norm, feed_forward.DenseReluDense
         self._slots = [(attention.SelfAttention, n, getattr(attention.SelfAttention, n)) for n in ("q", "k", "v", "o")]
@@ -307,7 +308,8 @@ class T5Layer(PackedLayer):
             module = getattr(self, name)
             if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
                 return f"{name} is a {type(module).__name__}, not a linear projection"
-        if getattr(self.layer, "is_decoder", False) or len(self.layer.layer) != 2:
+        block: Any = self.layer
+        if getattr(block, "is_decoder", False) or len(block.layer) != 2:
             return "a decoder block (cross-attention)"
         return None
 
@@ -449,8 +451,14 @@ class PackedEncoder:
         """
         call, bound = self._describe_call(args, kwargs)
         run_args, run_kwargs = args, kwargs
-        droppable = call.blocked is None and call.mask is not None and bound is not None and not self.layout.keep_mask
-        if droppable and not output_capture_active():
+        keep = self.layout.keep_mask
+        if (
+            call.blocked is None
+            and call.mask is not None
+            and bound is not None
+            and not keep
+            and not output_capture_active()
+        ):
             bound.arguments["attention_mask"] = None
             run_args, run_kwargs = bound.args, bound.kwargs
             # Start counting the real tokens now; the encoder collects the result after the embeddings are queued.
