@@ -3,6 +3,7 @@
 - ``bart``: BART-base config, random weights, fp16: 16 inputs of ``torch.manual_seed(0); torch.randint(16, 513, (16,))``
   tokens right-padded; the encoder alone, and greedy ``generate`` of 64 new tokens (``min_new_tokens`` too).
 - ``t5``: T5-base config, the same inputs and generate.
+- ``modernbert``: ModernBERT-base config, 64 rows of ``randint(16, 513)`` tokens, right-padded.
 - ``wav2vec2``: wav2vec2-base config (post-LayerNorm), random weights, fp16: 16 clips of 2-15 s at 16 kHz
   (``torch.manual_seed(0); torch.randint(32_000, 240_001, (16,))`` samples), zero-padded, with the mask.
 
@@ -125,9 +126,40 @@ def bench_wav2vec2(args, device: torch.device, dtype: torch.dtype) -> list[str]:
     return rows
 
 
+def bench_modernbert(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """ModernBERT-base's shapes (22 layers, 768 wide, 12 heads, GLU MLP 1152, local window 128 every third layer
+    global): 64 rows of ``torch.manual_seed(0); torch.randint(16, 513, (64,))`` tokens, right-padded."""
+    from transformers import ModernBertConfig
+
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4) if args.small else {}
+    config = ModernBertConfig(**sizes, embedding_dropout=0.0, mlp_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    reference = AutoModel.from_config(config, attn_implementation="sdpa").to(device).eval()
+    stock = copy.deepcopy(reference).to(dtype)
+    fast = BetterTransformer.transform(copy.deepcopy(stock))
+    torch.manual_seed(0)
+    lengths = torch.randint(16, 513, (64,))
+    width = int(lengths.max())
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    ids = (torch.randint(5, config.vocab_size, (64, width)) * mask).to(device)
+    mask = mask.to(device)
+    keep = mask.bool()
+    rows = []
+    with torch.inference_mode():
+        expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        for name, model in (("stock", stock), ("transformed", fast)):
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            err = (out.float() - expected)[keep].abs().max().item()
+            ms = timed(lambda model=model: model(input_ids=ids, attention_mask=mask), device)
+            rows.append(f"| modernbert, 64 x randint(16, 513) | {name} | {ms:.2f} ms | {err:.2e} |")
+    print("modernbert calls", call_counts(fast), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=["bart", "t5", "wav2vec2"], choices=["bart", "t5", "wav2vec2"])
+    parts = ["bart", "t5", "wav2vec2", "modernbert"]
+    parser.add_argument("--only", nargs="+", default=parts, choices=parts)
     parser.add_argument("--small", action="store_true", help="tiny configs: a check of the script")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -136,7 +168,8 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     rows = []
     for part in args.only:
-        rows += {"bart": bench_bart, "t5": bench_t5, "wav2vec2": bench_wav2vec2}[part](args, device, dtype)
+        bench = {"bart": bench_bart, "t5": bench_t5, "wav2vec2": bench_wav2vec2, "modernbert": bench_modernbert}
+        rows += bench[part](args, device, dtype)
     print(
         f"\n{card}, {dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"

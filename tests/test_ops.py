@@ -37,10 +37,12 @@ def _reference_attention(q, k, v, lengths, scale, bias=None, causal=False, windo
         scores = qs @ ks.transpose(1, 2) * scale
         if bias is not None:
             scores = scores + bias[0, :, :n, :n].double()
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
         if causal:
-            i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
             allowed = (j <= i) & ((i - j) < window if window is not None else True)
             scores = scores.masked_fill(~allowed, float("-inf"))
+        elif window is not None:
+            scores = scores.masked_fill((i - j).abs() >= window, float("-inf"))
         out.append((scores.softmax(-1) @ vs).transpose(0, 1))
         start += n
     return torch.cat(out)
@@ -128,11 +130,17 @@ def test_causal_packed_attention(backend, window, kv_heads, lengths):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_window_without_causal_is_refused():
-    info = pack_info(None, 1, 4, torch.device("cpu"))
-    q = torch.randn(4, 2, 8)
-    with pytest.raises(ValueError, match="causal"):
-        packed_attention(q, q, q, info, scale=1.0, window=2)
+@pytest.mark.parametrize("backend", ["dense", "loop"])
+@pytest.mark.parametrize("lengths", [[7, 1, 5, 0, 9], [6, 6, 6]])
+def test_bidirectional_window(backend, lengths):
+    """Without ``causal`` a window keeps |i - j| < window (ModernBERT's local layers)."""
+    torch.manual_seed(0)
+    seq = max(lengths)
+    info = pack_info(_mask(lengths, seq), len(lengths), seq, torch.device("cpu"))
+    q, k, v = (torch.randn(sum(lengths), 4, 8) for _ in range(3))
+    out = packed_attention(q, k, v, info, scale=0.3, window=3, backend=backend)
+    expected = _reference_attention(q, k, v, [n for n in lengths if n], 0.3, window=3)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_dense_backend_with_bias_and_gradients():
@@ -195,6 +203,12 @@ def test_varlen_backend_matches_reference_on_cuda(dtype):
     ref = _reference_attention(q.cpu(), k4.cpu(), v4.cpu(), [n for n in lengths if n], 0.125, causal=True, window=100)
     for backend in ("varlen", "dense"):
         out = packed_attention(q, k4, v4, info, scale=0.125, causal=True, window=100, backend=backend)
+        err = (out.double().cpu() - ref).abs().max().item()
+        assert err < (2e-3 if dtype == torch.float16 else 1.6e-2), (backend, err)
+    # Bidirectional with a window (ModernBERT's local layers).
+    ref = _reference_attention(q.cpu(), k.cpu(), v.cpu(), [n for n in lengths if n], 0.125, window=65)
+    for backend in ("varlen", "dense"):
+        out = packed_attention(q, k, v, info, scale=0.125, window=65, backend=backend)
         err = (out.double().cpu() - ref).abs().max().item()
         assert err < (2e-3 if dtype == torch.float16 else 1.6e-2), (backend, err)
 

@@ -36,6 +36,7 @@ from .adapters.decode_steps import (
 )
 from .adapters.decoder import CausalDecoder
 from .adapters.encoder import EncoderLayout, PackedEncoder, T5Layer
+from .adapters.interface_encoder import InterfaceEncoder
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Support:
     (``PackedEncoder``); an entry without one is a causal LM (``CausalDecoder``).
 
     encoder:     where a BERT-shaped encoder keeps its modules (attribute paths).
+    interface_encoder: an encoder whose attention goes through transformers' attention interface (ModernBERT): its
+                 own forward runs on the packed tokens (``InterfaceEncoder``), nothing to describe.
     attention:   for a causal LM whose attention modules compute attention themselves (no attention interface):
                  which modules, and the forward that routes them through ours.
     decode_step: for a causal LM, the family of its fused decode step (a file in ``adapters/decode_steps/``);
@@ -55,19 +58,22 @@ class Support:
     """
 
     encoder: EncoderLayout | None = None
+    interface_encoder: bool = False
     attention: ModuleAttention | None = None
     decode_step: type[DecodeStep] | None = None
     fast_paths: tuple[str, ...] = ("padding-free encoder",)
     notes: str = ""
     refused: str = ""
 
-    def attach(self, base: nn.Module, root: nn.Module) -> PackedEncoder | CausalDecoder:
+    def attach(self, base: nn.Module, root: nn.Module) -> PackedEncoder | InterfaceEncoder | CausalDecoder:
         """The adapter for ``base`` (a base model inside ``root``, the model passed to ``transform``), attached."""
-        adapter: PackedEncoder | CausalDecoder
+        adapter: PackedEncoder | InterfaceEncoder | CausalDecoder
         if self.refused:
             raise NotImplementedError(f"{getattr(base.config, 'model_type', '?')} is not supported: {self.refused}")
         if self.encoder is not None:
             adapter = PackedEncoder(base, self.encoder, root)
+        elif self.interface_encoder:
+            adapter = InterfaceEncoder(base, root)
         else:
             adapter = CausalDecoder(base, self.attention, self.decode_step, root)
         adapter.attach()
@@ -275,6 +281,11 @@ REGISTRY: dict[str, Support] = {
     "layoutlm": Support(encoder=BERT),
     "markuplm": Support(encoder=BERT),
     "megatron-bert": Support(encoder=MEGATRON_BERT, notes="pre-LayerNorm"),
+    "modernbert": Support(
+        interface_encoder=True,
+        notes="its own forward on the packed tokens (rotary by padded position; local layers' window within each "
+        "sequence); a mask with holes runs stock",
+    ),
     "mpnet": Support(
         encoder=MPNET, notes="relative position bias: attention runs on rows padded to the longest, others packed"
     ),

@@ -59,7 +59,7 @@ def attention_function(
             bias = alibi_slopes.float()[None, :, None, None] * (positions[None, :] - positions[:, None])
         out = packed_attention(
             q, k, v, info, scale=scale, dropout_p=dropout, bias=bias, causal=causal,
-            window=sliding_window if causal else None, softcap=softcap,
+            window=sliding_window, softcap=softcap,  # bidirectional windows too (ModernBERT)
         )  # fmt: skip
         return out.unsqueeze(0), None
     explicit = call is not None and call.weights

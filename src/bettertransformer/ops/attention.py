@@ -88,6 +88,7 @@ def pick_backend(
             plain
             and triton_kernels.AVAILABLE
             and not causal
+            and window is None
             and not gqa
             and head_dim in (16, 32, 64, 128)
             and not (torch.is_grad_enabled() and q.requires_grad)
@@ -110,11 +111,15 @@ def pick_backend(
 
 
 def _allowed(length: int, device: torch.device, causal: bool, window: int | None) -> torch.Tensor | None:
-    """(L, L) bool: may query i attend to key j of the same sequence (positions inside the sequence)."""
-    if not causal:
+    """(L, L) bool: may query i attend to key j of the same sequence (positions inside the sequence). A window
+    keeps i - j < window (causal) or |i - j| < window (bidirectional); None: every pair."""
+    if not causal and window is None:
         return None
     i = torch.arange(length, device=device)[:, None]
     j = torch.arange(length, device=device)[None, :]
+    if not causal:
+        assert window is not None
+        return (i - j).abs() < window
     allowed = j <= i
     if window is not None:
         allowed &= (i - j) < window
@@ -157,7 +162,8 @@ def _varlen(c: _Call) -> torch.Tensor:
         raise ValueError("the varlen backend takes no bias or softcap")
     k, v = c.k, c.v
     extra: dict[str, Any] = {}
-    window = (c.window - 1 if c.window is not None else -1, 0) if c.causal else (-1, -1)
+    reach = c.window - 1 if c.window is not None else -1  # flash's windows are inclusive
+    window = (reach, 0) if c.causal else (reach, reach)
     if c.dropout_p:
         if c.gqa:
             k, v = (t.repeat_interleave(c.q.shape[1] // t.shape[1], dim=1) for t in (k, v))
@@ -165,7 +171,7 @@ def _varlen(c: _Call) -> torch.Tensor:
         return _FlashVarlenDropout.apply(
             c.q, k, v, info.cu_seqlens, info.max_len, c.dropout_p, c.causal, c.scale, window
         )
-    if c.causal:
+    if c.causal or c.window is not None:
         extra["window_size"] = window
     if c.gqa and "enable_gqa" in params:
         extra["enable_gqa"] = True
@@ -247,14 +253,12 @@ def packed_attention(
     q:       (T, Hq, D); k, v: (T, Hkv, D) with Hq a multiple of Hkv (grouped-query heads share k/v).
              Rows packed as described by ``info`` (each row's tokens contiguous, in order).
     bias:    optional (1 or B, Hq, max_len, max_len) additive bias, indexed by position inside the row.
-    causal:  token i sees tokens j <= i of its sequence only; ``window`` (causal only) further limits it to
-             i - j < window (transformers' sliding-window convention).
+    causal:  token i sees tokens j <= i of its sequence only; ``window`` further limits it to i - j < window
+             (transformers' sliding-window convention); without ``causal``, a window keeps |i - j| < window.
     softcap: cap the logits at +-softcap with ``softcap * tanh(logits / softcap)`` (Gemma 2), before the mask.
     backend: one of ``BACKENDS``; by default ``SWITCHES.attention_backend``, else ``pick_backend``'s choice.
     Returns (T, Hq, D).
     """
-    if window is not None and not causal:
-        raise ValueError("a sliding window is supported for causal attention only")
     call = _Call(q, k, v, info, scale, dropout_p, bias, causal, window, softcap)
     name = (
         backend
