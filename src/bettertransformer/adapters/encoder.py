@@ -362,6 +362,16 @@ def _reads_first_position(base: nn.Module, root: nn.Module) -> bool:
     )
 
 
+def warn_left_padding(log: LogOnce, model_name: str) -> None:
+    """Once per model: its pooler or head reads position 0, a pad position in this left-padded batch."""
+    log(
+        "left padding", "%s reads position 0 (a pooler or classification head), which this batch's left padding "
+        "makes a pad position: stock computes a state for the pad token there, bettertransformer leaves zeros; "
+        "neither is meaningful. Pad on the right (tokenizer.padding_side = 'right').",
+        model_name, level=logging.WARNING,
+    )  # fmt: skip
+
+
 class PackedEncoder:
     """The padding-free forward of one base model's encoder."""
 
@@ -544,12 +554,7 @@ class PackedEncoder:
         else:
             info = pack_info(call.mask, batch, seqlen, hidden_states.device)
         if info.left_padded and self.reads_first:
-            self.log(
-                "left padding", "%s reads position 0 (a pooler or classification head), which this batch's left "
-                "padding makes a pad position: stock computes a state for the pad token there, bettertransformer "
-                "leaves zeros; neither is meaningful. Pad on the right (tokenizer.padding_side = 'right').",
-                self.model_name, level=logging.WARNING,
-            )  # fmt: skip
+            warn_left_padding(self.log, self.model_name)
         x = pack(hidden_states, info)  # (T, hidden)
         if self.pre is not None:
             x = self.pre(x)

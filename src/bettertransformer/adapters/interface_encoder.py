@@ -10,7 +10,6 @@ padding. Every module of the model runs as it is: nothing about its layers needs
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +20,7 @@ from .._compat import output_capture_active, register_attention, set_attention
 from ..ops.padding import pack_info, unpack
 from .attention import ATTENTION_NAME, attention_function, mask_function
 from .call_state import decoder_call
-from .encoder import _reads_first_position
+from .encoder import _reads_first_position, warn_left_padding
 from .patching import Calls, InstanceForward, LogOnce, bind, flat_arguments
 
 _ARGUMENTS = {"input_ids", "attention_mask", "position_ids", "inputs_embeds", "return_dict", "kwargs"}
@@ -93,12 +92,7 @@ class InterfaceEncoder:
             return stock(*args, **kwargs)
         self.calls.add("fast")
         if info.left_padded and self.reads_first:
-            self.log(
-                "left padding", "%s reads position 0 (a classification head), which this batch's left padding makes "
-                "a pad position: stock computes a state for the pad token there, bettertransformer leaves zeros; "
-                "neither is meaningful. Pad on the right (tokenizer.padding_side = 'right').",
-                self.model_name, level=logging.WARNING,
-            )  # fmt: skip
+            warn_left_padding(self.log, self.model_name)
         ids, length = arguments["input_ids"], arguments["input_ids"].shape[1]
         assert info.indices is not None
         bound.arguments["input_ids"] = ids.reshape(-1).index_select(0, info.indices)[None]
