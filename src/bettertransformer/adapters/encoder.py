@@ -90,8 +90,7 @@ class EncoderLayout:
     # The entry's own forward reads the padding mask before the layers (wav2vec2 zeroes the padded frames before its
     # positional convolution): it keeps the mask, rather than leaving it to the packed layers alone.
     keep_mask: bool = False
-    # fp16 overflow guard after each layer, as the stock layer applies it: "always" (clamp to the fp16 range
-    # minus 1000) or "nonfinite" (only when some value is not finite); None: no guard.
+    # fp16 overflow guard after each layer, as the stock layer applies it (``_clamp_fp16``'s forms); None: none.
     clamp_fp16: str | None = None
     # A layer of another shape than the BERT one above (T5's): the class that runs it on packed tokens.
     layer_class: type[PackedLayer] | None = None
@@ -139,8 +138,8 @@ _Rotary = tuple[torch.Tensor, torch.Tensor, bool]  # sin (T, D/2), cos (T, D/2),
 class PackedLayer:
     """One stock encoder layer, run on packed tokens with its own parameters (never copies of them)."""
 
-    _LINEARS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
-    _NORMS = ("ln1", "ln2")
+    _LINEARS: tuple[str, ...] = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+    _NORMS: tuple[str, ...] = ("ln1", "ln2")
 
     def __init__(self, layer: nn.Module, layout: EncoderLayout, num_heads: int):
         self.layer = layer
@@ -285,6 +284,9 @@ class T5Layer(PackedLayer):
     guard after each sublayer. The norms and the feed-forward are position-wise modules: their own forwards run on
     the packed tokens."""
 
+    _LINEARS = ("q", "k", "v", "o")
+    _NORMS = ()  # T5's RMS norms run their own forward
+
     def __init__(self, layer: nn.Module, layout: EncoderLayout, num_heads: int):
         self.layer = layer
         block: Any = layer
@@ -299,34 +301,22 @@ class T5Layer(PackedLayer):
         self.head_dim = self.q.out_features // num_heads
         self.scale = 1.0
         self._qkv_cache = None
-        self.plain = {name: type(getattr(self, name)).forward is nn.Linear.forward for name in ("q", "k", "v", "o")}
+        self.plain = {name: type(getattr(self, name)).forward is nn.Linear.forward for name in self._LINEARS}
         self.fused_qkv = all(self.plain[name] for name in ("q", "k", "v"))
         self.pre_norm = True
 
     def unsupported(self) -> str | None:
-        for name in ("q", "k", "v", "o"):
-            module = getattr(self, name)
-            if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
-                return f"{name} is a {type(module).__name__}, not a linear projection"
+        problem = super().unsupported()
         block: Any = self.layer
-        if getattr(block, "is_decoder", False) or len(block.layer) != 2:
+        if problem is None and (getattr(block, "is_decoder", False) or len(block.layer) != 2):
             return "a decoder block (cross-attention)"
-        return None
+        return problem
 
     def __call__(
         self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None = None
     ) -> torch.Tensor:
-        x = _t5_clamp(x + self._attention(self.ln1(x), info, bias, rotary))
-        return _t5_clamp(x + self.ffn(self.ln2(x)))
-
-
-def _t5_clamp(x: torch.Tensor) -> torch.Tensor:
-    """T5's fp16 guard: clamp to the fp16 range, less 1000 when some value is infinite (no host read)."""
-    if x.dtype != torch.float16:
-        return x
-    top = torch.finfo(torch.float16).max
-    limit = torch.where(torch.isinf(x).any(), top - 1000, top)
-    return torch.clamp(x, min=-limit, max=limit)
+        x = _clamp_fp16(x + self._attention(self.ln1(x), info, bias, rotary), "inf")
+        return _clamp_fp16(x + self.ffn(self.ln2(x)), "inf")
 
 
 class _Restart(Exception):
@@ -572,8 +562,8 @@ class PackedEncoder:
                 x = checkpoint(packed, x, info, bias, rotary, use_reentrant=False)
             else:
                 x = packed(x, info, bias, rotary)
-            if self.layout.clamp_fp16 is not None and x.dtype == torch.float16:
-                x = _clamp_fp16(x, always=self.layout.clamp_fp16 == "always")
+            if self.layout.clamp_fp16 is not None:
+                x = _clamp_fp16(x, self.layout.clamp_fp16)
         if self.final_norm is not None:
             x = self.final_norm(x)
         out = unpack(x, info)  # (B, S, hidden), zeros at padding
@@ -620,11 +610,18 @@ class PackedEncoder:
         return self.layout.relative_bias(self.encoder, positions)
 
 
-def _clamp_fp16(x: torch.Tensor, always: bool) -> torch.Tensor:
-    """The stock layers' fp16 overflow guard, without a host read for the "only when not finite" form."""
-    limit = torch.finfo(torch.float16).max - 1000
-    clamped = x.clamp(min=-limit, max=limit)
-    return clamped if always else torch.where(torch.isfinite(x).all(), x, clamped)
+def _clamp_fp16(x: torch.Tensor, form: str) -> torch.Tensor:
+    """The stock layers' fp16 overflow guards, without a host read; other dtypes pass unchanged. ``form``:
+    "always" (clamp to the fp16 range less 1000: mBART's kin), "nonfinite" (that, only when some value is not
+    finite: BART's kin), "inf" (clamp to the fp16 range, less 1000 when some value is infinite: T5)."""
+    if x.dtype != torch.float16:
+        return x
+    top = torch.finfo(torch.float16).max
+    if form == "inf":
+        limit = torch.where(torch.isinf(x).any(), top - 1000, top)
+        return torch.clamp(x, min=-limit, max=limit)
+    clamped = x.clamp(min=-(top - 1000), max=top - 1000)
+    return clamped if form == "always" else torch.where(torch.isfinite(x).all(), x, clamped)
 
 
 def _columns(info: PackInfo) -> torch.Tensor:

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from .._compat import output_capture_active, register_attention, set_attention
-from ..ops.padding import pack_info, unpack
+from ..ops.padding import pack, pack_info, unpack
 from .attention import ATTENTION_NAME, attention_function, mask_function
 from .call_state import decoder_call
-from .encoder import _reads_first_position, warn_left_padding
+from .encoder import _columns, _reads_first_position, warn_left_padding
 from .patching import Calls, InstanceForward, LogOnce, bind, flat_arguments
 
 _ARGUMENTS = {"input_ids", "attention_mask", "position_ids", "inputs_embeds", "return_dict", "kwargs"}
@@ -93,11 +93,9 @@ class InterfaceEncoder:
         self.calls.add("fast")
         if info.left_padded and self.reads_first:
             warn_left_padding(self.log, self.model_name)
-        ids, length = arguments["input_ids"], arguments["input_ids"].shape[1]
-        assert info.indices is not None
-        bound.arguments["input_ids"] = ids.reshape(-1).index_select(0, info.indices)[None]
+        bound.arguments["input_ids"] = pack(arguments["input_ids"], info)[None]
         bound.arguments["attention_mask"] = None
-        bound.arguments["position_ids"] = (info.indices % length)[None]  # each token's position in its padded row
+        bound.arguments["position_ids"] = _columns(info)[None]  # each token's position in its padded row
         with decoder_call(packed=info, decode=None, weights=False, stock_mask=None):
             out = stock(*bound.args, **bound.kwargs)
         hidden = unpack(out[0][0], info)  # (B, L, hidden), zeros at padding
