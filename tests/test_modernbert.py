@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+from helpers import assert_close_at, max_error_at
 from zoo import LAYOUTS, VOCAB, make_batch
 
 from bettertransformer import BetterTransformer, call_counts, reverse
@@ -32,12 +33,11 @@ def test_hidden_states_match_stock_at_real_tokens(layout):
     assert "sliding_attention" in stock.config.layer_types
     fast = BetterTransformer.transform(stock, keep_original_model=True)
     ids, mask = make_batch(*LAYOUTS[layout])
-    keep = mask.bool()
     with torch.no_grad():
         expected = stock(input_ids=ids, attention_mask=mask).last_hidden_state
         actual = fast(input_ids=ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(actual[keep], expected[keep], atol=1e-5, rtol=1e-5)
-    assert (actual[~keep] == 0).all()
+    assert_close_at(actual, expected, mask, atol=1e-5, rtol=1e-5)
+    assert (actual[~mask.bool()] == 0).all()
     assert call_counts(fast)["fast"] == 1
 
 
@@ -51,9 +51,7 @@ def test_task_heads_match_stock(auto_class):
             stock(input_ids=ids, attention_mask=mask).logits,
             fast(input_ids=ids, attention_mask=mask).logits,
         )
-    if expected.dim() == 3:
-        expected, actual = expected[mask.bool()], actual[mask.bool()]
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert_close_at(actual, expected, mask if expected.dim() == 3 else None, atol=1e-5, rtol=1e-5)
     assert call_counts(fast)["fast"] == 1
 
 
@@ -102,10 +100,9 @@ def test_half_precision_error_is_a_small_multiple_of_stock_on_cuda(dtype):
     stock = make_modernbert().to("cuda", dtype)
     fast = BetterTransformer.transform(stock, keep_original_model=True)
     ids, mask = (t.cuda() for t in make_batch([24, 17, 5, 11], "right"))
-    keep = mask.bool()
     with torch.no_grad():
-        expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
-        stock_error = stock(input_ids=ids, attention_mask=mask).last_hidden_state[keep].float() - expected
-        ours = fast(input_ids=ids, attention_mask=mask).last_hidden_state[keep].float()
-    assert (ours - expected).abs().max() <= 4 * stock_error.abs().max() + 1e-3
+        expected, stock_out, ours = (
+            m(input_ids=ids, attention_mask=mask).last_hidden_state for m in (reference, stock, fast)
+        )
+    assert max_error_at(ours, expected, mask) <= 4 * max_error_at(stock_out, expected, mask) + 1e-3
     assert call_counts(fast)["fast"] == 1

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, BartForCausalLM
+from helpers import assert_close_at, max_error_at
 from zoo import LAYOUTS, VOCAB, make_batch
 
 from bettertransformer import BetterTransformer, call_counts, is_transformed, reverse
@@ -45,6 +46,14 @@ SEQ2SEQ_CONFIGS: dict[str, dict] = {
 }
 
 
+def _assert_same_at_real_tokens(fast, stock, ids, mask, output="last_hidden_state"):
+    """``fast``'s ``output`` equals ``stock``'s at the real tokens (fp32) and is finite at the padding."""
+    with torch.no_grad():
+        expected = getattr(stock(input_ids=ids, attention_mask=mask), output)
+        actual = getattr(fast(input_ids=ids, attention_mask=mask), output)
+    assert_close_at(actual, expected, mask, atol=1e-5, rtol=1e-5, what=output)
+
+
 def make_seq2seq(model_type: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **{**SEQ2SEQ_CONFIGS[model_type], **overrides})
@@ -58,11 +67,8 @@ def test_encoder_outputs_logits_and_generate_match_stock(model_type, layout):
     fast = BetterTransformer.transform(stock, keep_original_model=True)
     lengths, side = LAYOUTS[layout]
     ids, mask = make_batch(lengths, side)
-    keep = mask.bool()
+    _assert_same_at_real_tokens(fast.get_encoder(), stock.get_encoder(), ids, mask)
     with torch.no_grad():
-        expected = stock.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        actual = fast.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        torch.testing.assert_close(actual[keep], expected[keep], atol=1e-5, rtol=1e-5)
         decoder = ids[:, :7].clamp(min=3)
         logits = fast(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
         expected = stock(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
@@ -108,37 +114,39 @@ def test_an_encoder_alone_and_reverse():
     stock = make_seq2seq("pegasus")
     encoder = copy.deepcopy(stock.get_encoder())
     fast = BetterTransformer.transform(encoder, keep_original_model=True)
-    ids, mask = make_batch([24, 17, 5, 11], "left")
-    with torch.no_grad():
-        expected = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        actual = fast(input_ids=ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    _assert_same_at_real_tokens(fast, encoder, *make_batch([24, 17, 5, 11], "left"))
     assert call_counts(fast)["fast"] == 1
     reverse(fast)
     assert not is_transformed(fast) and "forward" not in vars(fast) and "forward" not in vars(fast.layers[0])
 
 
-def test_a_t5_encoder_model_alone_and_fp16_guard():
-    """T5EncoderModel (the encoder-only T5 that embedding models use) runs packed; in fp16 T5's overflow guard is
-    kept: a huge feed-forward output is clamped as the stock block clamps it."""
+def test_a_t5_encoder_model_alone():
+    """T5EncoderModel (the encoder-only T5 that embedding models use) runs packed."""
     from transformers import T5EncoderModel
 
     torch.manual_seed(0)
     stock = T5EncoderModel(AutoConfig.for_model("t5", **_T5)).eval()
     fast = BetterTransformer.transform(stock, keep_original_model=True)
-    ids, mask = make_batch([24, 17, 5, 11], "left")
-    with torch.no_grad():
-        expected = stock(input_ids=ids, attention_mask=mask).last_hidden_state
-        actual = fast(input_ids=ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    _assert_same_at_real_tokens(fast, stock, *make_batch([24, 17, 5, 11], "left"))
     assert call_counts(fast)["fast"] == 1
-    from bettertransformer.adapters.encoder import _t5_clamp
 
-    x = torch.tensor([1.0, -3.0, float("inf")], dtype=torch.float16)
+
+def test_fp16_overflow_guards_are_the_stock_layers():
+    """The three guards the packed layers apply in fp16, as the stock layers of each family do (fp32 passes)."""
+    from bettertransformer.adapters.encoder import _clamp_fp16
+
     top = torch.finfo(torch.float16).max
-    assert torch.equal(_t5_clamp(x), torch.tensor([1.0, -3.0, top - 1000], dtype=torch.float16))
-    finite = torch.tensor([1.0, top], dtype=torch.float16)
-    assert torch.equal(_t5_clamp(finite), finite)
+    guarded = torch.tensor([1.0, -3.0, -(top - 1000), top], dtype=torch.float16)
+    clamped = guarded.clamp(-(top - 1000), top - 1000)
+    infinite = torch.tensor([1.0, -3.0, float("inf"), top], dtype=torch.float16)
+    half = lambda *v: torch.tensor(v, dtype=torch.float16)  # noqa: E731
+    assert torch.equal(_clamp_fp16(guarded, "always"), clamped)  # mBART's kin: always
+    assert torch.equal(_clamp_fp16(guarded, "nonfinite"), guarded)  # BART's kin: only when something is not finite
+    assert torch.equal(_clamp_fp16(infinite, "nonfinite"), half(1.0, -3.0, top - 1000, top - 1000))
+    assert torch.equal(_clamp_fp16(guarded, "inf"), guarded)  # T5: to the fp16 range, less 1000 with an inf
+    assert torch.equal(_clamp_fp16(infinite, "inf"), half(1.0, -3.0, top - 1000, top - 1000))
+    fp32 = torch.tensor([float("inf")])
+    assert all(torch.equal(_clamp_fp16(fp32, form), fp32) for form in ("always", "nonfinite", "inf"))
 
 
 def test_t5_relative_bias_with_holes_in_the_mask():
@@ -148,10 +156,7 @@ def test_t5_relative_bias_with_holes_in_the_mask():
     ids, mask = make_batch([24, 17, 5, 11], "right")
     mask[0, 3:6] = 0
     mask[2, 1] = 0
-    with torch.no_grad():
-        expected = stock.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        actual = fast.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    _assert_same_at_real_tokens(fast.get_encoder(), stock.get_encoder(), ids, mask)
     assert call_counts(fast)["fast"] == 1
 
 
@@ -162,11 +167,7 @@ def test_the_decoder_alone_is_not_taken_for_an_encoder():
     torch.manual_seed(0)
     stock = BartForCausalLM(config).eval()
     fast = BetterTransformer.transform(stock, keep_original_model=True)
-    ids, mask = make_batch([24, 17, 5, 11], "left")
-    with torch.no_grad():
-        expected = stock(input_ids=ids, attention_mask=mask).logits
-        actual = fast(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    _assert_same_at_real_tokens(fast, stock, *make_batch([24, 17, 5, 11], "left"), output="logits")
 
 
 def test_output_attentions_returns_exact_weights():
@@ -199,10 +200,9 @@ def test_half_precision_encoder_error_is_a_small_multiple_of_stock_on_cuda(model
     stock = make_seq2seq(model_type).to("cuda", dtype)
     fast = BetterTransformer.transform(stock, keep_original_model=True)
     ids, mask = (t.cuda() for t in make_batch([24, 17, 5, 11], "right"))
-    keep = mask.bool()
     with torch.no_grad():
-        expected = reference.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
-        stock_error = stock.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[keep] - expected
-        ours = fast.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
-    assert (ours.float() - expected).abs().max() <= 4 * stock_error.float().abs().max() + 1e-3
+        expected, stock_out, ours = (
+            m.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state for m in (reference, stock, fast)
+        )
+    assert max_error_at(ours, expected, mask) <= 4 * max_error_at(stock_out, expected, mask) + 1e-3
     assert call_counts(fast)["fast"] == 1
