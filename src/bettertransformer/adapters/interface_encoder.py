@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._compat import output_capture_active, register_attention, set_attention
-from ..ops.padding import pack, pack_info, unpack
+from ..ops.padding import PackInfo, pack, pack_info, unpack
 from .attention import ATTENTION_NAME, attention_function, mask_function
 from .call_state import decoder_call
 from .encoder import _columns, _reads_first_position, warn_left_padding
@@ -73,27 +73,34 @@ class InterfaceEncoder:
         extra = [k for k, v in arguments.items() if k not in _ARGUMENTS and v is not None and v is not False]
         return f"arguments {sorted(extra)}" if extra else None
 
-    def forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+    def _plan(self, args: tuple, kwargs: dict) -> tuple[inspect.BoundArguments, torch.Tensor, PackInfo] | str:
+        """The call's bound arguments, input ids and packing, or why the stock forward must run it."""
         bound = bind(self._signature, args, kwargs)
-        reason = "arguments the base model's signature does not take" if bound is None else None
-        arguments = flat_arguments(bound) if bound is not None else {}
-        reason = reason or self._stock_reason(arguments)
-        info = None
-        if reason is None:
-            ids = arguments["input_ids"]
-            info = pack_info(arguments["attention_mask"], ids.shape[0], ids.shape[1], ids.device)
-            if info.indices is None:
-                reason = "no padding (nothing to skip)"
-            elif not info.contiguous:
-                reason = "a mask with holes (the local windows count padded positions)"
-        if reason is not None or bound is None or info is None:
+        if bound is None:
+            return "arguments the base model's signature does not take"
+        arguments = flat_arguments(bound)
+        reason = self._stock_reason(arguments)
+        if reason is not None:
+            return reason
+        ids = arguments["input_ids"]
+        info = pack_info(arguments["attention_mask"], ids.shape[0], ids.shape[1], ids.device)
+        if info.indices is None:
+            return "no padding (nothing to skip)"
+        if not info.contiguous:
+            return "a mask with holes (the local windows count padded positions)"
+        return bound, ids, info
+
+    def forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+        plan = self._plan(args, kwargs)
+        if isinstance(plan, str):
             self.calls.add("stock")
-            self.log(reason or "", "stock %s forward for %s", type(self.base).__name__, reason)
+            self.log(plan, "stock %s forward for %s", type(self.base).__name__, plan)
             return stock(*args, **kwargs)
+        bound, ids, info = plan
         self.calls.add("fast")
         if info.left_padded and self.reads_first:
             warn_left_padding(self.log, self.model_name)
-        bound.arguments["input_ids"] = pack(arguments["input_ids"], info)[None]
+        bound.arguments["input_ids"] = pack(ids, info)[None]
         bound.arguments["attention_mask"] = None
         bound.arguments["position_ids"] = _columns(info)[None]  # each token's position in its padded row
         with decoder_call(packed=info, decode=None, weights=False, stock_mask=None):
