@@ -50,6 +50,17 @@ def timed(fn, device: torch.device, warmup: int = 2, iters: int = 10) -> float:
     return statistics.median(times)
 
 
+def forward_rows(workload: str, stock, fast, run, expected: torch.Tensor, keep: torch.Tensor, device) -> list[str]:
+    """Table rows for ``run(model)`` (the last hidden states) of stock and transformed: median time and the largest
+    error at the positions ``keep`` marks against the fp32 ``expected``."""
+    rows = []
+    for name, model in (("stock", stock), ("transformed", fast)):
+        err = (run(model).float() - expected)[keep.bool()].abs().max().item()
+        ms = timed(lambda model=model: run(model), device)
+        rows.append(f"| {workload} | {name} | {ms:.2f} ms | {err:.2e} |")
+    return rows
+
+
 def bench_bart(args, device: torch.device, dtype: torch.dtype) -> list[str]:
     sizes = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
                  encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000) if args.small else {}  # fmt: skip
@@ -81,11 +92,8 @@ def bench_seq2seq(kind: str, model, device: torch.device, dtype: torch.dtype) ->
     rows = []
     with torch.inference_mode():
         expected = reference.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        for name, model in (("stock", stock), ("transformed", fast)):
-            out = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-            err = (out.float() - expected)[keep].abs().max().item()
-            ms = timed(lambda model=model: model.get_encoder()(input_ids=ids, attention_mask=mask), device)
-            rows.append(f"| {kind} encoder, 16 x randint(16, 513) | {name} | {ms:.2f} ms | {err:.2e} |")
+        encode = lambda model: model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
+        rows += forward_rows(f"{kind} encoder, 16 x randint(16, 513)", stock, fast, encode, expected, keep, device)
         kwargs = dict(attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False, num_beams=1)
         tokens = {}
         for name, model in (("stock", stock), ("transformed", fast)):
@@ -117,11 +125,8 @@ def bench_wav2vec2(args, device: torch.device, dtype: torch.dtype) -> list[str]:
     with torch.inference_mode():
         expected = reference(audio, attention_mask=mask).last_hidden_state
         frames = reference._get_feature_vector_attention_mask(expected.shape[1], mask).bool()
-        for name, model in (("stock", stock), ("transformed", fast)):
-            out = model(audio.to(dtype), attention_mask=mask).last_hidden_state
-            err = (out.float() - expected)[frames].abs().max().item()
-            ms = timed(lambda model=model: model(audio.to(dtype), attention_mask=mask), device)
-            rows.append(f"| wav2vec2, 16 clips of 2-15 s, padded | {name} | {ms:.2f} ms | {err:.2e} |")
+        run = lambda model: model(audio.to(dtype), attention_mask=mask).last_hidden_state  # noqa: E731
+        rows += forward_rows("wav2vec2, 16 clips of 2-15 s, padded", stock, fast, run, expected, frames, device)
     print("wav2vec2 calls", call_counts(fast), flush=True)
     return rows
 
@@ -147,11 +152,8 @@ def bench_modernbert(args, device: torch.device, dtype: torch.dtype) -> list[str
     rows = []
     with torch.inference_mode():
         expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
-        for name, model in (("stock", stock), ("transformed", fast)):
-            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            err = (out.float() - expected)[keep].abs().max().item()
-            ms = timed(lambda model=model: model(input_ids=ids, attention_mask=mask), device)
-            rows.append(f"| modernbert, 64 x randint(16, 513) | {name} | {ms:.2f} ms | {err:.2e} |")
+        run = lambda model: model(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
+        rows += forward_rows("modernbert, 64 x randint(16, 513)", stock, fast, run, expected, keep, device)
     print("modernbert calls", call_counts(fast), flush=True)
     return rows
 
