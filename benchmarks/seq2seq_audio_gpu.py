@@ -94,15 +94,37 @@ def bench_seq2seq(kind: str, model, device: torch.device, dtype: torch.dtype) ->
         expected = reference.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         encode = lambda model: model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
         rows += forward_rows(f"{kind} encoder, 16 x randint(16, 513)", stock, fast, encode, expected, keep, device)
-        kwargs = dict(attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False, num_beams=1)
-        tokens = {}
-        for name, model in (("stock", stock), ("transformed", fast)):
-            tokens[name] = model.generate(ids, **kwargs)
-            ms = timed(lambda model=model: model.generate(ids, **kwargs), device, warmup=1, iters=3)
-            rows.append(f"| {kind} generate, 64 new tokens | {name} | {ms:.1f} ms | |")
-    same = torch.equal(tokens["stock"], tokens["transformed"])
-    rows.append(f"| {kind} generate tokens equal (fp16: near-ties may differ) | {same} | | |")
+        rows += generate_rows(kind, stock, fast, ids, mask, device)
     print(kind, "calls", call_counts(fast), flush=True)
+    return rows
+
+
+def generate_rows(kind: str, stock, fast, ids: torch.Tensor, mask: torch.Tensor, device) -> list[str]:
+    """Greedy generate of 64 new tokens (``min_new_tokens`` too: every row runs every step) at batch 16 and at
+    batch 1 (the first row's real tokens): stock, transformed (its first call includes the CUDA graph captures),
+    and at batch 1 transformers' static cache with its automatic ``torch.compile`` (first call: the compilation)."""
+    rows = []
+    kwargs = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, num_beams=1)
+    one = ids[:1, : int(mask[0].sum())]
+    for batch, (inputs, attention) in ((16, (ids, mask)), (1, (one, torch.ones_like(one)))):
+        tokens = {}
+        variants = [("stock", stock, {}), ("transformed", fast, {})]
+        if batch == 1 and device.type == "cuda":
+            variants.append(("stock, static cache + compile", stock, dict(cache_implementation="static")))
+        for name, model, extra in variants:
+            call = lambda model=model, extra=extra: model.generate(inputs, attention_mask=attention, **kwargs, **extra)  # noqa: E731
+            try:
+                first = timed(call, device, warmup=0, iters=1)
+                tokens[name] = call()
+                ms = timed(call, device, warmup=1, iters=3)
+            except Exception as problem:  # the compiled baseline may fail on a transformers release
+                rows.append(f"| {kind} generate, batch {batch} | {name} | failed: {type(problem).__name__} | |")
+                continue
+            rows.append(
+                f"| {kind} generate, batch {batch}, 64 new tokens | {name} | {ms:.1f} ms (first call {first:.0f} ms) | |"
+            )
+        same = torch.equal(tokens["stock"], tokens["transformed"])
+        rows.append(f"| {kind} generate, batch {batch}: tokens equal (fp16: near-ties may differ) | {same} | | |")
     return rows
 
 

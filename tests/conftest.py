@@ -5,6 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bettertransformer.switches import SWITCHES
+
+
+@pytest.fixture
+def fast_loop_on_cpu(monkeypatch):
+    """Run generate's static-cache loop on the CPU (eagerly; CUDA replays it as a graph)."""
+    monkeypatch.setattr(SWITCHES, "generate_devices", frozenset({"cuda", "cpu"}))
+
 
 @pytest.fixture
 def no_tf32():

@@ -19,12 +19,6 @@ from bettertransformer.switches import SWITCHES
 LENGTHS = (20, 5, 13, 1)  # longer than the sliding windows (8) of the zoo
 
 
-@pytest.fixture
-def fast_loop_on_cpu(monkeypatch):
-    """Run generate's static-cache loop on the CPU (eagerly; CUDA replays it as a graph)."""
-    monkeypatch.setattr(SWITCHES, "generate_devices", frozenset({"cuda", "cpu"}))
-
-
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 

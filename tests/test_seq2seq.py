@@ -1,7 +1,9 @@
-"""Encoder-decoders (BART and its kin): the encoder padding-free, the decoder and generate stock (issue 13).
+"""Encoder-decoders (BART, T5 and their kin): the encoder padding-free, generate's decoder steps on static buffers
+(issue 13).
 
 Tiny random-weight models of every registered encoder-decoder type, fp32 on the CPU, against the stock model on
-padded batches: encoder outputs at real tokens, the whole model's logits, and ``generate`` token for token.
+padded batches: encoder outputs at real tokens, the whole model's logits, and ``generate`` token for token (the
+static-cache loop runs eagerly on the CPU here; the GPU replays the same step from a CUDA graph).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def make_seq2seq(model_type: str, seed: int = 0, **overrides):
 
 @pytest.mark.parametrize("layout", ["none", "right", "left", "length1", "empty_row"])
 @pytest.mark.parametrize("model_type", sorted(SEQ2SEQ_CONFIGS))
-def test_encoder_outputs_logits_and_generate_match_stock(model_type, layout):
+def test_encoder_outputs_logits_and_generate_match_stock(model_type, layout, fast_loop_on_cpu):
     stock = make_seq2seq(model_type)
     fast = BetterTransformer.transform(stock, keep_original_model=True)
     lengths, side = LAYOUTS[layout]
@@ -79,7 +81,72 @@ def test_encoder_outputs_logits_and_generate_match_stock(model_type, layout):
     if layout != "empty_row":  # a row with no input at all: stock's own encoder output there is arbitrary
         kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
         assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+        # Blenderbot's config bans repeating the input's 3-grams (encoder_no_repeat_ngram_size): stock generate.
+        fast_loop = model_type != "blenderbot"
+        assert call_counts(fast)["fast generate"] == fast_loop and call_counts(fast)["stock generate"] == 1 - fast_loop
     assert call_counts(fast)["fast"] >= 2 and call_counts(fast)["stock"] == 0
+
+
+@pytest.mark.parametrize("model_type", ["bart", "mbart", "t5"])
+def test_generate_settings_match_stock(model_type, fast_loop_on_cpu):
+    """Length limits, minimum lengths, a repetition penalty, forced first and last tokens (BART's config forces
+    the end-of-sequence id as the last token), a row that finishes early, and repeated calls of other shapes (the
+    runners' buckets)."""
+    stock = make_seq2seq(model_type)
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    # An end-of-sequence id that row 0 produces as its third new token, so that it stops early.
+    early = int(stock.generate(ids, attention_mask=mask, max_new_tokens=3)[0, -1])
+    cases = [
+        dict(max_new_tokens=9), dict(max_length=6), dict(max_new_tokens=1), dict(max_new_tokens=7, min_new_tokens=5),
+        dict(max_new_tokens=7, min_length=4), dict(max_new_tokens=9, repetition_penalty=1.5),
+        dict(max_new_tokens=6, forced_bos_token_id=7), dict(max_new_tokens=6, forced_eos_token_id=[5]),
+        dict(max_new_tokens=10, eos_token_id=early), dict(max_new_tokens=10, eos_token_id=early, forced_eos_token_id=None),
+    ]  # fmt: skip
+    for kwargs in cases:
+        expected = stock.generate(ids, attention_mask=mask, **kwargs)
+        assert torch.equal(fast.generate(ids, attention_mask=mask, **kwargs), expected), kwargs
+    short_ids, short_mask = make_batch([3, 2], "right")
+    expected = stock.generate(short_ids, attention_mask=short_mask, max_new_tokens=5)
+    assert torch.equal(fast.generate(short_ids, attention_mask=short_mask, max_new_tokens=5), expected)
+    counts = call_counts(fast)
+    assert counts["fast generate"] == len(cases) + 1 and counts["stock generate"] == 0, counts
+
+
+def test_sampling_runs_the_fast_loop(fast_loop_on_cpu):
+    """Sampling draws from the same distribution as stock (not the same draws): top_k=1 is the greedy choice, and
+    a seed gives the same tokens twice."""
+    stock = make_seq2seq("bart")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    greedy = stock.generate(ids, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(fast.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=1), greedy)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(fast.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=2.0))
+    assert torch.equal(runs[0], runs[1]) and call_counts(fast)["fast generate"] == 3
+
+
+def test_a_decoder_off_our_attention_runs_stock_generate(fast_loop_on_cpu):
+    """An eager model keeps its attention (the user's choice): its decoder's attention never reaches the static
+    buffers, which the first step notices; stock generate runs, with the same tokens."""
+    for model_type in ("bart", "t5"):
+        stock = make_seq2seq(model_type, attn_implementation="eager")
+        fast = BetterTransformer.transform(stock, keep_original_model=True)
+        ids, mask = make_batch([24, 17, 5, 11], "right")
+        expected = stock.generate(ids, attention_mask=mask, max_new_tokens=6)
+        assert torch.equal(fast.generate(ids, attention_mask=mask, max_new_tokens=6), expected)
+        assert call_counts(fast)["stock generate"] == 1 and call_counts(fast)["fast generate"] == 0
+
+
+def test_reverse_restores_the_decoders_attention():
+    stock = make_seq2seq("t5")
+    fast = BetterTransformer.transform(stock)
+    assert fast.decoder.config._attn_implementation == "bettertransformer"
+    reverse(fast)
+    assert fast.decoder.config._attn_implementation == "sdpa" and fast.config._attn_implementation == "sdpa"
+    assert "generate" not in vars(fast)
 
 
 def test_sampling_and_beam_search_generate_match_stock():
@@ -206,3 +273,19 @@ def test_half_precision_encoder_error_is_a_small_multiple_of_stock_on_cuda(model
         )
     assert max_error_at(ours, expected, mask) <= 4 * max_error_at(stock_out, expected, mask) + 1e-3
     assert call_counts(fast)["fast"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_type", ["bart", "mbart", "t5", "mt5"])
+def test_generate_replays_captured_steps_on_cuda(model_type, no_tf32):
+    """On the GPU the decoder's step is captured in a CUDA graph and replayed: fp32 tokens equal stock's, over
+    calls of several shapes (new runners, and a runner used again)."""
+    stock = make_seq2seq(model_type).cuda()
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    for lengths, new in (([24, 17, 5, 11], 12), ([3, 9], 7), ([24, 17, 5, 11], 12)):
+        ids, mask = (t.cuda() for t in make_batch(lengths, "right"))
+        kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new)
+        assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs)), lengths
+    assert call_counts(fast)["fast generate"] == 3
+    assert BetterTransformer.cache_info(fast)["graphs"] >= 2

@@ -214,7 +214,16 @@ BART = EncoderLayout(
 # mBART, Pegasus, M2M-100 (NLLB), Blenderbot: the same with pre-LayerNorm layers (the norm after the loop stays
 # the stock code's) and an unconditional fp16 clamp.
 MBART = replace(BART, pre_norm=True, clamp_fp16="always")
-_SEQ2SEQ_NOTES = "the encoder, padding-free (inference); the decoder and generate run stock"
+_SEQ2SEQ_NOTES = "the encoder padding-free (inference); beam search runs stock generate"
+
+
+def _seq2seq(layout: EncoderLayout, notes: str = "") -> Support:
+    """An encoder-decoder's entry: its encoder padding-free, its decoder's generate steps on static buffers."""
+    return Support(
+        encoder=layout, fast_paths=("padding-free encoder", "static-cache CUDA-graph generate"),
+        notes=_SEQ2SEQ_NOTES + notes,
+    )  # fmt: skip
+
 
 # Speech encoders (wav2vec2 and kin): the encoder's forward zeroes the padded frames, adds its convolutional
 # positions and a LayerNorm, then loops over post-LayerNorm layers; the frame-level mask comes to that forward.
@@ -231,16 +240,26 @@ _SPEECH_NOTES = (
 )
 
 
-def _t5_relative_bias(encoder: Any, positions: torch.Tensor) -> torch.Tensor:
-    """T5's bucketed relative-position bias (the first block's table, shared by all) for tokens at ``positions``
-    (B, L) -> (B, H, L, L)."""
-    attention = encoder.block[0].layer[0].SelfAttention
-    relative = positions[:, None, :] - positions[:, :, None]  # (B, L, L): key position - query position
+def _t5_bias(stack: Any, relative: torch.Tensor) -> torch.Tensor:
+    """T5's bucketed relative-position bias (the first block's table, shared by all blocks of ``stack``) of key
+    position - query position ``relative`` (..., Lq, Lk) -> (..., Lq, Lk, H); one-directional buckets in a decoder."""
+    attention = stack.block[0].layer[0].SelfAttention
     buckets = attention._relative_position_bucket(
-        relative, bidirectional=True, num_buckets=attention.relative_attention_num_buckets,
+        relative, bidirectional=not attention.is_decoder, num_buckets=attention.relative_attention_num_buckets,
         max_distance=attention.relative_attention_max_distance,
     )  # fmt: skip
-    return attention.relative_attention_bias(buckets).permute(0, 3, 1, 2)
+    return attention.relative_attention_bias(buckets)
+
+
+def _t5_relative_bias(encoder: Any, positions: torch.Tensor) -> torch.Tensor:
+    """T5's encoder bias for tokens at ``positions`` (B, L) -> (B, H, L, L)."""
+    return _t5_bias(encoder, positions[:, None, :] - positions[:, :, None]).permute(0, 3, 1, 2)
+
+
+def _t5_decoder_bias(decoder: Any, slot: torch.Tensor, slots: int) -> torch.Tensor:
+    """T5's decoder bias for the token at ``slot`` (1,) over the cache slots (its positions) -> (1, H, 1, S)."""
+    relative = torch.arange(slots, device=slot.device) - slot  # (S,)
+    return _t5_bias(decoder, relative[None, :]).permute(2, 0, 1)[None]
 
 
 # T5's encoder stack: pre-RMS-norm blocks with a relative-position bias and no attention scale (T5Layer), looped
@@ -248,6 +267,7 @@ def _t5_relative_bias(encoder: Any, positions: torch.Tensor) -> torch.Tensor:
 T5 = EncoderLayout(
     encoder="encoder", layers="block", entry="encoder", loop=True, layer_class=T5Layer,
     layer_output=lambda hidden: (hidden, None, None), relative_bias=_t5_relative_bias, num_heads="num_heads",
+    decoder_bias=_t5_decoder_bias,
     q="layer.0.SelfAttention.q", k="layer.0.SelfAttention.k", v="layer.0.SelfAttention.v", attn_dropout=None,
     o="layer.0.SelfAttention.o", o_dropout=None, ln1="layer.0.layer_norm", ln2="layer.1.layer_norm", pre_norm=True,
 )  # fmt: skip
@@ -256,11 +276,13 @@ T5 = EncoderLayout(
 # refused entry: that transform refuses it, with its reason).
 REGISTRY: dict[str, Support] = {
     "albert": Support(encoder=ALBERT, notes="shared layers run once per step, fused QKV cached once"),
-    "bart": Support(encoder=BART, notes=_SEQ2SEQ_NOTES),
+    "bart": _seq2seq(BART),
     "bert": Support(encoder=BERT),
     "bert-generation": Support(encoder=BERT, notes="the encoder (BertGenerationEncoder)"),
-    "blenderbot": Support(encoder=MBART, notes=_SEQ2SEQ_NOTES),
-    "blenderbot-small": Support(encoder=BART, notes=_SEQ2SEQ_NOTES),
+    "blenderbot": _seq2seq(
+        MBART, "; its configs ban repeating the input's 3-grams (encoder_no_repeat_ngram_size): stock generate"
+    ),
+    "blenderbot-small": _seq2seq(BART),
     "camembert": Support(encoder=BERT),
     "data2vec-audio": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
     "data2vec-text": Support(encoder=BERT),
@@ -271,10 +293,10 @@ REGISTRY: dict[str, Support] = {
     "ernie": Support(encoder=BERT),
     "hubert": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
     "layoutlm": Support(encoder=BERT),
-    "m2m_100": Support(encoder=MBART, notes=_SEQ2SEQ_NOTES),
-    "marian": Support(encoder=BART, notes=_SEQ2SEQ_NOTES),
+    "m2m_100": _seq2seq(MBART),
+    "marian": _seq2seq(BART),
     "markuplm": Support(encoder=BERT),
-    "mbart": Support(encoder=MBART, notes=_SEQ2SEQ_NOTES),
+    "mbart": _seq2seq(MBART),
     "megatron-bert": Support(encoder=MEGATRON_BERT, notes="pre-LayerNorm"),
     "modernbert": Support(
         interface_encoder=True,
@@ -284,9 +306,9 @@ REGISTRY: dict[str, Support] = {
     "mpnet": Support(
         encoder=MPNET, notes="relative position bias: attention runs on rows padded to the longest, others packed"
     ),
-    "mt5": Support(encoder=T5, notes=_SEQ2SEQ_NOTES + "; MT5EncoderModel too; relative-position bias"),
-    "pegasus": Support(encoder=MBART, notes=_SEQ2SEQ_NOTES),
-    "plbart": Support(encoder=BART, notes=_SEQ2SEQ_NOTES),
+    "mt5": _seq2seq(T5, "; MT5EncoderModel too; relative-position bias"),
+    "pegasus": _seq2seq(MBART),
+    "plbart": _seq2seq(BART),
     "rembert": Support(encoder=REMBERT, notes="input embeddings projected up inside the encoder"),
     "roberta": Support(encoder=BERT),
     "roberta-prelayernorm": Support(
@@ -295,7 +317,7 @@ REGISTRY: dict[str, Support] = {
     "roc_bert": Support(encoder=BERT),
     "roformer": Support(encoder=ROFORMER, notes="rotary positions"),
     "splinter": Support(encoder=BERT),
-    "t5": Support(encoder=T5, notes=_SEQ2SEQ_NOTES + "; T5EncoderModel too; relative-position bias"),
+    "t5": _seq2seq(T5, "; T5EncoderModel too; relative-position bias"),
     "wav2vec2": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
     "xlm-roberta": Support(encoder=BERT),
     "xlm-roberta-xl": Support(encoder=XLM_ROBERTA_XL, notes="pre-LayerNorm"),

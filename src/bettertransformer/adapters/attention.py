@@ -67,6 +67,9 @@ def attention_function(
     q_len, kv_len = query.shape[2], key.shape[2]
     # As stock SDPA: with no mask, a multi-token query is causal, aligned to the start of the keys.
     causal = causal and q_len > 1 and attention_mask is None
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # T5's relative positions: an additive bias on every score
+        attention_mask, causal = _with_bias(attention_mask, position_bias, causal, query), False
     if causal and kv_len > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     if softcap is None and not weights:
@@ -79,6 +82,19 @@ def attention_function(
         query, key, value, attention_mask, scale=scale, dropout_p=dropout, causal=causal, softcap=softcap
     )
     return out.transpose(1, 2).contiguous(), probs if weights else None
+
+
+def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor, causal: bool, query: torch.Tensor) -> torch.Tensor:
+    """One additive mask of ``bias`` (broadcastable to (B, H, Lq, Lk)) and the call's mask (bool, True = attend;
+    additive; or None, with ``causal`` for a causal query aligned to the keys' start)."""
+    lowest = torch.finfo(query.dtype).min
+    if mask is None and causal:
+        mask = torch.ones(bias.shape[-2], bias.shape[-1], dtype=torch.bool, device=bias.device).tril()
+    if mask is None:
+        return bias.to(query.dtype)
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, lowest).to(query.dtype)
+    return (bias + mask).to(query.dtype)
 
 
 def mask_function(*args: Any, **kwargs: Any) -> Any:

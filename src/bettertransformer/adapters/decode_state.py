@@ -8,7 +8,7 @@ function, which calls ``DecodeState.attend`` from inside each attention module.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -39,16 +39,24 @@ def is_cross_attention(module: Any) -> bool:
 class DecodeState:
     """Static buffers of one runner.
 
-    kv:       self-attention keys then values, one buffer per layer index: (2, B, Hkv, S, D).
-    cross_kv: cross-attention keys/values per layer index, (2, B, Hkv, S_encoder, D), written once per call by an
-              encoder-decoder's prefill; empty for decoder-only models.
-    buffers:  the loop's step buffers; a step reads ``slot`` (where this token's key/value go), ``valid`` and
-              ``mask`` (which slots it may see).
+    kv:         self-attention keys then values, one buffer per layer index: (2, B, Hkv, S, D).
+    buffers:    the loop's step buffers; a step reads ``slot`` (where this token's key/value go), ``valid`` and
+                ``mask`` (which slots it may see).
+    cross_kv:   an encoder-decoder's cross-attention keys/values per layer index, (2, B, Hkv, S_encoder, D), written
+                once per call by its prefill; the decoder's cross-attention modules receive ``cross_kv[i][0]`` and
+                ``[1]`` themselves as their keys and values (``seq2seq_generation``). Empty for decoder-only models.
+    cross_mask: (B, 1, 1, S_encoder) additive mask of the encoder positions (0 real, -inf padding).
+    self_bias:  (state) -> (1, H, 1, S) additive bias of the current token's self-attention over the slots (T5's
+                relative positions), computed once per step; None: none.
+    attended:   attention calls this step (a check that every attention module of the model went through ``attend``).
     """
 
     kv: list[torch.Tensor]
     buffers: StepBuffers
     cross_kv: dict[int, torch.Tensor] = field(default_factory=dict)
+    cross_mask: torch.Tensor | None = None
+    self_bias: Callable[[DecodeState], torch.Tensor] | None = None
+    attended: int = 0
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # per step: masks by (window, dtype)
 
     @property
@@ -61,9 +69,9 @@ class DecodeState:
 
     def rows(self, batch: int) -> DecodeState:
         """The same state seen by the first ``batch`` rows (views: the runner's batch is a bucket)."""
-        return DecodeState(
-            [kv[:, :batch] for kv in self.kv], self.buffers, {i: kv[:, :batch] for i, kv in self.cross_kv.items()}
-        )
+        cross_mask = self.cross_mask[:batch] if self.cross_mask is not None else None
+        cross_kv = {i: kv[:, :batch] for i, kv in self.cross_kv.items()}
+        return DecodeState([kv[:, :batch] for kv in self.kv], self.buffers, cross_kv, cross_mask, self.self_bias)
 
     @property
     def nbytes(self) -> int:
@@ -73,15 +81,18 @@ class DecodeState:
     def begin_step(self) -> None:
         """Forget the masks of the previous step (a new slot became visible)."""
         self._masks.clear()
+        self.attended = 0
 
     def additive_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """(B, 1, 1, S): 0 for the keys the current token sees, -inf elsewhere; built once per step.
 
         A sliding window counts slots, as transformers' caches do (padding slots included)."""
         mask = self.buffers.mask
-        if window is None and dtype == mask.dtype:
+        if window is None and dtype == mask.dtype and self.self_bias is None:
             return mask[:, None, None, :]
         key = (window, dtype)
+        if key not in self._masks and window is None and self.self_bias is not None:
+            self._masks[key] = (mask[:, None, None, :] + self.self_bias(self)).to(dtype)  # (B, H, 1, S)
         if key not in self._masks:
             allowed = self.buffers.valid
             if window is not None:
@@ -106,10 +117,18 @@ class DecodeState:
         over that buffer.
 
         ALiBi (``alibi_slopes``, (H,)) adds slope * (key slot - current slot), relative so it stays small for the
-        keys that matter (the stock absolute form differs by a per-row constant, which softmax ignores)."""
-        if is_cross_attention(module):
-            raise DecodeUnsupported(f"cross-attention in {type(module).__name__} has no static buffers yet")
+        keys that matter (the stock absolute form differs by a per-row constant, which softmax ignores).
+
+        An encoder-decoder's cross-attention module passes the static buffers ``cross_kv`` as its keys and values:
+        it attends over them with ``cross_mask`` and writes nothing."""
+        self.attended += 1
         index = layer_index(module)
+        cross = self.cross_kv.get(index)
+        if cross is not None and key.data_ptr() == cross.data_ptr():  # cross-attention, on its static buffers
+            assert self.cross_mask is not None
+            return attention(query, key, value, self.cross_mask.to(query.dtype), scale=scale, softcap=softcap)
+        if is_cross_attention(module) or cross is not None and key.shape[2] != 1:
+            raise DecodeUnsupported(f"cross-attention in {type(module).__name__} without its static buffers")
         if index >= len(self.kv) or key.shape[2] != 1:
             raise DecodeUnsupported(f"an attention call the decode buffers do not describe (layer {index})")
         kv = self.kv[index]
@@ -122,6 +141,7 @@ class DecodeState:
             slots = torch.arange(mask.shape[-1], device=mask.device, dtype=torch.float32)
             relative = alibi_slopes.float()[None, :, None, None] * (slots - slot.float())  # (1, H, 1, S)
             mask = (mask + relative).to(query.dtype)  # (B, H, 1, S)
+        if mask.shape[1] != 1:  # a bias per head (ALiBi, T5's relative positions)
             return attention(query, kv[0], kv[1], mask, scale=scale, softcap=softcap)
         kv_heads = kv.shape[2]
         # Grouped-query heads of one key/value head become the query rows of one attention call (no repeated keys).

@@ -96,6 +96,9 @@ class EncoderLayout:
     layer_class: type[PackedLayer] | None = None
     # In a ``loop`` layout, what a stock layer returns, made from the hidden states (T5's blocks return a tuple).
     layer_output: Callable[[torch.Tensor], Any] | None = None
+    # An encoder-decoder's decoder self-attention bias in a decode step (T5's relative positions):
+    # (decoder, current slot (1,) int64, slots S) -> (1, H, 1, S) additive bias.
+    decoder_bias: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None
 
 
 # The encoder call whose layers the first layer of a ``loop`` layout ran packed (the later layers pass on its result).
@@ -384,7 +387,6 @@ class PackedEncoder:
         self._previous_attention: Any = None
         self._switched = False
         self.calls = Calls()
-        self.counted = ("fast", "stock")  # the keys call_counts always shows
         self.log = LogOnce()
         self.entry: nn.Module = resolve(base, layout.entry) if layout.entry and not standalone else base
         self._signature = inspect.signature(self.entry.forward)
@@ -392,6 +394,29 @@ class PackedEncoder:
         self.output_type = _output_type(self.encoder.forward)
         self.reads_first = _reads_first_position(base, root if root is not None else base)
         self.model_name = type(root if root is not None else base).__name__
+        self.generation = self._generation(root if root is not None else base)
+        generation = ("fast generate", "stock generate", "generic steps")
+        self.counted = ("fast", "stock") + (generation if self.generation else ())
+
+    def _generation(self, root: nn.Module) -> Any:
+        """An encoder-decoder's fast ``generate`` (``seq2seq_generation``), on its LM head: the base model itself
+        (T5) or the transformers model that owns it; None for an encoder alone."""
+        from transformers import PreTrainedModel
+
+        from .seq2seq_generation import Seq2SeqGenerate
+
+        base = self.base
+        if self.layout.entry is None or not getattr(base.config, "is_encoder_decoder", False):
+            return None
+        candidates: list[Any] = [base]
+        candidates += [m for m in root.modules() if isinstance(m, PreTrainedModel) and m.base_model is base]
+        for head in candidates:
+            if callable(getattr(head, "generate", None)) and head.get_output_embeddings() is not None:
+                bias = self.layout.decoder_bias
+                decoder = head.get_decoder()
+                self_bias = None if bias is None else lambda state: bias(decoder, state.slot, state.kv[0].shape[3])
+                return Seq2SeqGenerate(head, self.calls, self_bias)
+        return None
 
     def _build_layers(self) -> list[PackedLayer]:
         layout = self.layout
@@ -429,9 +454,13 @@ class PackedEncoder:
             self._patches += [InstanceForward(layer, self._pass_on) for layer in stock[1:]]
         else:
             self._patches.append(InstanceForward(self.encoder, self.forward))
+        if self.generation is not None:
+            self.generation.attach()
 
     def detach(self) -> None:
         """Restore both forwards and the attention implementation; drop the fused weights."""
+        if self.generation is not None:
+            self.generation.detach()
         for patch in reversed(self._patches):
             patch.restore()
         self._patches = []

@@ -48,7 +48,7 @@ _SETTINGS = frozenset(
     {
         "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p",
         "repetition_penalty", "eos_token_id", "pad_token_id", "bos_token_id", "_from_model_config",
-        "transformers_version",
+        "transformers_version", "forced_bos_token_id", "forced_eos_token_id", "decoder_start_token_id",
         # Beam-search settings, without effect at num_beams=1 (which _NEUTRAL requires); pipelines set them.
         "early_stopping", "length_penalty",
     }
@@ -94,11 +94,22 @@ def _bucket_length(length: int) -> int:
 
 
 class _Plan:
-    """One generate call the fast loop will run."""
+    """One generate call the fast loop will run.
 
-    def __init__(self, input_ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, ban_steps: int, config: Any):
-        self.input_ids, self.mask = input_ids, mask
+    ``input_ids``/``mask``: the prompts the decoder continues (an encoder-decoder's: its start token), and what
+    ``generate`` returns them followed by the new tokens; ``encoder``: an encoder-decoder's inputs and their mask.
+    ``forced_bos``/``forced_eos``: ids generate's processors force as the first token (after a one-token prompt) and
+    as the token that reaches the length limit."""
+
+    def __init__(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, ban_steps: int, config: Any,
+        encoder: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):  # fmt: skip
+        self.input_ids, self.mask, self.encoder = input_ids, mask, encoder
         self.new_tokens, self.ban_steps = new_tokens, ban_steps
+        self.forced_bos: int | None = config.forced_bos_token_id if input_ids.shape[1] == 1 else None
+        forced_eos = config.forced_eos_token_id
+        self.forced_eos: int | None = forced_eos[0] if isinstance(forced_eos, list) else forced_eos
         eos = config.eos_token_id
         self.eos = tuple([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
         pad = config.pad_token_id
@@ -263,11 +274,18 @@ class Runner:
                 counted = ids.masked_fill(skipped, b.seen.shape[1])  # an extra column, dropped below
             seen = torch.zeros(batch, b.seen.shape[1] + 1, dtype=torch.bool, device=ids.device)
             b.seen[:batch] = seen.scatter_(1, counted, True)[:, :-1]
-        self._select(logits)  # the first new token, from the prefill
+        # The first new token, from the prefill, unless a processor forces it (forced eos wins when it is both, as
+        # it comes last among generate's processors).
+        forced = plan.forced_eos if plan.new_tokens == 1 and plan.forced_eos is not None else plan.forced_bos
+        if forced is not None:
+            self._force(forced)
+        else:
+            self._select(logits)
         if self.graph is None and self.capturable and self.device.type == "cuda":
             self._capture()
         produced = 1
-        while produced < plan.new_tokens:
+        last = plan.new_tokens - (plan.forced_eos is not None)  # a forced last token needs no step
+        while produced < last:
             if self.graph is not None:
                 self.graph.replay()
             else:
@@ -277,6 +295,8 @@ class Runner:
             check = self.eos_ids and produced % _CHECK_EVERY == 0 and produced > plan.ban_steps
             if check and not bool(b.unfinished.any()):
                 break
+        if plan.forced_eos is not None and produced == last and last > 0:
+            self._force(plan.forced_eos)
         count = min(int(b.active), plan.new_tokens)
         return torch.cat([ids, b.out[:batch, :count]], dim=1)
 
@@ -368,6 +388,10 @@ class Runner:
             logits = torch.cat([logits, logits.new_zeros(self.batch - batch, logits.shape[1])])
         self._record(next_tokens(logits, self.sampling, seen=b.seen, eos_penalty=b.eos_penalty))
 
+    def _force(self, token: int) -> None:
+        """Record ``token`` for every unfinished row, as a processor that forces it (all other logits -inf)."""
+        self._record(torch.full((self.batch,), token, dtype=torch.long, device=self.device))
+
     def _record(self, chosen: torch.Tensor) -> None:
         """Record the chosen tokens (B,); advance the inputs of the next step."""
         if self.buffers.seen is not None:
@@ -429,6 +453,7 @@ class FastGenerate:
         self.unsupported: str | None = None  # why decode steps cannot run on the static buffers, once seen
         self._patch: InstanceForward | None = None
         self._stock_params = frozenset(inspect.signature(head.generate).parameters)
+        self.runner_class: type[Runner] = Runner
 
     def attach(self) -> None:
         """Install the fast ``generate`` on the head (an instance attribute)."""
@@ -476,12 +501,20 @@ class FastGenerate:
         batch, prompt = plan.input_ids.shape
         # Room for the warm-up steps of a graph capture past the last token.
         bans = plan.ban_steps > 0 and bool(plan.eos)
-        key = (_bucket_batch(batch), _bucket_length(prompt + plan.new_tokens + 4), plan.sampling, plan.eos, bans)
+        key: tuple[Any, ...] = (
+            _bucket_batch(batch),
+            _bucket_length(prompt + plan.new_tokens + 4),
+            plan.sampling,
+            plan.eos,
+            bans,
+        )
+        if plan.encoder is not None:  # an encoder-decoder's runner also holds the encoder's states: their length
+            key += (_bucket_length(plan.encoder[0].shape[1]),)
         runner = self.runners.pop(key, None)
         if runner is None:
             if self.pool is None and plan.input_ids.is_cuda:
                 self.pool = torch.cuda.graph_pool_handle()
-            runner = Runner(self, key[0], key[1], plan, self.fused, bans)
+            runner = self.runner_class(self, key[0], key[1], plan, self.fused, bans)
         self.runners[key] = runner  # most recently used last
         try:
             return runner.run(plan)
@@ -535,11 +568,18 @@ class FastGenerate:
             if (name in defaults and defaults[name] == value) or value in _NEUTRAL.get(name, ()):
                 continue
             return f"generation setting {name}={value!r}"
-        batch, prompt = inputs.shape
+        batch, length = inputs.shape
         if mask is None:
             mask = torch.ones_like(inputs)
-        elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, prompt):
+        elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, length):
             return "an attention_mask that is not a (batch, length) padding mask"
+        inputs, mask = inputs.to(device), mask.to(device)
+        decoder = self._decoder_prompt(inputs, config)
+        if isinstance(decoder, str):
+            return decoder
+        if isinstance(config.forced_eos_token_id, list) and len(config.forced_eos_token_id) != 1:
+            return "several forced end-of-sequence ids"
+        prompt = decoder.shape[1]
         if config.max_new_tokens is not None:
             new_tokens = config.max_new_tokens
         else:
@@ -547,4 +587,10 @@ class FastGenerate:
         if new_tokens <= 0:
             return "no tokens to generate"
         ban_steps = max(config.min_new_tokens or 0, (config.min_length or 0) - prompt)
-        return _Plan(inputs.to(device), mask.to(device), new_tokens, ban_steps, config)
+        if decoder is inputs:
+            return _Plan(inputs, mask, new_tokens, ban_steps, config)
+        return _Plan(decoder, torch.ones_like(decoder), new_tokens, ban_steps, config, encoder=(inputs, mask))
+
+    def _decoder_prompt(self, inputs: torch.Tensor, config: Any) -> torch.Tensor | str:
+        """The prompts the decoder continues (a causal LM's: the inputs), or why the fast loop cannot run."""
+        return inputs
