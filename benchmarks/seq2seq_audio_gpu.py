@@ -62,9 +62,13 @@ def forward_rows(workload: str, stock, fast, run, expected: torch.Tensor, keep: 
 
 
 def bench_bart(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """BART-base's shapes (6 + 6 layers, 768 wide, 12 heads, feed-forward 3072, vocab 50265); BartConfig's own
+    defaults are BART-large's."""
     sizes = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
                  encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000) if args.small else {}  # fmt: skip
-    config = BartConfig(**sizes, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    base = dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
+                encoder_ffn_dim=3072, decoder_ffn_dim=3072)  # fmt: skip
+    config = BartConfig(**(sizes or base), dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     torch.manual_seed(0)
     return bench_seq2seq("bart", BartForConditionalGeneration(config), device, dtype)
 

@@ -289,3 +289,38 @@ def test_generate_replays_captured_steps_on_cuda(model_type, no_tf32):
         assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs)), lengths
     assert call_counts(fast)["fast generate"] == 3
     assert BetterTransformer.cache_info(fast)["graphs"] >= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rms_norm_reference_is_t5s_norm(dtype):
+    """``ops.fused.rms_norm`` (the reference of the fused kernel T5's norms run on CUDA) computes what T5's own norm
+    computes, bit for bit; T5's norms are routed through it while transformed, and restored by reverse."""
+    from bettertransformer.ops.fused import rms_norm
+
+    model = make_seq2seq("t5").to(dtype)
+    norm = model.decoder.block[0].layer[0].layer_norm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(5, 7, norm.weight.shape[0], dtype=dtype) * 3
+        assert torch.equal(rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
+    fast = BetterTransformer.transform(model)
+    assert "forward" in vars(norm) and "forward" in vars(fast.encoder.final_layer_norm)
+    reverse(fast)
+    assert "forward" not in vars(norm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_fused_rms_norm_kernel_on_cuda(dtype):
+    """The Triton kernel against T5's norm: at most one rounding step apart (its fp32 sum runs in another order)."""
+    from bettertransformer.ops import triton_kernels
+
+    norm = make_seq2seq("t5").decoder.final_layer_norm.to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(3, 33, norm.weight.shape[0], device="cuda", dtype=dtype) * 3
+        expected, got = norm(x), triton_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+    ulp = torch.finfo(dtype).eps * expected.float().abs().clamp(min=1e-3)
+    assert ((got.float() - expected.float()).abs() <= 2 * ulp).all()
+    assert (got == expected).float().mean() > 0.95

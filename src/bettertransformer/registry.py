@@ -267,7 +267,7 @@ def _t5_decoder_bias(decoder: Any, slot: torch.Tensor, slots: int) -> torch.Tens
 T5 = EncoderLayout(
     encoder="encoder", layers="block", entry="encoder", loop=True, layer_class=T5Layer,
     layer_output=lambda hidden: (hidden, None, None), relative_bias=_t5_relative_bias, num_heads="num_heads",
-    decoder_bias=_t5_decoder_bias,
+    decoder_bias=_t5_decoder_bias, rms_norms=("T5LayerNorm", "MT5LayerNorm"),
     q="layer.0.SelfAttention.q", k="layer.0.SelfAttention.k", v="layer.0.SelfAttention.v", attn_dropout=None,
     o="layer.0.SelfAttention.o", o_dropout=None, ln1="layer.0.layer_norm", ln2="layer.1.layer_norm", pre_norm=True,
 )  # fmt: skip

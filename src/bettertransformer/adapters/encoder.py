@@ -13,6 +13,7 @@ Calls the packed path cannot honour exactly run the stock encoder forward instea
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import logging
 import math
@@ -27,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .._compat import output_capture_active, register_attention, set_attention
 from ..ops.attention import packed_attention
-from ..ops.fused import add_layer_norm, linear_gelu
+from ..ops.dispatch import use_triton
+from ..ops.fused import add_layer_norm, linear_gelu, rms_norm
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
 from ..ops.rotary import rotate_pairs
 from .attention import ATTENTION_NAME, attention_function, mask_function
@@ -99,6 +101,9 @@ class EncoderLayout:
     # An encoder-decoder's decoder self-attention bias in a decode step (T5's relative positions):
     # (decoder, current slot (1,) int64, slots S) -> (1, H, 1, S) additive bias.
     decoder_bias: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None
+    # Classes of RMS-norm modules (T5's) that, anywhere in the model (the decoder too), run as one fused kernel in
+    # fp16/bf16 inference on CUDA (``ops.fused.rms_norm``), and as their own forward otherwise.
+    rms_norms: tuple[str, ...] = ()
 
 
 # The encoder call whose layers the first layer of a ``loop`` layout ran packed (the later layers pass on its result).
@@ -454,6 +459,11 @@ class PackedEncoder:
             self._patches += [InstanceForward(layer, self._pass_on) for layer in stock[1:]]
         else:
             self._patches.append(InstanceForward(self.encoder, self.forward))
+        self._patches += [
+            InstanceForward(module, functools.partial(_fused_rms_norm, module))
+            for module in self.base.modules()
+            if type(module).__name__ in self.layout.rms_norms
+        ]
         if self.generation is not None:
             self.generation.attach()
 
@@ -651,6 +661,13 @@ def _clamp_fp16(x: torch.Tensor, form: str) -> torch.Tensor:
         return torch.clamp(x, min=-limit, max=limit)
     clamped = x.clamp(min=-(top - 1000), max=top - 1000)
     return clamped if form == "always" else torch.where(torch.isfinite(x).all(), x, clamped)
+
+
+def _fused_rms_norm(module: Any, stock: Callable, hidden_states: torch.Tensor) -> torch.Tensor:
+    """An RMS-norm module's forward: our fused kernel where it runs (CUDA, fp16/bf16, no gradient), else its own."""
+    if use_triton(hidden_states) and module.weight.dtype == hidden_states.dtype:
+        return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+    return stock(hidden_states)
 
 
 def _columns(info: PackInfo) -> torch.Tensor:

@@ -23,6 +23,18 @@ def add_layer_norm(
     return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """T5's RMS norm over the last dimension: x * rsqrt(mean(x^2) + eps) in fp32, rounded to the weight's dtype when
+    that is fp16/bf16, times the weight. One Triton kernel on CUDA in fp16/bf16 inference (the PyTorch composition
+    is eight kernels)."""
+    if use_triton(x) and weight.dtype == x.dtype:
+        return triton_kernels.rms_norm(x, weight, eps)
+    h = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        h = h.to(weight.dtype)
+    return weight * h
+
+
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """gelu(x @ weight.T + bias), the exact (erf) GELU, or its tanh approximation in fp16/bf16 CUDA inference.
     x: (T, K) -> (T, N).

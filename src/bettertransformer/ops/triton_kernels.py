@@ -1,7 +1,7 @@
 """Triton kernels for the memory-bound steps of an encoder layer (CUDA, fp16/bf16, inference).
 
-Each kernel makes one pass over its activations: the residual add and LayerNorm read two rows and write one,
-GELU rewrites its input in place. Statistics are accumulated in fp32.
+Each kernel makes one pass over its activations: the residual add and LayerNorm read two rows and write one, the RMS
+norm reads one and writes one, GELU rewrites its input in place. Statistics are accumulated in fp32.
 """
 
 from __future__ import annotations
@@ -33,6 +33,19 @@ if AVAILABLE:
         w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(Y + row * stride + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rms_norm_kernel(X, W, Y, stride, N, eps, BLOCK: tl.constexpr):
+        # Y = W * round(X * rsqrt(mean(X^2) + eps)), statistics in fp32, rounded to Y's dtype before the scale (as
+        # T5's norm rounds to the weight's dtype before multiplying).
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < N
+        x = tl.load(X + row * stride + cols, mask=m, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        h = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride + cols, (w * h).to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
     def _attention_block(q, acc, m_i, l_i, k_ptrs, v_ptrs, cols, length, qk_scale, MASKED: tl.constexpr):
@@ -154,6 +167,19 @@ def add_layer_norm(
             x, residual, weight, bias, y, x.stride(0), n, eps, BLOCK=block, num_warps=4 if block <= 1024 else 8
         )
     return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * RMSNorm(x) over the last dimension, rounded to x's dtype before the scale; x: (..., N)."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    y = torch.empty_like(x2)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(n)
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, weight, y, x2.stride(0), n, eps, BLOCK=block, num_warps=4 if block <= 1024 else 8
+        )
+    return y.view(x.shape)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for the attention kernel; the first is the default.
