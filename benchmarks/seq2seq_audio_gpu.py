@@ -56,7 +56,7 @@ def forward_rows(workload: str, stock, fast, run, expected: torch.Tensor, keep: 
     rows = []
     for name, model in (("stock", stock), ("transformed", fast)):
         err = (run(model).float() - expected)[keep.bool()].abs().max().item()
-        ms = timed(lambda model=model: run(model), device)
+        ms = timed(lambda model=model: run(model), device, warmup=5, iters=30)
         rows.append(f"| {workload} | {name} | {ms:.2f} ms | {err:.2e} |")
     return rows
 

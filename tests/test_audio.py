@@ -70,6 +70,31 @@ def test_no_mask_and_training_and_reverse():
     assert call_counts(fast)["fast"] == 1 and call_counts(fast)["stock"] == 1
     reverse(fast)
     assert "forward" not in vars(fast.encoder) and "forward" not in vars(fast.encoder.layers[0])
+    assert "forward" not in vars(fast.encoder.pos_conv_embed.conv)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    ("channels", "kernel", "stride", "padding", "groups"),
+    [(1, 10, 5, 0, 1), (8, 3, 2, 0, 1), (8, 2, 2, 0, 1), (4, 1, 1, 0, 1), (8, 16, 1, 8, 4), (8, 5, 1, 2, 8), (6, 3, 2, 1, 2)],
+)  # fmt: skip
+def test_convolutions_as_matrix_products(channels, kernel, stride, padding, groups, bias):
+    """``conv1d_gemm`` (the positional convolution of wav2vec2 and its kin on CUDA in fp16/bf16) computes conv1d, for
+    a (B, C, T) input and for a transposed (B, T, C) one, in chunks of batch rows too; the transformed model routes
+    the positional convolution (weight-normed, padded, grouped) through it, not the feature encoder's."""
+    from bettertransformer.ops.fused import conv1d_gemm
+
+    torch.manual_seed(0)
+    x = torch.randn(3, channels, 57, dtype=torch.float64)
+    weight = torch.randn(16, channels // groups, kernel, dtype=torch.float64)
+    b = torch.randn(16, dtype=torch.float64) if bias else None
+    expected = torch.nn.functional.conv1d(x, weight, b, stride=stride, padding=padding, groups=groups)
+    for given, chunk in ((x, 1 << 30), (x.transpose(1, 2).contiguous().transpose(1, 2), 1)):
+        got = conv1d_gemm(given, weight, b, stride, padding, groups, chunk_bytes=chunk)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    fast = BetterTransformer.transform(make_audio_model("hubert"))
+    assert "forward" in vars(fast.encoder.pos_conv_embed.conv)
+    assert not any("forward" in vars(layer.conv) for layer in fast.feature_extractor.conv_layers)
 
 
 def test_pre_layernorm_configurations_are_refused_with_the_reason():
@@ -92,3 +117,4 @@ def test_half_precision_error_is_a_small_multiple_of_stock_on_cuda(dtype):
         stock_out, ours = (m(audio.to(dtype), attention_mask=mask).last_hidden_state for m in (stock, fast))
     assert max_error_at(ours, expected, frames) <= 4 * max_error_at(stock_out, expected, frames) + 1e-3
     assert call_counts(fast)["fast"] == 1
+    assert "forward" in vars(fast.encoder.pos_conv_embed.conv)  # its matrix products ran

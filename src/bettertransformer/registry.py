@@ -233,10 +233,12 @@ WAV2VEC2 = EncoderLayout(
     o_dropout="dropout", ln1="layer_norm", ffn_in="feed_forward.intermediate_dense",
     act="feed_forward.intermediate_act_fn", ffn_out="feed_forward.output_dense", ffn_dropout="feed_forward.output_dropout",
     ln2="final_layer_norm", requires=(("do_stable_layer_norm", False), ("is_decoder", False)),
+    gemm_convolutions="encoder.pos_conv_embed",
 )  # fmt: skip
 _SPEECH_NOTES = (
-    "the transformer encoder, padding-free over the frames the mask marks (inference); the pre-LayerNorm "
-    "(do_stable_layer_norm) configurations are refused"
+    "the transformer encoder, padding-free over the frames the mask marks (inference); the positional "
+    "convolution as matrix products (CUDA, fp16/bf16); the pre-LayerNorm (do_stable_layer_norm) configurations are "
+    "refused"
 )
 
 
@@ -306,7 +308,7 @@ REGISTRY: dict[str, Support] = {
     "mpnet": Support(
         encoder=MPNET, notes="relative position bias: attention runs on rows padded to the longest, others packed"
     ),
-    "mt5": _seq2seq(T5, "; MT5EncoderModel too; relative-position bias"),
+    "mt5": _seq2seq(T5, "; MT5EncoderModel too; relative-position bias; RMS norms as one kernel (CUDA, fp16/bf16)"),
     "pegasus": _seq2seq(MBART),
     "plbart": _seq2seq(BART),
     "rembert": Support(encoder=REMBERT, notes="input embeddings projected up inside the encoder"),
@@ -317,7 +319,7 @@ REGISTRY: dict[str, Support] = {
     "roc_bert": Support(encoder=BERT),
     "roformer": Support(encoder=ROFORMER, notes="rotary positions"),
     "splinter": Support(encoder=BERT),
-    "t5": _seq2seq(T5, "; T5EncoderModel too; relative-position bias"),
+    "t5": _seq2seq(T5, "; T5EncoderModel too; relative-position bias; RMS norms as one kernel (CUDA, fp16/bf16)"),
     "wav2vec2": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
     "xlm-roberta": Support(encoder=BERT),
     "xlm-roberta-xl": Support(encoder=XLM_ROBERTA_XL, notes="pre-LayerNorm"),

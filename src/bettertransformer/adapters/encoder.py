@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from .._compat import output_capture_active, register_attention, set_attention
 from ..ops.attention import packed_attention
 from ..ops.dispatch import use_triton
-from ..ops.fused import add_layer_norm, linear_gelu, rms_norm
+from ..ops.fused import add_layer_norm, conv1d_gemm, linear_gelu, rms_norm
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
 from ..ops.rotary import rotate_pairs
 from .attention import ATTENTION_NAME, attention_function, mask_function
@@ -104,6 +104,10 @@ class EncoderLayout:
     # Classes of RMS-norm modules (T5's) that, anywhere in the model (the decoder too), run as one fused kernel in
     # fp16/bf16 inference on CUDA (``ops.fused.rms_norm``), and as their own forward otherwise.
     rms_norms: tuple[str, ...] = ()
+    # A module (relative to the base model) whose 1D convolutions (zero padding, no dilation) run as matrix products
+    # in fp16/bf16 inference on CUDA (``ops.fused.conv1d_gemm``): wav2vec2's positional convolution, which cuDNN runs
+    # slowly in fp16.
+    gemm_convolutions: str | None = None
 
 
 # The encoder call whose layers the first layer of a ``loop`` layout ran packed (the later layers pass on its result).
@@ -464,6 +468,14 @@ class PackedEncoder:
             for module in self.base.modules()
             if type(module).__name__ in self.layout.rms_norms
         ]
+        if self.layout.gemm_convolutions is not None:
+            convolutions = resolve(self.base, self.layout.gemm_convolutions).modules()
+            self._patches += [
+                InstanceForward(module, functools.partial(_gemm_conv1d, module))
+                for module in convolutions
+                if isinstance(module, nn.Conv1d) and isinstance(module.padding, tuple) and module.dilation == (1,)
+                and module.padding_mode == "zeros"
+            ]  # fmt: skip
         if self.generation is not None:
             self.generation.attach()
 
@@ -668,6 +680,17 @@ def _fused_rms_norm(module: Any, stock: Callable, hidden_states: torch.Tensor) -
     if use_triton(hidden_states) and module.weight.dtype == hidden_states.dtype:
         return rms_norm(hidden_states, module.weight, module.variance_epsilon)
     return stock(hidden_states)
+
+
+def _gemm_conv1d(module: nn.Conv1d, stock: Callable, x: torch.Tensor) -> torch.Tensor:
+    """A Conv1d's forward: matrix products in fp16/bf16 CUDA inference, else its own."""
+    weight = module.weight  # computed here when parametrized (weight norm)
+    half = x.dtype in (torch.float16, torch.bfloat16) and x.dtype == weight.dtype
+    if x.is_cuda and half and x.dim() == 3 and not (torch.is_grad_enabled() and weight.requires_grad):
+        padding = module.padding[0]
+        assert isinstance(padding, int)
+        return conv1d_gemm(x, weight, module.bias, module.stride[0], padding, module.groups)
+    return stock(x)
 
 
 def _columns(info: PackInfo) -> torch.Tensor:

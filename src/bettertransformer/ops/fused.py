@@ -35,6 +35,49 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h
 
 
+def conv1d_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    chunk_bytes: int = 1 << 30,
+) -> torch.Tensor:
+    """conv1d(x, weight, bias, stride, padding, groups) (zero padding, no dilation) as batched matrix products.
+
+    x: (B, C, T) -> (B, O, T'), returned as a transposed view of a (B, T', O) tensor. Each output frame of a group
+    reads K consecutive input frames of its C / groups channels: the windows are gathered into a (groups, rows,
+    K * C / groups) matrix, ``chunk_bytes`` at most at a time (batch rows at a time), for cuBLAS's tensor-core
+    products. cuDNN runs wav2vec2's positional convolution (kernel 128, 16 groups, 768 channels) in fp16 with
+    implicit-GEMM kernels that took 42 of the model's 56 ms of kernel time on the H200."""
+    batch, channels, length = x.shape
+    out_channels, group_channels, kernel = weight.shape
+    group_out = out_channels // groups
+    padded = length + 2 * padding
+    frames = (padded - kernel) // stride + 1
+    xp = x.new_zeros(batch, padded, channels)
+    xp[:, padding : padding + length] = x.transpose(1, 2)  # (B, T + 2p, C), channels last
+    # (G, K * C/G, O/G): output channel o of group g reads window element (k, c) at row k * C/G + c.
+    w = weight.view(groups, group_out, group_channels, kernel).permute(0, 3, 2, 1).reshape(groups, -1, group_out)
+    out = x.new_empty(batch, frames, out_channels)
+    step = max(1, chunk_bytes // max(1, frames * kernel * channels * x.element_size()))
+    for start in range(0, batch, step):
+        part = xp[start : start + step]
+        rows = part.shape[0]
+        windows = part.as_strided(
+            (rows, frames, kernel, groups, group_channels), (padded * channels, stride * channels, channels, group_channels, 1)
+        )  # fmt: skip
+        windows = windows.permute(3, 0, 1, 2, 4).reshape(groups, rows * frames, kernel * group_channels)
+        y = torch.bmm(windows, w)  # (G, rows * T', O/G)
+        out[start : start + rows] = (
+            y.view(groups, rows, frames, group_out).permute(1, 2, 0, 3).reshape(rows, frames, -1)
+        )
+    if bias is not None:
+        out += bias
+    return out.transpose(1, 2)
+
+
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """gelu(x @ weight.T + bias), the exact (erf) GELU, or its tanh approximation in fp16/bf16 CUDA inference.
     x: (T, K) -> (T, N).
