@@ -4,6 +4,7 @@
   tokens right-padded; the encoder alone, and greedy ``generate`` of 64 new tokens (``min_new_tokens`` too).
 - ``t5``: T5-base config, the same inputs and generate.
 - ``modernbert``: ModernBERT-base config, 64 rows of ``randint(16, 513)`` tokens, right-padded.
+- ``vit``: ViT-base config, random weights, fp16: 64 images of 224 x 224 (``torch.manual_seed(0); torch.randn``).
 - ``wav2vec2``: wav2vec2-base config (post-LayerNorm), random weights, fp16: 16 clips of 2-15 s at 16 kHz
   (``torch.manual_seed(0); torch.randint(32_000, 240_001, (16,))`` samples), zero-padded, with the mask.
 
@@ -184,9 +185,34 @@ def bench_modernbert(args, device: torch.device, dtype: torch.dtype) -> list[str
     return rows
 
 
+def bench_vit(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """ViT-base's shapes (12 layers, 768 wide, 12 heads, 3072 MLP, patch 16): 64 images of 224 x 224 (197 tokens
+    each, no padding)."""
+    from transformers import ViTConfig
+
+    sizes = (
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if args.small else {}
+    )
+    config = ViTConfig(**sizes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    reference = AutoModel.from_config(config, attn_implementation="sdpa").to(device).eval()
+    stock = copy.deepcopy(reference).to(dtype)
+    fast = BetterTransformer.transform(copy.deepcopy(stock))
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 224, 224, device=device)
+    rows = []
+    with torch.inference_mode():
+        expected = reference(images).last_hidden_state
+        keep = torch.ones(expected.shape[:2], dtype=torch.bool, device=device)
+        run = lambda model: model(images.to(dtype)).last_hidden_state  # noqa: E731
+        rows += forward_rows("vit-base, 64 images of 224 x 224", stock, fast, run, expected, keep, device)
+    print("vit calls", call_counts(fast), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ["bart", "t5", "wav2vec2", "modernbert"]
+    parts = ["bart", "t5", "wav2vec2", "modernbert", "vit"]
     parser.add_argument("--only", nargs="+", default=parts, choices=parts)
     parser.add_argument("--small", action="store_true", help="tiny configs: a check of the script")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -196,7 +222,10 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     rows = []
     for part in args.only:
-        bench = {"bart": bench_bart, "t5": bench_t5, "wav2vec2": bench_wav2vec2, "modernbert": bench_modernbert}
+        bench = {
+            "bart": bench_bart, "t5": bench_t5, "wav2vec2": bench_wav2vec2, "modernbert": bench_modernbert,
+            "vit": bench_vit,
+        }  # fmt: skip
         rows += bench[part](args, device, dtype)
     print(
         f"\n{card}, {dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "

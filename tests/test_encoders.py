@@ -278,12 +278,14 @@ def test_low_precision_error_is_a_small_multiple_of_stock(dtype):
 
 def test_zoo_covers_the_registry():
     """Every registered type has a tiny model: the encoders here, the decoders in tests/decoder_zoo.py, the
-    encoder-decoders in tests/test_seq2seq.py, the speech encoders in tests/test_audio.py, ModernBERT in
-    tests/test_modernbert.py."""
+    encoder-decoders in tests/test_seq2seq.py, the speech encoders in tests/test_audio.py, the vision transformers
+    in tests/test_vision.py, ModernBERT in tests/test_modernbert.py."""
     from test_audio import AUDIO_CONFIGS
     from test_seq2seq import SEQ2SEQ_CONFIGS
+    from test_vision import VISION_CONFIGS
 
-    zoo = set(CONFIGS) | set(DECODER_CONFIGS) | set(SEQ2SEQ_CONFIGS) | set(AUDIO_CONFIGS) | {"modernbert"}
+    zoo = set(CONFIGS) | set(DECODER_CONFIGS) | set(SEQ2SEQ_CONFIGS) | set(AUDIO_CONFIGS) | set(VISION_CONFIGS)
+    zoo |= {"modernbert"}
     assert set(supported_model_types()) <= zoo
     assert set(CONFIGS) <= set(supported_model_types())
 

@@ -274,6 +274,17 @@ T5 = EncoderLayout(
     o="layer.0.SelfAttention.o", o_dropout=None, ln1="layer.0.layer_norm", ln2="layer.1.layer_norm", pre_norm=True,
 )  # fmt: skip
 
+# Vision transformers (ViT, DeiT, ViT-MAE, ViT-MSN): pre-LayerNorm layers the base model's own forward loops over
+# (no encoder module), after the patch embeddings and before its final norm. Images have no padding: what runs
+# faster is the layer itself (one QKV product, flash attention, GELU in the product's epilogue). Inference only
+# (the attention dropout is a plain float).
+VIT = EncoderLayout(
+    encoder="", layers="layers", loop=True, pre_norm=True, q="attention.q_proj", k="attention.k_proj",
+    v="attention.v_proj", attn_dropout=None, o="attention.o_proj", o_dropout=None, ln1="layernorm_before",
+    ffn_in="mlp.fc1", act="mlp.activation_fn", ffn_out="mlp.fc2", ffn_dropout=None, ln2="layernorm_after", requires=(),
+)  # fmt: skip
+_VISION = Support(encoder=VIT, fast_paths=("fused encoder layers",), notes="images (no padding): inference")
+
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model (a
 # refused entry: that transform refuses it, with its reason).
 REGISTRY: dict[str, Support] = {
@@ -290,6 +301,7 @@ REGISTRY: dict[str, Support] = {
     "data2vec-text": Support(encoder=BERT),
     "deberta": _DEBERTA,
     "deberta-v2": _DEBERTA,
+    "deit": _VISION,
     "distilbert": Support(encoder=DISTILBERT),
     "electra": Support(encoder=BERT),
     "ernie": Support(encoder=BERT),
@@ -320,6 +332,9 @@ REGISTRY: dict[str, Support] = {
     "roformer": Support(encoder=ROFORMER, notes="rotary positions"),
     "splinter": Support(encoder=BERT),
     "t5": _seq2seq(T5, "; T5EncoderModel too; relative-position bias; RMS norms as one kernel (CUDA, fp16/bf16)"),
+    "vit": _VISION,
+    "vit_mae": _VISION,
+    "vit_msn": _VISION,
     "wav2vec2": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
     "xlm-roberta": Support(encoder=BERT),
     "xlm-roberta-xl": Support(encoder=XLM_ROBERTA_XL, notes="pre-LayerNorm"),

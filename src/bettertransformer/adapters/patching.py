@@ -49,9 +49,9 @@ class InstanceForward:
 
 
 def resolve(root: Any, path: str) -> Any:
-    """``resolve(layer, "attention.self.query")`` -> that submodule (or attribute); digits index lists."""
+    """``resolve(layer, "attention.self.query")`` -> that submodule (or attribute); digits index lists; "" -> root."""
     obj: Any = root
-    for name in path.split("."):
+    for name in path.split(".") if path else ():
         obj = obj[int(name)] if name.isdigit() else getattr(obj, name)
     return obj
 
