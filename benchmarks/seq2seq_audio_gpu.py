@@ -5,6 +5,7 @@
 - ``t5``: T5-base config, the same inputs and generate.
 - ``modernbert``: ModernBERT-base config, 64 rows of ``randint(16, 513)`` tokens, right-padded.
 - ``vit``: ViT-base config, random weights, fp16: 64 images of 224 x 224 (``torch.manual_seed(0); torch.randn``).
+- ``clip``: CLIP ViT-B/32 config, fp16: 64 images and 64 captions of ``randint(5, 78)`` tokens, right-padded.
 - ``wav2vec2``: wav2vec2-base config (post-LayerNorm), random weights, fp16: 16 clips of 2-15 s at 16 kHz
   (``torch.manual_seed(0); torch.randint(32_000, 240_001, (16,))`` samples), zero-padded, with the mask.
 
@@ -210,9 +211,42 @@ def bench_vit(args, device: torch.device, dtype: torch.dtype) -> list[str]:
     return rows
 
 
+def bench_clip(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """CLIP ViT-B/32's shapes (vision: 12 layers, 768 wide, patch 32; text: 12 layers, 512 wide, 8 heads, 77
+    positions): 64 images of 224 x 224 and 64 captions of ``torch.manual_seed(0); torch.randint(5, 78, (64,))``
+    tokens (the last one the end-of-text id), right-padded; the whole CLIPModel forward (logits per image)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(small if args.small else {}, eos_token_id=49407)
+    vision = dict(small if args.small else {}, patch_size=32)
+    config = CLIPConfig(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    reference = CLIPModel(config).to(device).eval()
+    stock = copy.deepcopy(reference).to(dtype)
+    fast = BetterTransformer.transform(copy.deepcopy(stock))
+    torch.manual_seed(0)
+    lengths = torch.randint(5, 78, (64,))
+    mask = (torch.arange(77)[None] < lengths[:, None]).long()
+    ids = torch.randint(1, 49406, (64, 77)) * mask
+    ids[torch.arange(64), lengths - 1] = 49407
+    ids, mask = ids.to(device), mask.to(device)
+    images = torch.randn(64, 3, 224, 224, device=device)
+    rows = []
+    with torch.inference_mode():
+        expected = reference(input_ids=ids, attention_mask=mask, pixel_values=images).logits_per_image
+        keep = torch.ones(expected.shape, dtype=torch.bool, device=device)
+        run = lambda model: model(input_ids=ids, attention_mask=mask, pixel_values=images.to(dtype)).logits_per_image  # noqa: E731
+        rows += forward_rows(
+            "clip vit-b/32, 64 images + 64 captions of 5-77 tokens", stock, fast, run, expected, keep, device
+        )
+    print("clip calls", call_counts(fast), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ["bart", "t5", "wav2vec2", "modernbert", "vit"]
+    parts = ["bart", "t5", "wav2vec2", "modernbert", "vit", "clip"]
     parser.add_argument("--only", nargs="+", default=parts, choices=parts)
     parser.add_argument("--small", action="store_true", help="tiny configs: a check of the script")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -224,7 +258,7 @@ def main() -> None:
     for part in args.only:
         bench = {
             "bart": bench_bart, "t5": bench_t5, "wav2vec2": bench_wav2vec2, "modernbert": bench_modernbert,
-            "vit": bench_vit,
+            "vit": bench_vit, "clip": bench_clip,
         }  # fmt: skip
         rows += bench[part](args, device, dtype)
     print(

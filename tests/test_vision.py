@@ -1,5 +1,6 @@
-"""Vision transformers (issue 13): ViT, DeiT, ViT-MAE, ViT-MSN. Images have no padding: the layers run our fused path
-on every token. Tiny random-weight models, fp32 on the CPU, against the stock model."""
+"""Vision transformers and image-text towers (issue 13): ViT, DeiT, ViT-MAE, ViT-MSN, CLIP's text and vision towers,
+SigLIP's vision tower. Images have no padding: their layers run our fused path on every token; CLIP's text tower is
+padding-free with causal attention. Tiny random-weight models, fp32 on the CPU, against the stock model."""
 
 from __future__ import annotations
 
@@ -13,12 +14,19 @@ _SMALL = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8,
     num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
 )  # fmt: skip
+_TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+_CLIP_TEXT = dict(_TOWER, vocab_size=99, max_position_embeddings=24, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_CLIP_VISION = dict(_TOWER, image_size=32, patch_size=8)
 VISION_CONFIGS: dict[str, dict] = {
+    "clip_text_model": _CLIP_TEXT,
+    "clip_vision_model": _CLIP_VISION,
     "deit": _SMALL,
+    "siglip_vision_model": _CLIP_VISION,
     "vit": _SMALL,
     "vit_mae": dict(_SMALL, mask_ratio=0.5),
     "vit_msn": _SMALL,
 }
+_IMAGE_TYPES = ("clip_vision_model", "deit", "siglip_vision_model", "vit", "vit_mae", "vit_msn")
 _HEADS = {"deit", "vit", "vit_msn"}  # types with an image-classification head
 
 
@@ -33,7 +41,7 @@ def _images(batch: int = 3) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32)
 
 
-@pytest.mark.parametrize("model_type", sorted(VISION_CONFIGS))
+@pytest.mark.parametrize("model_type", _IMAGE_TYPES)
 def test_outputs_match_stock(model_type):
     stock = make_vision_model(model_type)
     fast = BetterTransformer.transform(stock, keep_original_model=True)
@@ -75,6 +83,55 @@ def test_training_hidden_states_and_reverse_run_the_stock_layers():
     assert "forward" not in vars(fast.vit) and "forward" not in vars(fast.vit.layers[0])
 
 
+def _captions(side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four captions of 12, 7, 3 and 9 tokens, each ending in the end-of-text id (2), padded on ``side``."""
+    torch.manual_seed(2)
+    ids, mask = torch.zeros(4, 12, dtype=torch.long), torch.zeros(4, 12, dtype=torch.long)
+    for row, length in enumerate([12, 7, 3, 9]):
+        real = slice(0, length) if side == "right" else slice(12 - length, 12)
+        ids[row, real] = torch.randint(3, 99, (length,))
+        ids[row, real.stop - 1] = 2
+        mask[row, real] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_clip_matches_stock(side):
+    """CLIPModel: both towers transformed (each its own base model); the text tower padding-free with causal
+    attention inside each caption."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=_CLIP_TEXT, vision_config=_CLIP_VISION, projection_dim=16)
+    stock = CLIPModel(config).eval()
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = _captions(side)
+    with torch.no_grad():
+        expected, actual = (m(input_ids=ids, attention_mask=mask, pixel_values=_images(4)) for m in (stock, fast))
+    for name in ("logits_per_image", "text_embeds", "image_embeds"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), atol=1e-5, rtol=1e-5)
+    real = mask.bool()
+    torch.testing.assert_close(
+        actual.text_model_output.last_hidden_state[real], expected.text_model_output.last_hidden_state[real],
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+    assert call_counts(fast) == {"fast": 2, "stock": 0}
+
+
+def test_clip_text_tower_alone_training_and_reverse():
+    stock = make_vision_model("clip_text_model")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = _captions("right")
+    with torch.no_grad():
+        expected, actual = (m(input_ids=ids, attention_mask=mask).pooler_output for m in (stock, fast))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    fast.train()
+    fast(input_ids=ids, attention_mask=mask).pooler_output.sum().backward()  # the stock layers: a float dropout
+    assert call_counts(fast) == {"fast": 1, "stock": 1}
+    reverse(fast)
+    assert "forward" not in vars(fast) and "forward" not in vars(fast.encoder)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -90,4 +147,23 @@ def test_half_precision_error_is_a_small_multiple_of_stock_on_cuda(dtype):
         stock_out, ours = (m(images.to(dtype)).last_hidden_state for m in (stock, fast))
     everywhere = torch.ones(expected.shape[:2], dtype=torch.bool, device="cuda")
     assert max_error_at(ours, expected, everywhere) <= 4 * max_error_at(stock_out, expected, everywhere) + 1e-3
+    assert call_counts(fast)["fast"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_clip_text_tower_in_half_precision_on_cuda(side):
+    """The causal packed attention on the GPU (our kernels): error at real tokens within a small multiple of stock's."""
+    from helpers import max_error_at
+
+    reference = make_vision_model("clip_text_model").cuda()
+    stock = make_vision_model("clip_text_model").to("cuda", torch.float16)
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = (t.cuda() for t in _captions(side))
+    with torch.no_grad():
+        expected, stock_out, ours = (
+            m(input_ids=ids, attention_mask=mask).last_hidden_state for m in (reference, stock, fast)
+        )
+    assert max_error_at(ours, expected, mask) <= 4 * max_error_at(stock_out, expected, mask) + 1e-3
     assert call_counts(fast)["fast"] == 1

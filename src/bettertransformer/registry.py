@@ -285,6 +285,15 @@ VIT = EncoderLayout(
 )  # fmt: skip
 _VISION = Support(encoder=VIT, fast_paths=("fused encoder layers",), notes="images (no padding): inference")
 
+# CLIP's towers and SigLIP's vision tower (each a base model of its own inside CLIPModel / SiglipModel): pre-LayerNorm layers in an encoder module, the
+# attention dropout a plain float (training runs the stock layers). The text tower is causal within each sequence
+# and padding-free; the vision tower has no padding.
+CLIP = EncoderLayout(
+    layers="layers", pre_norm=True, q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+    attn_dropout=None, o="self_attn.out_proj", o_dropout=None, ln1="layer_norm1", ffn_in="mlp.fc1",
+    act="mlp.activation_fn", ffn_out="mlp.fc2", ffn_dropout=None, ln2="layer_norm2", requires=(), stock_training=True,
+)  # fmt: skip
+
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model (a
 # refused entry: that transform refuses it, with its reason).
 REGISTRY: dict[str, Support] = {
@@ -297,6 +306,12 @@ REGISTRY: dict[str, Support] = {
     ),
     "blenderbot-small": _seq2seq(BART),
     "camembert": Support(encoder=BERT),
+    "clip_text_model": Support(
+        encoder=replace(CLIP, causal=True), notes="causal attention within each sequence; in CLIPModel too; inference"
+    ),
+    "clip_vision_model": Support(
+        encoder=CLIP, fast_paths=("fused encoder layers",), notes="images (no padding); in CLIPModel too; inference"
+    ),
     "data2vec-audio": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
     "data2vec-text": Support(encoder=BERT),
     "deberta": _DEBERTA,
@@ -330,6 +345,9 @@ REGISTRY: dict[str, Support] = {
     ),
     "roc_bert": Support(encoder=BERT),
     "roformer": Support(encoder=ROFORMER, notes="rotary positions"),
+    "siglip_vision_model": Support(
+        encoder=CLIP, fast_paths=("fused encoder layers",), notes="images (no padding); in SiglipModel too; inference"
+    ),
     "splinter": Support(encoder=BERT),
     "t5": _seq2seq(T5, "; T5EncoderModel too; relative-position bias; RMS norms as one kernel (CUDA, fp16/bf16)"),
     "vit": _VISION,

@@ -108,6 +108,11 @@ class EncoderLayout:
     # in fp16/bf16 inference on CUDA (``ops.fused.conv1d_gemm``): wav2vec2's positional convolution, which cuDNN runs
     # slowly in fp16.
     gemm_convolutions: str | None = None
+    # Attention is causal inside each sequence (CLIP's text tower, whose encoder is called with is_causal=True).
+    causal: bool = False
+    # The encoder's attention dropout is a plain float (not a module): training runs its own layers. (``loop``
+    # layouts always do.)
+    stock_training: bool = False
 
 
 # The encoder call whose layers the first layer of a ``loop`` layout ran packed (the later layers pass on its result).
@@ -172,6 +177,7 @@ class PackedLayer:
                 self._slots.append((self._resolve(parent_path) if parent_path else layer, attr, child))
         self.exact_gelu = _is_exact_gelu(self.act)
         self.pre_norm = layout.pre_norm
+        self.causal = layout.causal
         self.num_heads = num_heads
         self.head_dim = self.q.out_features // num_heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
@@ -266,7 +272,7 @@ class PackedLayer:
             v = rotate_pairs(v, sin, cos) if values else v
         drop = self.attn_dropout
         p = drop.p if drop is not None and drop.training else 0.0
-        ctx = packed_attention(q, k, v, info, scale=self.scale, dropout_p=p, bias=bias)  # (T, H, D)
+        ctx = packed_attention(q, k, v, info, scale=self.scale, dropout_p=p, bias=bias, causal=self.causal)  # (T, H, D)
         a = self._linear("o", ctx.reshape(tokens, -1))
         if self.o_dropout is not None and self.o_dropout.training:
             a = self.o_dropout(a)
@@ -316,6 +322,7 @@ class T5Layer(PackedLayer):
         self.plain = {name: type(getattr(self, name)).forward is nn.Linear.forward for name in self._LINEARS}
         self.fused_qkv = all(self.plain[name] for name in ("q", "k", "v"))
         self.pre_norm = True
+        self.causal = False
 
     def unsupported(self) -> str | None:
         problem = super().unsupported()
@@ -562,16 +569,23 @@ class PackedEncoder:
         for name, value in kwargs.items():
             # Labels such as sentence-transformers' modality="text" pass through the layers unused; any other
             # value (a tensor, a cache, a flag) may change what the stock layers compute.
+            if name == "is_causal" and value is True and self.layout.causal:
+                continue  # the attention this layout computes
             if name not in _IGNORED_KWARGS and value is not None and value is not False and not isinstance(value, str):
                 return f"encoder argument {name}"
         if call.mask is not None and tuple(call.mask.shape) != tuple(hidden_states.shape[:2]):
             return "an attention_mask whose shape differs from the input's"
+        if (self.layout.loop or self.layout.stock_training) and self.encoder.training:
+            return "training (this encoder's dropouts are plain floats: its own layers run)"
         return self._layers_changed()
 
     def forward(
-        self, stock: Callable, hidden_states: torch.Tensor, attention_mask: Any = None, *args: Any, **kwargs: Any
+        self, stock: Callable, hidden_states: Any = None, attention_mask: Any = None, *args: Any, **kwargs: Any
     ) -> Any:
-        """The encoder's forward: packed when exact, else ``stock`` (the encoder's own forward)."""
+        """The encoder's forward: packed when exact, else ``stock`` (the encoder's own forward). Its first argument,
+        the hidden states, may come by name as ``inputs_embeds`` (CLIP's encoder)."""
+        if hidden_states is None and "inputs_embeds" in kwargs:
+            hidden_states = kwargs.pop("inputs_embeds")
         call = current_encoder_call(id(self))
         reason = self._stock_reason(call, hidden_states, args, kwargs)
         if reason is not None:
@@ -626,8 +640,6 @@ class PackedEncoder:
         call = current_encoder_call(id(self))
         # The stock layers' 4D mask (positional or by name) is not read: the packed layers take the call's own.
         reason = self._stock_reason(call, hidden_states, (), {k: v for k, v in kwargs.items() if k != "attention_mask"})
-        if reason is None and self.encoder.training:
-            reason = "training (this encoder's dropouts are plain floats: its own layers run)"
         if reason is not None:
             if call is not None and call.mask_dropped:
                 raise _Restart(reason)
