@@ -6,6 +6,7 @@
 - ``modernbert``: ModernBERT-base config, 64 rows of ``randint(16, 513)`` tokens, right-padded.
 - ``vit``: ViT-base config, random weights, fp16: 64 images of 224 x 224 (``torch.manual_seed(0); torch.randn``).
 - ``clip``: CLIP ViT-B/32 config, fp16: 64 images and 64 captions of ``randint(5, 78)`` tokens, right-padded.
+- ``whisper``: Whisper-small config, fp16: 30 s of audio (random log-mel features), 128 new tokens, batch 1 and 16.
 - ``wav2vec2``: wav2vec2-base config (post-LayerNorm), random weights, fp16: 16 clips of 2-15 s at 16 kHz
   (``torch.manual_seed(0); torch.randint(32_000, 240_001, (16,))`` samples), zero-padded, with the mask.
 
@@ -100,25 +101,26 @@ def bench_seq2seq(kind: str, model, device: torch.device, dtype: torch.dtype) ->
         expected = reference.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         encode = lambda model: model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
         rows += forward_rows(f"{kind} encoder, 16 x randint(16, 513)", stock, fast, encode, expected, keep, device)
-        rows += generate_rows(kind, stock, fast, ids, mask, device)
+        one = ids[:1, : int(mask[0].sum())]
+        inputs = {16: dict(inputs=ids, attention_mask=mask), 1: dict(inputs=one, attention_mask=torch.ones_like(one))}
+        rows += generate_rows(kind, stock, fast, inputs, 64, device)
     print(kind, "calls", call_counts(fast), flush=True)
     return rows
 
 
-def generate_rows(kind: str, stock, fast, ids: torch.Tensor, mask: torch.Tensor, device) -> list[str]:
-    """Greedy generate of 64 new tokens (``min_new_tokens`` too: every row runs every step) at batch 16 and at
-    batch 1 (the first row's real tokens): stock, transformed (its first call includes the CUDA graph captures),
-    and at batch 1 transformers' static cache with its automatic ``torch.compile`` (first call: the compilation)."""
+def generate_rows(kind: str, stock, fast, inputs: dict[int, dict], new: int, device) -> list[str]:
+    """Greedy generate of ``new`` tokens (``min_new_tokens`` too: every row runs every step) for each batch size's
+    ``inputs`` (generate's arguments): stock, transformed (its first call includes the CUDA graph captures), and at
+    batch 1 transformers' static cache with its automatic ``torch.compile`` (first call: the compilation)."""
     rows = []
-    kwargs = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, num_beams=1)
-    one = ids[:1, : int(mask[0].sum())]
-    for batch, (inputs, attention) in ((16, (ids, mask)), (1, (one, torch.ones_like(one)))):
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1)
+    for batch, given in inputs.items():
         tokens = {}
         variants = [("stock", stock, {}), ("transformed", fast, {})]
         if batch == 1 and device.type == "cuda":
             variants.append(("stock, static cache + compile", stock, dict(cache_implementation="static")))
         for name, model, extra in variants:
-            call = lambda model=model, extra=extra: model.generate(inputs, attention_mask=attention, **kwargs, **extra)  # noqa: E731
+            call = lambda model=model, extra=extra: model.generate(**given, **kwargs, **extra)  # noqa: E731
             try:
                 first = timed(call, device, warmup=0, iters=1)
                 tokens[name] = call()
@@ -127,10 +129,41 @@ def generate_rows(kind: str, stock, fast, ids: torch.Tensor, mask: torch.Tensor,
                 rows.append(f"| {kind} generate, batch {batch} | {name} | failed: {type(problem).__name__} | |")
                 continue
             rows.append(
-                f"| {kind} generate, batch {batch}, 64 new tokens | {name} | {ms:.1f} ms (first call {first:.0f} ms) | |"
+                f"| {kind} generate, batch {batch}, {new} new tokens | {name} | {ms:.1f} ms (first call {first:.0f} ms) | |"
             )
         same = torch.equal(tokens["stock"], tokens["transformed"])
         rows.append(f"| {kind} generate, batch {batch}: tokens equal (fp16: near-ties may differ) | {same} | | |")
+    return rows
+
+
+def bench_whisper(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Whisper-small's shapes (12 + 12 layers, 768 wide, 12 heads, vocab 51865): 30 s of audio (80 x 3000 log-mel
+    frames, ``torch.manual_seed(0); torch.randn``), 128 new tokens, at batch 1 and 16; the encoder alone at 16."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    sizes = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000, decoder_start_token_id=998,
+                 eos_token_id=999, pad_token_id=999, bos_token_id=999, begin_suppress_tokens=[5, 999])  # fmt: skip
+    small = dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
+                 decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072)  # fmt: skip
+    config = WhisperConfig(
+        **(sizes if args.small else small), dropout=0.0, attention_dropout=0.0, activation_dropout=0.0
+    )
+    torch.manual_seed(0)
+    reference = WhisperForConditionalGeneration(config).to(device).eval()
+    stock = copy.deepcopy(reference).to(dtype)
+    fast = BetterTransformer.transform(copy.deepcopy(stock))
+    torch.manual_seed(0)
+    features = torch.randn(16, config.num_mel_bins, 3000, device=device)
+    rows = []
+    with torch.inference_mode():
+        expected = reference.get_encoder()(features).last_hidden_state
+        keep = torch.ones(expected.shape[:2], dtype=torch.bool, device=device)
+        encode = lambda model: model.get_encoder()(features.to(dtype)).last_hidden_state  # noqa: E731
+        rows += forward_rows("whisper encoder, 16 x 30 s", stock, fast, encode, expected, keep, device)
+        inputs = {1: dict(input_features=features[:1].to(dtype)), 16: dict(input_features=features.to(dtype))}
+        rows += generate_rows("whisper", stock, fast, inputs, 16 if args.small else 128, device)
+    print("whisper calls", call_counts(fast), flush=True)
     return rows
 
 
@@ -246,7 +279,7 @@ def bench_clip(args, device: torch.device, dtype: torch.dtype) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ["bart", "t5", "wav2vec2", "modernbert", "vit", "clip"]
+    parts = ["bart", "t5", "wav2vec2", "modernbert", "vit", "clip", "whisper"]
     parser.add_argument("--only", nargs="+", default=parts, choices=parts)
     parser.add_argument("--small", action="store_true", help="tiny configs: a check of the script")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -258,7 +291,7 @@ def main() -> None:
     for part in args.only:
         bench = {
             "bart": bench_bart, "t5": bench_t5, "wav2vec2": bench_wav2vec2, "modernbert": bench_modernbert,
-            "vit": bench_vit, "clip": bench_clip,
+            "vit": bench_vit, "clip": bench_clip, "whisper": bench_whisper,
         }  # fmt: skip
         rows += bench[part](args, device, dtype)
     print(

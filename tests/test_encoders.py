@@ -285,7 +285,7 @@ def test_zoo_covers_the_registry():
     from test_vision import VISION_CONFIGS
 
     zoo = set(CONFIGS) | set(DECODER_CONFIGS) | set(SEQ2SEQ_CONFIGS) | set(AUDIO_CONFIGS) | set(VISION_CONFIGS)
-    zoo |= {"modernbert"}
+    zoo |= {"modernbert", "whisper"}  # tests/test_modernbert.py, tests/test_whisper.py
     assert set(supported_model_types()) <= zoo
     assert set(CONFIGS) <= set(supported_model_types())
 

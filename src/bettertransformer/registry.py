@@ -211,7 +211,7 @@ BART = EncoderLayout(
     o_dropout=None, ln1="self_attn_layer_norm", ffn_in="fc1", act="activation_fn", ffn_out="fc2", ffn_dropout=None,
     ln2="final_layer_norm", num_heads="encoder_attention_heads",
 )  # fmt: skip
-# mBART, Pegasus, M2M-100 (NLLB), Blenderbot: the same with pre-LayerNorm layers (the norm after the loop stays
+# mBART, Pegasus, M2M-100 (NLLB), Blenderbot, Whisper: the same with pre-LayerNorm layers (the norm after the loop stays
 # the stock code's) and an unconditional fp16 clamp.
 MBART = replace(BART, pre_norm=True, clamp_fp16="always")
 _SEQ2SEQ_NOTES = "the encoder padding-free (inference); beam search runs stock generate"
@@ -354,6 +354,12 @@ REGISTRY: dict[str, Support] = {
     "vit_mae": _VISION,
     "vit_msn": _VISION,
     "wav2vec2": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
+    "whisper": Support(
+        encoder=MBART,
+        fast_paths=("fused encoder layers", "static-cache CUDA-graph generate"),
+        notes="Whisper's own generate prepares each call (language, task, suppressed tokens); the decoding loop is "
+        "ours unless timestamps, beam search or temperature fallback ask for transformers' own",
+    ),
     "xlm-roberta": Support(encoder=BERT),
     "xlm-roberta-xl": Support(encoder=XLM_ROBERTA_XL, notes="pre-LayerNorm"),
     # Decoders (causal LMs)

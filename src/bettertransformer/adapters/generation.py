@@ -99,7 +99,8 @@ class _Plan:
     ``input_ids``/``mask``: the prompts the decoder continues (an encoder-decoder's: its start token), and what
     ``generate`` returns them followed by the new tokens; ``encoder``: an encoder-decoder's inputs and their mask.
     ``forced_bos``/``forced_eos``: ids generate's processors force as the first token (after a one-token prompt) and
-    as the token that reaches the length limit."""
+    as the token that reaches the length limit. ``encoder``'s first tensor may be the encoder's states already
+    computed (B, S, hidden), when the model's own generate ran the encoder."""
 
     def __init__(
         self, input_ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, ban_steps: int, config: Any,
@@ -110,6 +111,9 @@ class _Plan:
         self.forced_bos: int | None = config.forced_bos_token_id if input_ids.shape[1] == 1 else None
         forced_eos = config.forced_eos_token_id
         self.forced_eos: int | None = forced_eos[0] if isinstance(forced_eos, list) else forced_eos
+        # Ids never chosen, and ids not chosen as the first new token (Whisper's suppressed tokens).
+        self.suppress: tuple[int, ...] = ()
+        self.begin_suppress: tuple[int, ...] = ()
         eos = config.eos_token_id
         self.eos = tuple([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
         pad = config.pad_token_id
@@ -258,8 +262,12 @@ class Runner:
         logits = self._prefill(ids, mask)
         b.pad.fill_(plan.pad)
         b.ban_steps.fill_(plan.ban_steps)
-        if b.eos_penalty is not None:
-            b.eos_penalty.zero_().index_fill_(0, b.eos, float("-inf"))
+        if b.eos_penalty is not None:  # -inf at the ids banned now: end-of-sequence ids (for a while), suppressed ids
+            b.eos_penalty.zero_()
+            if plan.ban_steps > 0:
+                b.eos_penalty.index_fill_(0, b.eos, float("-inf"))
+            if plan.suppress:
+                b.eos_penalty.index_fill_(0, torch.tensor(plan.suppress, device=self.device), float("-inf"))
         b.unfinished.zero_()
         b.unfinished[:batch] = True  # the bucket's extra rows count as finished
         b.out.fill_(plan.pad)
@@ -277,6 +285,8 @@ class Runner:
         # The first new token, from the prefill, unless a processor forces it (forced eos wins when it is both, as
         # it comes last among generate's processors).
         forced = plan.forced_eos if plan.new_tokens == 1 and plan.forced_eos is not None else plan.forced_bos
+        if plan.begin_suppress:
+            logits = logits.index_fill(1, torch.tensor(plan.begin_suppress, device=logits.device), float("-inf"))
         if forced is not None:
             self._force(forced)
         else:
@@ -480,27 +490,32 @@ class FastGenerate:
 
     def generate(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
         """Run ``stock`` (transformers' generate) unless the fast loop covers this call."""
-        plan = self._plan(args, kwargs)
-        if isinstance(plan, _Plan):
-            with self.lock, torch.no_grad():
-                try:
-                    out = self._run(plan)
-                except DecodeUnsupported as problem:
-                    self.unsupported = f"decode steps this model's buffers cannot serve ({problem})"
-                    self.runners.clear()
-                    plan = self.unsupported
-                else:
-                    self.calls.add("fast generate")
-                    self.calls.add("fused steps" if self.fused is not None else "generic steps")
-                    return out
+        out = self._attempt(self._plan(args, kwargs))
+        if isinstance(out, torch.Tensor):
+            return out
         self.calls.add("stock generate")
-        self.log(plan, "transformers' generate runs for %s", plan)
+        self.log(out, "transformers' generate runs for %s", out)
         return stock(*args, **kwargs)
+
+    def _attempt(self, plan: _Plan | str) -> torch.Tensor | str:
+        """Run ``plan`` on the fast loop: the prompts followed by the new tokens, or why the stock loop must run."""
+        if not isinstance(plan, _Plan):
+            return plan
+        with self.lock, torch.no_grad():
+            try:
+                out = self._run(plan)
+            except DecodeUnsupported as problem:
+                self.unsupported = f"decode steps this model's buffers cannot serve ({problem})"
+                self.runners.clear()
+                return self.unsupported
+        self.calls.add("fast generate")
+        self.calls.add("fused steps" if self.fused is not None else "generic steps")
+        return out
 
     def _run(self, plan: _Plan) -> torch.Tensor:
         batch, prompt = plan.input_ids.shape
         # Room for the warm-up steps of a graph capture past the last token.
-        bans = plan.ban_steps > 0 and bool(plan.eos)
+        bans = (plan.ban_steps > 0 and bool(plan.eos)) or bool(plan.suppress)
         key: tuple[Any, ...] = (
             _bucket_batch(batch),
             _bucket_length(prompt + plan.new_tokens + 4),
@@ -534,18 +549,9 @@ class FastGenerate:
         """The fast loop's plan for this call, or why stock generate must run it."""
         head = self.head
         device = next(head.parameters()).device
-        if device.type not in SWITCHES.generate_devices:
-            return f"a model on {device.type}"
-        if any(p.device != device for p in head.parameters()):
-            return "a model split across devices or offloaded (its static buffers would live on one device)"
-        if any(is_distributed_tensor(p) for p in head.parameters()):
-            return "a tensor-parallel or sharded model (its static buffers and steps would hold one shard)"
-        if head.training:
-            return "a model in train mode"
-        if self.unsupported is not None:
-            return self.unsupported
-        if self.fused is not None and not self.fused.is_current(head):
-            return "modules replaced after transform"
+        problem = self._model_problem()
+        if problem is not None:
+            return problem
         kwargs = dict(kwargs)
         inputs = args[0] if args else kwargs.pop("inputs", None)
         if inputs is None:
@@ -590,6 +596,24 @@ class FastGenerate:
         if decoder is inputs:
             return _Plan(inputs, mask, new_tokens, ban_steps, config)
         return _Plan(decoder, torch.ones_like(decoder), new_tokens, ban_steps, config, encoder=(inputs, mask))
+
+    def _model_problem(self) -> str | None:
+        """Why the model as it is now cannot run the fast loop, or None."""
+        head = self.head
+        device = next(head.parameters()).device
+        if device.type not in SWITCHES.generate_devices:
+            return f"a model on {device.type}"
+        if any(p.device != device for p in head.parameters()):
+            return "a model split across devices or offloaded (its static buffers would live on one device)"
+        if any(is_distributed_tensor(p) for p in head.parameters()):
+            return "a tensor-parallel or sharded model (its static buffers and steps would hold one shard)"
+        if head.training:
+            return "a model in train mode"
+        if self.unsupported is not None:
+            return self.unsupported
+        if self.fused is not None and not self.fused.is_current(head):
+            return "modules replaced after transform"
+        return None
 
     def _decoder_prompt(self, inputs: torch.Tensor, config: Any) -> torch.Tensor | str:
         """The prompts the decoder continues (a causal LM's: the inputs), or why the fast loop cannot run."""

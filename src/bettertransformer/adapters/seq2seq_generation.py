@@ -16,10 +16,17 @@ The loop is ``generation.FastGenerate``'s; what differs is the prefill and the s
 
 A model whose decoder does not route every attention module through our attention function (an ``eager``
 model, say) is noticed at its first step (``DecodeState.attended`` counts the calls) and runs stock generate.
+
+Models with a ``generate`` of their own (Whisper: language and task tokens, suppressed tokens, timestamps, long-form
+audio) keep it: it prepares the decoder's prompt, its logits processors and the encoder's states, and hands the
+decoding loop to ours through transformers' ``custom_generate`` hook (``Seq2SeqGenerate._decode``). The loop runs
+when every processor and stopping criterion is one it implements (``_PROCESSORS``); otherwise transformers' own
+sampling loop runs, with the same arguments.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 import torch
@@ -99,12 +106,17 @@ class Seq2SeqRunner(Runner):
 
         assert self.plan is not None and self.plan.encoder is not None
         inputs, encoder_mask = self.plan.encoder
-        batch, length = inputs.shape
+        batch, length = inputs.shape[:2]
         head = self.head
-        states = head.get_encoder()(input_ids=inputs, attention_mask=encoder_mask, return_dict=True).last_hidden_state
+        if inputs.dim() == 3:  # the encoder's states, computed by the model's own generate
+            states, given_mask = inputs, None
+        else:
+            encoder = head.get_encoder()
+            states = encoder(input_ids=inputs, attention_mask=encoder_mask, return_dict=True).last_hidden_state
+            given_mask = encoder_mask
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         out = head(
-            attention_mask=encoder_mask, decoder_input_ids=ids, encoder_outputs=(states,), use_cache=True,
+            attention_mask=given_mask, decoder_input_ids=ids, encoder_outputs=(states,), use_cache=True,
             **{self.cache_name: cache},
         )  # fmt: skip
         self_layers, cross_layers = _tensors(cache.self_attention_cache), _tensors(cache.cross_attention_cache)
@@ -171,12 +183,16 @@ class Seq2SeqGenerate(FastGenerate):
     def __init__(self, head: Any, calls: Calls, self_bias: Callable[[DecodeState], torch.Tensor] | None = None):
         import inspect
 
+        from transformers.generation.utils import GenerationMixin
+
         params = inspect.signature(head.forward).parameters
         super().__init__(head, "cache" if "cache" in params else "past_key_values", calls)
         self.runner_class = Seq2SeqRunner
         self.self_bias = self_bias
         self._decoder = head.get_decoder()
         self._previous_attention: Any = None
+        # A generate of the model's own (Whisper's) prepares the call; our loop decodes (custom_generate).
+        self.own_generate = type(head).generate is not GenerationMixin.generate
 
     def attach(self) -> None:
         """Switch the decoder to our attention function (T5's decoder keeps a config of its own) and install
@@ -202,3 +218,137 @@ class Seq2SeqGenerate(FastGenerate):
         if not isinstance(start, int):
             return "no single decoder start token id"
         return torch.full((inputs.shape[0], 1), start, dtype=torch.long, device=inputs.device)
+
+    def generate(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Our plan and loop; for a model with a generate of its own, that generate with our decoding loop."""
+        if not self.own_generate:
+            return super().generate(stock, *args, **kwargs)
+        if kwargs.get("custom_generate") is not None or kwargs.get("assistant_model") is not None:
+            return stock(*args, **kwargs)
+        return stock(*args, custom_generate=self._decode, **kwargs)
+
+    def _decode(
+        self, model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+        generation_config: Any, **model_kwargs: Any,
+    ) -> Any:  # fmt: skip
+        """The decoding loop ``generate`` calls (its ``custom_generate``): ours when the call's processors and
+        criteria are ones it implements, else transformers' own sampling or search loop."""
+        plan = self._prepared_plan(input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+        out = self._attempt(plan)
+        if isinstance(out, torch.Tensor):
+            return out
+        self.calls.add("stock generate")
+        self.log(out, "transformers' decoding loop runs for %s", out)
+        from transformers.generation.utils import GENERATION_MODES_MAPPING
+
+        method = getattr(type(model), GENERATION_MODES_MAPPING[generation_config.get_generation_mode()])
+        return method(
+            model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+            generation_config=generation_config, **model_kwargs,
+        )  # fmt: skip
+
+    def _prepared_plan(
+        self, input_ids: torch.Tensor, processors: Any, criteria: Any, config: Any, model_kwargs: dict[str, Any]
+    ) -> _Plan | str:
+        """The plan of a call ``generate`` prepared: its prompt, processors, stopping criteria and encoder states."""
+        problem = self._model_problem()
+        if problem is not None:
+            return problem
+        if config.get_generation_mode() not in ("greedy_search", "sample"):
+            return f"generation mode {config.get_generation_mode()}"
+        flags = (
+            "return_dict_in_generate",
+            "output_scores",
+            "output_logits",
+            "output_attentions",
+            "output_hidden_states",
+        )
+        asked = [flag for flag in flags if getattr(config, flag, False)]
+        if asked:
+            return f"generation setting {asked[0]}"
+        if model_kwargs.get("streamer") is not None or model_kwargs.get("synced_gpus"):
+            return "a streamer or synced GPUs"
+        encoder_outputs = model_kwargs.get("encoder_outputs")
+        states = None if encoder_outputs is None else encoder_outputs[0]
+        if not isinstance(states, torch.Tensor) or states.dim() != 3 or input_ids.dim() != 2:
+            return "no encoder states, or a prompt that is not (batch, length)"
+        prompt = input_ids.shape[1]
+        found = _read_processors(processors, criteria, prompt)
+        if isinstance(found, str):
+            return found
+        if found.max_length is None or found.max_length <= prompt:
+            return "no length limit, or no tokens to generate"
+        if set(found.suppress) & set(found.eos):
+            return "a suppressed end-of-sequence id"
+        settings = types.SimpleNamespace(
+            eos_token_id=list(found.eos), pad_token_id=config.pad_token_id, repetition_penalty=found.penalty,
+            do_sample=config.do_sample, temperature=found.temperature, top_k=found.top_k, top_p=found.top_p,
+            forced_bos_token_id=found.forced_bos, forced_eos_token_id=found.forced_eos,
+        )  # fmt: skip
+        batch = input_ids.shape[0]
+        # Whisper's decoder attends to every encoder position (its cross-attention takes no mask).
+        everywhere = torch.ones(batch, states.shape[1], dtype=torch.long, device=states.device)
+        plan = _Plan(
+            input_ids, torch.ones_like(input_ids), found.max_length - prompt, found.ban_steps, settings,
+            encoder=(states, everywhere),
+        )  # fmt: skip
+        plan.suppress, plan.begin_suppress = tuple(found.suppress), tuple(found.begin_suppress)
+        return plan
+
+
+class _Found(types.SimpleNamespace):
+    """What ``_read_processors`` found."""
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _read_processors(processors: Any, criteria: Any, prompt: int) -> _Found | str:
+    """The settings that ``generate``'s prepared processors and stopping criteria stand for, in the loop's terms,
+    or the first one the loop does not implement."""
+    found = _Found(
+        eos=[], max_length=None, ban_steps=0, penalty=1.0, temperature=1.0, top_k=None, top_p=1.0, forced_bos=None,
+        forced_eos=None, forced_eos_at=None, suppress=[], begin_suppress=[],
+    )  # fmt: skip
+    for criterion in criteria:
+        name = type(criterion).__name__
+        if name == "MaxLengthCriteria":
+            found.max_length = int(criterion.max_length)
+        elif name == "EosTokenCriteria":
+            found.eos = _ids(criterion.eos_token_id)
+        else:
+            return f"stopping criterion {name}"
+    for processor in processors:
+        name = type(processor).__name__
+        if getattr(processor, "min_tokens_to_keep", 1) != 1:
+            return f"{name} keeping {processor.min_tokens_to_keep} tokens"
+        if name == "SuppressTokensLogitsProcessor":
+            found.suppress += _ids(processor.suppress_tokens)
+        elif name == "SuppressTokensAtBeginLogitsProcessor" and int(processor.begin_index) == prompt:
+            found.begin_suppress += _ids(processor.begin_suppress_tokens)
+        elif name == "MinLengthLogitsProcessor":
+            found.ban_steps = max(found.ban_steps, int(processor.min_length) - prompt)
+        elif name == "MinNewTokensLengthLogitsProcessor" and int(processor.prompt_length_to_skip) == prompt:
+            found.ban_steps = max(found.ban_steps, int(processor.min_new_tokens))
+        elif name == "RepetitionPenaltyLogitsProcessor" and not getattr(processor, "prompt_ignore_length", None):
+            found.penalty = float(processor.penalty)
+        elif name == "TemperatureLogitsWarper":
+            found.temperature = float(processor.temperature)
+        elif name == "TopKLogitsWarper":
+            found.top_k = int(processor.top_k)
+        elif name == "TopPLogitsWarper":
+            found.top_p = float(processor.top_p)
+        elif name == "ForcedBOSTokenLogitsProcessor":
+            found.forced_bos = int(processor.bos_token_id)
+        elif name == "ForcedEOSTokenLogitsProcessor" and len(_ids(processor.eos_token_id)) == 1:
+            found.forced_eos, found.forced_eos_at = _ids(processor.eos_token_id)[0], int(processor.max_length)
+        else:
+            return f"logits processor {name}"
+    if found.forced_eos is not None and found.forced_eos_at != found.max_length:
+        return "an end-of-sequence id forced before the length limit"
+    return found
