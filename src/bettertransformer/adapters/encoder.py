@@ -323,6 +323,13 @@ class T5Layer(PackedLayer):
         self.fused_qkv = all(self.plain[name] for name in ("q", "k", "v"))
         self.pre_norm = True
         self.causal = False
+        # T5's ReLU feed-forward of plain products runs as two products here (saving its modules' calls: the
+        # encoder is host-bound on the GPU); other feed-forwards (mT5's gated one, adapters) run their own forward.
+        ffn: Any = self.ffn
+        self.plain_ffn = (
+            type(ffn).__name__ == "T5DenseActDense" and isinstance(ffn.act, nn.ReLU)
+            and all(type(m).forward is nn.Linear.forward and m.bias is None for m in (ffn.wi, ffn.wo))
+        )  # fmt: skip
 
     def unsupported(self) -> str | None:
         problem = super().unsupported()
@@ -334,8 +341,15 @@ class T5Layer(PackedLayer):
     def __call__(
         self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None = None
     ) -> torch.Tensor:
-        x = _clamp_fp16(x + self._attention(self.ln1(x), info, bias, rotary), "inf")
-        return _clamp_fp16(x + self.ffn(self.ln2(x)), "inf")
+        x = _clamp_fp16(x + self._attention(_norm(self.ln1, x), info, bias, rotary), "inf")
+        return _clamp_fp16(x + self._feed_forward(_norm(self.ln2, x)), "inf")
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.plain_ffn:
+            return self.ffn(x)
+        ffn: Any = self.ffn
+        h = F.linear(x, ffn.wi.weight).relu_()
+        return F.linear(h.to(ffn.wo.weight.dtype), ffn.wo.weight)  # T5 may keep wo in fp32 in fp16 models
 
 
 class _Restart(Exception):
@@ -685,6 +699,13 @@ def _clamp_fp16(x: torch.Tensor, form: str) -> torch.Tensor:
         return torch.clamp(x, min=-limit, max=limit)
     clamped = x.clamp(min=-(top - 1000), max=top - 1000)
     return clamped if form == "always" else torch.where(torch.isfinite(x).all(), x, clamped)
+
+
+def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """An RMS-norm module of T5 on x: our fused kernel where it runs, without the module's call, else its forward."""
+    if use_triton(x) and module.weight.dtype == x.dtype:
+        return rms_norm(x, module.weight, module.variance_epsilon)
+    return module(x)
 
 
 def _fused_rms_norm(module: Any, stock: Callable, hidden_states: torch.Tensor) -> torch.Tensor:
