@@ -1,5 +1,5 @@
-"""Fast ``generate`` for encoder-decoders (BART, T5 and their kin): the encoder once, then the decoder's steps on
-static buffers, each replayed from a CUDA graph.
+"""Fast ``generate`` for encoder-decoders (BART, T5, Whisper and their kin): the encoder once, then the decoder's
+steps on static buffers, each replayed from a CUDA graph.
 
 The loop is ``generation.FastGenerate``'s; what differs is the prefill and the step:
 
@@ -20,8 +20,8 @@ model, say) is noticed at its first step (``DecodeState.attended`` counts the ca
 Models with a ``generate`` of their own (Whisper: language and task tokens, suppressed tokens, timestamps, long-form
 audio) keep it: it prepares the decoder's prompt, its logits processors and the encoder's states, and hands the
 decoding loop to ours through transformers' ``custom_generate`` hook (``Seq2SeqGenerate._decode``). The loop runs
-when every processor and stopping criterion is one it implements (``_PROCESSORS``); otherwise transformers' own
-sampling loop runs, with the same arguments.
+when every processor and stopping criterion is one it implements (``_read_processors``); otherwise transformers' own
+loop for the call's mode runs, with the same arguments.
 """
 
 from __future__ import annotations
