@@ -113,6 +113,20 @@ def test_generate_settings_match_stock(model_type, fast_loop_on_cpu):
     assert counts["fast generate"] == len(cases) + 1 and counts["stock generate"] == 0, counts
 
 
+def test_cache_info_counts_the_cross_attention_buffers(fast_loop_on_cpu):
+    """A runner's bytes include its cross-attention keys/values and the encoder's states (the memory bound on the
+    runners kept, ``SWITCHES.max_graph_bytes``, counts them)."""
+    stock = make_seq2seq("bart")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "right")  # 4 rows, 24 encoder positions: buckets of 4 and 64
+    fast.generate(ids, attention_mask=mask, max_new_tokens=5)
+    config = stock.config
+    cross = config.decoder_layers * 2 * 4 * 64 * config.d_model * 4  # layers x (k, v) x rows x positions x width x fp32
+    states = 4 * 64 * config.d_model * 4
+    info = BetterTransformer.cache_info(fast)
+    assert info["runners"] == 1 and info["buffer_bytes"] >= cross + states
+
+
 def test_sampling_runs_the_fast_loop(fast_loop_on_cpu):
     """Sampling draws from the same distribution as stock (not the same draws): top_k=1 is the greedy choice, and
     a seed gives the same tokens twice."""

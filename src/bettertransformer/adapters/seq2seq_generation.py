@@ -92,6 +92,12 @@ class Seq2SeqRunner(Runner):
         self.step_cache: Any = None
         self.plan: _Plan | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of its static buffers, the encoder's states included."""
+        states = self.encoder_states
+        return super().nbytes + (0 if states is None else states.numel() * states.element_size())
+
     def run(self, plan: _Plan) -> torch.Tensor:
         self.plan = plan
         try:
