@@ -320,6 +320,10 @@ REGISTRY: dict[str, Support] = {
     "distilbert": Support(encoder=DISTILBERT),
     "electra": Support(encoder=BERT),
     "ernie": Support(encoder=BERT),
+    "fsmt": Support(
+        encoder=replace(BART, clamp_fp16=None, seq_first=True, layer_output=lambda hidden: (hidden, None)),
+        notes="the encoder, padding-free (inference); its decoder has no attention interface: stock generate",
+    ),
     "hubert": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
     "layoutlm": Support(encoder=BERT),
     "m2m_100": _seq2seq(MBART),

@@ -98,6 +98,8 @@ class EncoderLayout:
     layer_class: type[PackedLayer] | None = None
     # In a ``loop`` layout, what a stock layer returns, made from the hidden states (T5's blocks return a tuple).
     layer_output: Callable[[torch.Tensor], Any] | None = None
+    # In a ``loop`` layout, the layers take (seq, batch, hidden) states (FSMT's fairseq layout).
+    seq_first: bool = False
     # An encoder-decoder's decoder self-attention bias in a decode step (T5's relative positions):
     # (decoder, current slot (1,) int64, slots S) -> (1, H, 1, S) additive bias.
     decoder_bias: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None
@@ -444,6 +446,8 @@ class PackedEncoder:
             if callable(getattr(head, "generate", None)) and head.get_output_embeddings() is not None:
                 bias = self.layout.decoder_bias
                 decoder = head.get_decoder()
+                if not isinstance(decoder, PreTrainedModel):  # a decoder with no config of its own (FSMT's)
+                    return None
                 self_bias = None if bias is None else lambda state: bias(decoder, state.slot, state.kv[0].shape[3])
                 return Seq2SeqGenerate(head, self.calls, self_bias)
         return None
@@ -652,8 +656,14 @@ class PackedEncoder:
         """The first layer's forward in a ``loop`` layout: every layer, packed, when exact (the other layers then
         pass the result on); else this layer's own forward."""
         call = current_encoder_call(id(self))
-        # The stock layers' 4D mask (positional or by name) is not read: the packed layers take the call's own.
-        reason = self._stock_reason(call, hidden_states, (), {k: v for k, v in kwargs.items() if k != "attention_mask"})
+        states = (
+            hidden_states.transpose(0, 1)
+            if self.layout.seq_first and isinstance(hidden_states, torch.Tensor)
+            else hidden_states
+        )
+        # The stock layers' mask (positional or by name) is not read: the packed layers take the call's own.
+        masks = ("attention_mask", "encoder_padding_mask")
+        reason = self._stock_reason(call, states, (), {k: v for k, v in kwargs.items() if k not in masks})
         if reason is not None:
             if call is not None and call.mask_dropped:
                 raise _Restart(reason)
@@ -662,7 +672,8 @@ class PackedEncoder:
             return stock(hidden_states, *args, **kwargs)
         self.calls.add("fast")
         assert call is not None
-        out = self._packed(call, hidden_states, return_dict=False)[0]
+        out = self._packed(call, states, return_dict=False)[0]
+        out = out.transpose(0, 1) if self.layout.seq_first else out
         _LOOPED.set(call)
         return self.layout.layer_output(out) if self.layout.layer_output else out
 
