@@ -343,3 +343,17 @@ def test_the_fused_rms_norm_kernel_on_cuda(dtype):
     ulp = torch.finfo(dtype).eps * expected.float().abs().clamp(min=1e-3)
     assert ((got.float() - expected.float()).abs() <= 2 * ulp).all()
     assert (got == expected).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_training_gradients_equal_stock(model_type):
+    """The decoder runs our attention function after transform (for its decode steps): in training too, with T5's
+    relative-position bias folded into the mask, the gradients are stock's (the bias table's included)."""
+    stock, fast = make_seq2seq(model_type), BetterTransformer.transform(make_seq2seq(model_type))
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    for model in (stock, fast):
+        model.train()
+        model(input_ids=ids, attention_mask=mask, labels=ids[:, :9].clamp(min=3)).loss.backward()
+    expected = dict(stock.named_parameters())
+    for name, parameter in fast.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name].grad, atol=1e-6, rtol=1e-5, msg=name)
