@@ -46,6 +46,26 @@ SEQ2SEQ_CONFIGS: dict[str, dict] = {
     "mt5": dict(_T5, feed_forward_proj="gated-gelu"),
     "pegasus": _COMMON,
     "plbart": _COMMON,
+    # ProphetNet: BERT-like post-LayerNorm encoder layers; its n-gram decoder computes attention itself (eager).
+    "prophetnet": dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        num_encoder_attention_heads=4,
+        num_decoder_attention_heads=4,
+        max_position_embeddings=64,
+        ngram=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    ),
     "t5": _T5,
 }
 
@@ -76,9 +96,10 @@ def test_encoder_outputs_logits_and_generate_match_stock(model_type, layout, fas
         decoder = ids[:, :7].clamp(min=3)
         logits = fast(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
         expected = stock(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
-        # A row with no input at all: T5's cross-attention (an additive mask) then averages the encoder's states at
-        # pad positions, stock's pad-token states against our zeros; both meaningless. Every other row must agree.
-        rows = mask.any(1) if model_type in ("t5", "mt5") else slice(None)
+        # A row with no input at all: T5's and ProphetNet's cross-attention (an additive mask) then averages the
+        # encoder's states at pad positions, stock's pad-token states against our zeros; both meaningless. Every other
+        # row must agree.
+        rows = mask.any(1) if model_type in ("t5", "mt5", "prophetnet") else slice(None)
         torch.testing.assert_close(logits[rows], expected[rows])
     if layout != "empty_row":  # a row with no input at all: stock's own encoder output there is arbitrary
         kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
@@ -86,8 +107,9 @@ def test_encoder_outputs_logits_and_generate_match_stock(model_type, layout, fas
         counts = call_counts(fast)
         if model_type == "fsmt":  # its decoder has no attention interface: generate is not ours at all
             assert "fast generate" not in counts
-        else:  # Blenderbot's config bans repeating the input's 3-grams (encoder_no_repeat_ngram_size): stock
-            fast_loop = model_type != "blenderbot"
+        else:  # Blenderbot's config bans repeating the input's 3-grams (encoder_no_repeat_ngram_size), ProphetNet's
+            # decoder is on eager attention: stock
+            fast_loop = model_type not in ("blenderbot", "prophetnet")
             assert counts["fast generate"] == fast_loop and counts["stock generate"] == 1 - fast_loop
     assert call_counts(fast)["fast"] >= 2 and call_counts(fast)["stock"] == 0
 

@@ -214,6 +214,14 @@ BART = EncoderLayout(
 # mBART, Pegasus, M2M-100 (NLLB), Blenderbot, Whisper: the same with pre-LayerNorm layers (the norm after the loop stays
 # the stock code's) and an unconditional fp16 clamp.
 MBART = replace(BART, pre_norm=True, clamp_fp16="always")
+# ProphetNet's encoder: BERT's post-LayerNorm layers under other names, looped over by the encoder's forward.
+PROPHETNET = EncoderLayout(
+    layers="layers", entry="encoder", loop=True, layer_output=lambda hidden: (hidden,),
+    num_heads="num_encoder_attention_heads", q="self_attn.query_proj", k="self_attn.key_proj",
+    v="self_attn.value_proj", attn_dropout=None, o="self_attn.out_proj", o_dropout=None, ln1="self_attn_layer_norm",
+    ffn_in="feed_forward.intermediate", act="feed_forward.activation_fn", ffn_out="feed_forward.output",
+    ffn_dropout=None, ln2="feed_forward_layer_norm", requires=(),
+)  # fmt: skip
 _SEQ2SEQ_NOTES = "the encoder padding-free (inference); beam search runs stock generate"
 
 
@@ -342,6 +350,10 @@ REGISTRY: dict[str, Support] = {
     "mt5": _seq2seq(T5, "; MT5EncoderModel too; relative-position bias; RMS norms as one kernel (CUDA, fp16/bf16)"),
     "pegasus": _seq2seq(MBART),
     "plbart": _seq2seq(BART),
+    "prophetnet": Support(
+        encoder=PROPHETNET,
+        notes="the encoder, padding-free (inference); its n-gram decoder has no attention interface: stock generate",
+    ),
     "rembert": Support(encoder=REMBERT, notes="input embeddings projected up inside the encoder"),
     "roberta": Support(encoder=BERT),
     "roberta-prelayernorm": Support(

@@ -89,6 +89,7 @@ class Seq2SeqRunner(Runner):
         self.cross_length = -(-plan.encoder[0].shape[1] // 64) * 64
         self.cache_name = owner.cache_name
         self.encoder_states: torch.Tensor | None = None  # (B, cross_length, hidden), for the decoder's shapes
+        self.encoder_outputs: Any = None  # the same, as the model output the decoder steps are given
         self.step_cache: Any = None
         self.plan: _Plan | None = None
 
@@ -120,15 +121,21 @@ class Seq2SeqRunner(Runner):
             encoder = head.get_encoder()
             states = encoder(input_ids=inputs, attention_mask=encoder_mask, return_dict=True).last_hidden_state
             given_mask = encoder_mask
+        from transformers.modeling_outputs import BaseModelOutput
+
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        out = head(
-            attention_mask=given_mask, decoder_input_ids=ids, encoder_outputs=(states,), use_cache=True,
-            **{self.cache_name: cache},
-        )  # fmt: skip
+        try:
+            out = head(
+                attention_mask=given_mask, decoder_input_ids=ids, encoder_outputs=BaseModelOutput(states),
+                use_cache=True, **{self.cache_name: cache},
+            )  # fmt: skip
+        except (TypeError, ValueError, AttributeError) as problem:  # a decoder that takes no transformers cache
+            raise DecodeUnsupported(f"the decoder's first step with a cache: {type(problem).__name__}: {problem}")
         self_layers, cross_layers = _tensors(cache.self_attention_cache), _tensors(cache.cross_attention_cache)
         if len(cross_layers) != len(self_layers) or any(k.shape[2] != length for k, _ in cross_layers):
             raise DecodeUnsupported("a cross-attention cache that is not one projection of the encoder per layer")
         if self.state is None:
+            self.encoder_outputs = BaseModelOutput(states.new_zeros(self.batch, self.cross_length, states.shape[2]))
             kv = [k.new_zeros(2, self.batch, k.shape[1], self.length, k.shape[3]) for k, _ in self_layers]
             cross = {
                 i: k.new_zeros(2, self.batch, k.shape[1], self.cross_length, k.shape[3])
@@ -136,7 +143,7 @@ class Seq2SeqRunner(Runner):
             }
             cross_mask = torch.zeros(self.batch, 1, 1, self.cross_length, dtype=states.dtype, device=self.device)
             self.state = DecodeState(kv, self.buffers, cross, cross_mask, self.owner.self_bias)
-            self.encoder_states = states.new_zeros(self.batch, self.cross_length, states.shape[2])
+            self.encoder_states = self.encoder_outputs.last_hidden_state
             self.step_cache = _step_cache(_pass_through_cache(self.buffers.slot), cross, len(cross_layers))
         state = self.state
         assert state.cross_mask is not None and self.encoder_states is not None
@@ -170,10 +177,13 @@ class Seq2SeqRunner(Runner):
         assert state is not None
         placeholder = self.ones[:, :, None, None].to(state.cross_mask.dtype if state.cross_mask is not None else None)
         with decoding(state):
-            out = self.head(
-                decoder_input_ids=b.tokens, encoder_outputs=(self.encoder_states,),
-                decoder_attention_mask=placeholder, use_cache=True, **{self.cache_name: self.step_cache},
-            )  # fmt: skip
+            try:
+                out = self.head(
+                    decoder_input_ids=b.tokens, encoder_outputs=self.encoder_outputs,
+                    decoder_attention_mask=placeholder, use_cache=True, **{self.cache_name: self.step_cache},
+                )  # fmt: skip
+            except (TypeError, ValueError, AttributeError) as problem:  # a decoder our step cache does not fit
+                raise DecodeUnsupported(f"a decode step: {type(problem).__name__}: {problem}") from problem
         if state.attended != 2 * len(state.kv):
             raise DecodeUnsupported(
                 f"{state.attended} attention calls through ours in a step of {len(state.kv)} decoder layers "
@@ -209,6 +219,12 @@ class Seq2SeqGenerate(FastGenerate):
         if self._previous_attention == "sdpa":
             set_attention(self._decoder, ATTENTION_NAME)
         super().attach()
+
+    def _model_problem(self) -> str | None:
+        attention = self._decoder.config._attn_implementation
+        if attention != ATTENTION_NAME:
+            return f"a decoder on {attention} attention (its decode steps would not reach the static buffers)"
+        return super()._model_problem()
 
     def detach(self) -> None:
         super().detach()
