@@ -114,6 +114,26 @@ def test_fast_generate_sampling_is_reproducible(fast_loop_on_cpu):
     assert call_counts(model)["fast generate"] == 2
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_forced_first_and_last_tokens_match_stock(name, fast_loop_on_cpu):
+    """forced_eos_token_id (the token that reaches the length limit) and forced_bos_token_id (the first new token
+    after a one-token prompt) run in the fast loop, as generate's processors force them; the fused step (GPT-2,
+    Llama) included."""
+    stock = make_decoder(name)
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    cases = [
+        (ids, dict(attention_mask=mask, max_new_tokens=7, forced_eos_token_id=5)),
+        (ids, dict(attention_mask=mask, max_new_tokens=7, forced_bos_token_id=6)),  # a longer prompt: not forced
+        (ids[:, -1:], dict(max_new_tokens=5, forced_bos_token_id=6, forced_eos_token_id=5)),
+        (ids[:, -1:], dict(max_new_tokens=1, forced_bos_token_id=6, forced_eos_token_id=5)),  # both: eos wins
+    ]
+    for prompt, kwargs in cases:
+        kwargs = dict(kwargs, pad_token_id=PAD)
+        assert torch.equal(model.generate(prompt, **kwargs), stock.generate(prompt, **kwargs)), kwargs
+    assert call_counts(model)["fast generate"] == len(cases)
+
+
 def test_unsupported_settings_run_stock_generate(fast_loop_on_cpu, caplog):
     stock = make_decoder("llama")
     model = BetterTransformer.transform(stock, keep_original_model=True)
