@@ -374,7 +374,7 @@ REGISTRY: dict[str, Support] = {
         encoder=MBART,
         fast_paths=("fused encoder layers", "static-cache CUDA-graph generate"),
         notes="Whisper's own generate prepares each call (language, task, suppressed tokens); the decoding loop is "
-        "ours unless timestamps, beam search or temperature fallback ask for transformers' own",
+        "ours unless timestamps, beam search or the fallback thresholds (which need scores) ask for transformers' own",
     ),
     "xlm-roberta": Support(encoder=BERT),
     "xlm-roberta-xl": Support(encoder=XLM_ROBERTA_XL, notes="pre-LayerNorm"),
