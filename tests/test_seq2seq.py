@@ -140,6 +140,26 @@ def test_generate_settings_match_stock(model_type, fast_loop_on_cpu):
     assert counts["fast generate"] == len(cases) + 1 and counts["stock generate"] == 0, counts
 
 
+def test_arguments_the_loop_does_not_plan_for_run_stock_generate(fast_loop_on_cpu):
+    """A decoder prompt of the user's, encoder outputs computed beforehand, several sequences per input: stock
+    generate, with stock's tokens."""
+    stock = make_seq2seq("t5")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    prompt = torch.zeros(4, 3, dtype=torch.long).index_fill_(1, torch.tensor([1, 2]), 7)
+    with torch.no_grad():
+        encoded = stock.get_encoder()(input_ids=ids, attention_mask=mask)
+    cases = [
+        dict(decoder_input_ids=prompt),
+        dict(encoder_outputs=encoded),
+        dict(num_return_sequences=2, num_beams=2),
+    ]
+    for kwargs in cases:
+        expected = stock.generate(ids, attention_mask=mask, max_new_tokens=5, **kwargs)
+        assert torch.equal(fast.generate(ids, attention_mask=mask, max_new_tokens=5, **kwargs), expected), kwargs
+    assert call_counts(fast)["stock generate"] == len(cases) and call_counts(fast)["fast generate"] == 0
+
+
 def test_cache_info_counts_the_cross_attention_buffers(fast_loop_on_cpu):
     """A runner's bytes include its cross-attention keys/values and the encoder's states (the memory bound on the
     runners kept, ``SWITCHES.max_graph_bytes``, counts them)."""
