@@ -1,4 +1,4 @@
-"""Encoder-decoders and speech encoders, stock against transformed, side by side in one process (issue 13).
+"""Issue 13's representatives, stock against transformed, side by side in one process:
 
 - ``bart``: BART-base config, random weights, fp16: 16 inputs of ``torch.manual_seed(0); torch.randint(16, 513, (16,))``
   tokens right-padded; the encoder alone, and greedy ``generate`` of 64 new tokens (``min_new_tokens`` too).
@@ -11,7 +11,7 @@
   (``torch.manual_seed(0); torch.randint(32_000, 240_001, (16,))`` samples), zero-padded, with the mask.
 
 Medians of CUDA-event timings; the error at real positions against the fp32 stock model. ``--small`` runs tiny
-configs (a check of the script on the CPU). Run: ``PYTHONPATH=src python benchmarks/seq2seq_audio_gpu.py
+configs (a check of the script on the CPU). Run: ``PYTHONPATH=src python benchmarks/architectures_gpu.py
 [--only bart wav2vec2] [--small] [--device cpu]``
 """
 
