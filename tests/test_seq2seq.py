@@ -399,3 +399,17 @@ def test_training_gradients_equal_stock(model_type):
     expected = dict(stock.named_parameters())
     for name, parameter in fast.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name].grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_t5_decoder_attention_weights_are_eagers():
+    """T5's decoder runs our attention function (for its decode steps): asked for attention weights, it returns
+    eager's, self-attention (with the relative-position bias folded in) and cross-attention alike."""
+    eager = make_seq2seq("t5", attn_implementation="eager")
+    fast = BetterTransformer.transform(make_seq2seq("t5"))
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :7].clamp(min=3), output_attentions=True)
+    with torch.no_grad():
+        expected, actual = eager(**kwargs), fast(**kwargs)
+    for name in ("decoder_attentions", "cross_attentions"):
+        for got, want in zip(getattr(actual, name), getattr(expected, name), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
