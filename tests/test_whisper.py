@@ -58,6 +58,22 @@ def test_generate_runs_our_loop_inside_whispers_generate(fast_loop_on_cpu):
     assert counts["fast generate"] == len(cases) + 1 and counts["stock generate"] == 0, counts
 
 
+def test_language_and_task_prompts(fast_loop_on_cpu):
+    """A multilingual configuration: the decoder's prompt is the start, language, task and no-timestamps tokens
+    (four tokens), given or with the language detected first; the tokens equal stock's."""
+    stock = make_whisper()
+    config = stock.generation_config
+    config.is_multilingual = True
+    config.lang_to_id = {"<|en|>": 102, "<|de|>": 103}
+    config.task_to_id = {"transcribe": 104, "translate": 105}
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    cases = [dict(language="en", task="transcribe"), dict(language="de", task="translate"), dict(task="transcribe")]
+    for kwargs in cases:
+        expected = stock.generate(_features(), max_new_tokens=8, **kwargs)
+        assert torch.equal(fast.generate(_features(), max_new_tokens=8, **kwargs), expected), kwargs
+    assert call_counts(fast)["fast generate"] == len(cases)
+
+
 def test_suppressed_tokens_are_never_chosen(fast_loop_on_cpu):
     """The tokens stock chooses most, suppressed: neither model chooses them, and both choose the same."""
     stock = make_whisper()
