@@ -14,8 +14,9 @@ The loop is ``generation.FastGenerate``'s; what differs is the prefill and the s
    the current slot as the length seen so far (the decoder's positions). The self-attention mask is ours: a 4D
    placeholder mask keeps transformers from building one.
 
-A model whose decoder does not route every attention module through our attention function (an ``eager``
-model, say) is noticed at its first step (``DecodeState.attended`` counts the calls) and runs stock generate.
+A model whose decoder is not on our attention function (an ``eager`` model, say) runs stock generate; one whose
+decoder routes only some of its attention modules through it is noticed at its first step (``DecodeState.attended``
+counts the calls) and runs stock generate too.
 
 Models with a ``generate`` of their own (Whisper: language and task tokens, suppressed tokens, timestamps, long-form
 audio) keep it: it prepares the decoder's prompt, its logits processors and the encoder's states, and hands the
@@ -213,7 +214,7 @@ class Seq2SeqGenerate(FastGenerate):
     def attach(self) -> None:
         """Switch the decoder to our attention function (T5's decoder keeps a config of its own) and install
         ``generate``. Only a decoder on SDPA is switched: another implementation is the user's choice, and its
-        decode steps then fail the attention-call check and run stock."""
+        ``generate`` calls then run stock (``_model_problem``)."""
         config = self._decoder.config
         self._previous_attention = config._attn_implementation
         if self._previous_attention == "sdpa":
