@@ -180,6 +180,10 @@ class PackedLayer:
         self.exact_gelu = _is_exact_gelu(self.act)
         self.pre_norm = layout.pre_norm
         self.causal = layout.causal
+        self._heads(num_heads)
+
+    def _heads(self, num_heads: int) -> None:
+        """The attention's head shape and scale, and which projections run fused (``q``, ``k``, ``v`` read)."""
         self.num_heads = num_heads
         self.head_dim = self.q.out_features // num_heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
@@ -317,12 +321,8 @@ class T5Layer(PackedLayer):
         self._slots += [(attention, "layer_norm", self.ln1), (feed_forward, "layer_norm", self.ln2)]
         self._slots.append((feed_forward, "DenseReluDense", self.ffn))
         self.attn_dropout = self.o_dropout = None  # training runs the stock blocks (loop layout)
-        self.num_heads = num_heads
-        self.head_dim = self.q.out_features // num_heads
-        self.scale = 1.0
-        self._qkv_cache = None
-        self.plain = {name: type(getattr(self, name)).forward is nn.Linear.forward for name in self._LINEARS}
-        self.fused_qkv = all(self.plain[name] for name in ("q", "k", "v"))
+        self._heads(num_heads)
+        self.scale = 1.0  # T5 scales its attention logits not at all
         self.pre_norm = True
         self.causal = False
         # T5's ReLU feed-forward of plain products runs as two products here (saving its modules' calls: the
@@ -343,8 +343,9 @@ class T5Layer(PackedLayer):
     def __call__(
         self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None = None
     ) -> torch.Tensor:
-        x = _clamp_fp16(x + self._attention(_norm(self.ln1, x), info, bias, rotary), "inf")
-        return _clamp_fp16(x + self._feed_forward(_norm(self.ln2, x)), "inf")
+        # The norms' kernel called directly (the encoder is host-bound): the module itself is the fallback.
+        x = _clamp_fp16(x + self._attention(_fused_rms_norm(self.ln1, self.ln1, x), info, bias, rotary), "inf")
+        return _clamp_fp16(x + self._feed_forward(_fused_rms_norm(self.ln2, self.ln2, x)), "inf")
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.plain_ffn:
@@ -675,14 +676,18 @@ class PackedEncoder:
         out = self._packed(call, states, return_dict=False)[0]
         out = out.transpose(0, 1) if self.layout.seq_first else out
         _LOOPED.set(call)
-        return self.layout.layer_output(out) if self.layout.layer_output else out
+        return self._as_layer_output(out)
 
     def _pass_on(self, stock: Callable, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
         """A later layer's forward in a ``loop`` layout: the first layer ran them all in this call."""
         call = current_encoder_call(id(self))
         if call is not None and _LOOPED.get() is call:
-            return self.layout.layer_output(hidden_states) if self.layout.layer_output else hidden_states
+            return self._as_layer_output(hidden_states)
         return stock(hidden_states, *args, **kwargs)
+
+    def _as_layer_output(self, hidden_states: torch.Tensor) -> Any:
+        """What a stock layer of a ``loop`` layout returns, made from its output hidden states."""
+        return self.layout.layer_output(hidden_states) if self.layout.layer_output else hidden_states
 
     def _relative_bias(self, info: PackInfo) -> torch.Tensor:
         """(B or 1, H, L, L) bias from the tokens' original positions in the padded batch."""
@@ -712,15 +717,9 @@ def _clamp_fp16(x: torch.Tensor, form: str) -> torch.Tensor:
     return clamped if form == "always" else torch.where(torch.isfinite(x).all(), x, clamped)
 
 
-def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """An RMS-norm module of T5 on x: our fused kernel where it runs, without the module's call, else its forward."""
-    if use_triton(x) and module.weight.dtype == x.dtype:
-        return rms_norm(x, module.weight, module.variance_epsilon)
-    return module(x)
-
-
 def _fused_rms_norm(module: Any, stock: Callable, hidden_states: torch.Tensor) -> torch.Tensor:
-    """An RMS-norm module's forward: our fused kernel where it runs (CUDA, fp16/bf16, no gradient), else its own."""
+    """An RMS-norm module's forward: our fused kernel where it runs (CUDA, fp16/bf16, no gradient), else ``stock``
+    (its own forward, or the module itself, whose routed forward then runs its own)."""
     if use_triton(hidden_states) and module.weight.dtype == hidden_states.dtype:
         return rms_norm(hidden_states, module.weight, module.variance_epsilon)
     return stock(hidden_states)
@@ -728,13 +727,14 @@ def _fused_rms_norm(module: Any, stock: Callable, hidden_states: torch.Tensor) -
 
 def _gemm_conv1d(module: nn.Conv1d, stock: Callable, x: torch.Tensor) -> torch.Tensor:
     """A Conv1d's forward: matrix products in fp16/bf16 CUDA inference, else its own."""
-    weight = module.weight  # computed here when parametrized (weight norm)
-    half = x.dtype in (torch.float16, torch.bfloat16) and x.dtype == weight.dtype
-    if x.is_cuda and half and x.dim() == 3 and not (torch.is_grad_enabled() and weight.requires_grad):
-        padding = module.padding[0]
-        assert isinstance(padding, int)
-        return conv1d_gemm(x, weight, module.bias, module.stride[0], padding, module.groups)
-    return stock(x)
+    if not (x.is_cuda and x.dim() == 3 and x.dtype in (torch.float16, torch.bfloat16)):
+        return stock(x)
+    weight = module.weight  # computed here when parametrized (weight norm): only on this path
+    if x.dtype != weight.dtype or (torch.is_grad_enabled() and weight.requires_grad):
+        return stock(x)
+    padding = module.padding[0]
+    assert isinstance(padding, int)
+    return conv1d_gemm(x, weight, module.bias, module.stride[0], padding, module.groups)
 
 
 def _columns(info: PackInfo) -> torch.Tensor:
