@@ -453,6 +453,8 @@ class Runner:
 class FastGenerate:
     """Replaces ``generate`` on one causal LM head (an instance attribute; ``detach`` restores it)."""
 
+    runner_class: type[Runner] = Runner  # what holds one bucket's buffers and graphs
+
     def __init__(self, head: Any, cache_name: str, calls: Calls, step: DecodeStep | None = None):
         self.head, self.cache_name, self.fused = head, cache_name, step
         self.calls = calls  # shared with the decoder adapter, for ``call_counts``
@@ -463,7 +465,6 @@ class FastGenerate:
         self.unsupported: str | None = None  # why decode steps cannot run on the static buffers, once seen
         self._patch: InstanceForward | None = None
         self._stock_params = frozenset(inspect.signature(head.generate).parameters)
-        self.runner_class: type[Runner] = Runner
 
     def attach(self) -> None:
         """Install the fast ``generate`` on the head (an instance attribute)."""

@@ -27,7 +27,7 @@ loop for the call's mode runs, with the same arguments.
 
 from __future__ import annotations
 
-import types
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -89,16 +89,20 @@ class Seq2SeqRunner(Runner):
         assert plan.encoder is not None
         self.cross_length = -(-plan.encoder[0].shape[1] // 64) * 64
         self.cache_name = owner.cache_name
-        self.encoder_states: torch.Tensor | None = None  # (B, cross_length, hidden), for the decoder's shapes
-        self.encoder_outputs: Any = None  # the same, as the model output the decoder steps are given
+        # The encoder's states (B, cross_length, hidden) as the model output the decoder steps are given (for its
+        # shapes), and the steps' 4D placeholder self-attention mask: both made at the first prefill.
+        self.encoder_outputs: Any = None
+        self.placeholder_mask: torch.Tensor | None = None
         self.step_cache: Any = None
         self.plan: _Plan | None = None
 
     @property
     def nbytes(self) -> int:
         """Device bytes of its static buffers, the encoder's states included."""
-        states = self.encoder_states
-        return super().nbytes + (0 if states is None else states.numel() * states.element_size())
+        if self.encoder_outputs is None:
+            return super().nbytes
+        states = self.encoder_outputs.last_hidden_state
+        return super().nbytes + states.numel() * states.element_size()
 
     def run(self, plan: _Plan) -> torch.Tensor:
         self.plan = plan
@@ -144,10 +148,10 @@ class Seq2SeqRunner(Runner):
             }
             cross_mask = torch.zeros(self.batch, 1, 1, self.cross_length, dtype=states.dtype, device=self.device)
             self.state = DecodeState(kv, self.buffers, cross, cross_mask, self.owner.self_bias)
-            self.encoder_states = self.encoder_outputs.last_hidden_state
+            self.placeholder_mask = self.ones[:, :, None, None].to(states.dtype)
             self.step_cache = _step_cache(_pass_through_cache(self.buffers.slot), cross, len(cross_layers))
         state = self.state
-        assert state.cross_mask is not None and self.encoder_states is not None
+        assert state.cross_mask is not None
         for buffer, (keys, values) in zip(state.kv, self_layers, strict=True):
             buffer.zero_()
             buffer[0, :batch, :, : ids.shape[1]] = keys
@@ -161,8 +165,9 @@ class Seq2SeqRunner(Runner):
         allowed[:batch, :length] = encoder_mask.bool()
         allowed[batch:, 0] = True  # the bucket's extra rows see one (zero) key rather than none (no NaN)
         state.cross_mask.copy_(torch.where(allowed, 0.0, float("-inf"))[:, None, None, :])
-        self.encoder_states.zero_()
-        self.encoder_states[:batch, :length] = states
+        encoder_states = self.encoder_outputs.last_hidden_state
+        encoder_states.zero_()
+        encoder_states[:batch, :length] = states
         b = self.buffers
         b.valid.zero_()
         b.valid[:batch, : ids.shape[1]] = True
@@ -176,12 +181,11 @@ class Seq2SeqRunner(Runner):
     def _decode_step(self) -> None:
         state, b = self.state, self.buffers
         assert state is not None
-        placeholder = self.ones[:, :, None, None].to(state.cross_mask.dtype if state.cross_mask is not None else None)
         with decoding(state):
             try:
                 out = self.head(
                     decoder_input_ids=b.tokens, encoder_outputs=self.encoder_outputs,
-                    decoder_attention_mask=placeholder, use_cache=True, **{self.cache_name: self.step_cache},
+                    decoder_attention_mask=self.placeholder_mask, use_cache=True, **{self.cache_name: self.step_cache},
                 )  # fmt: skip
             except (TypeError, ValueError, AttributeError) as problem:  # a decoder our step cache does not fit
                 raise DecodeUnsupported(f"a decode step: {type(problem).__name__}: {problem}") from problem
@@ -197,6 +201,8 @@ class Seq2SeqGenerate(FastGenerate):
     """Replaces ``generate`` on an encoder-decoder's LM head; ``self_bias``: the decoder's self-attention bias
     (``DecodeState.self_bias``), for T5's relative positions."""
 
+    runner_class = Seq2SeqRunner
+
     def __init__(self, head: Any, calls: Calls, self_bias: Callable[[DecodeState], torch.Tensor] | None = None):
         import inspect
 
@@ -204,7 +210,6 @@ class Seq2SeqGenerate(FastGenerate):
 
         params = inspect.signature(head.forward).parameters
         super().__init__(head, "cache" if "cache" in params else "past_key_values", calls)
-        self.runner_class = Seq2SeqRunner
         self.self_bias = self_bias
         self._decoder = head.get_decoder()
         self._previous_attention: Any = None
@@ -296,31 +301,43 @@ class Seq2SeqGenerate(FastGenerate):
         if not isinstance(states, torch.Tensor) or states.dim() != 3 or input_ids.dim() != 2:
             return "no encoder states, or a prompt that is not (batch, length)"
         prompt = input_ids.shape[1]
-        found = _read_processors(processors, criteria, prompt)
+        found = _read_processors(processors, criteria, prompt, _Prepared(config.do_sample, config.pad_token_id))
         if isinstance(found, str):
             return found
         if found.max_length is None or found.max_length <= prompt:
             return "no length limit, or no tokens to generate"
-        if set(found.suppress) & set(found.eos):
+        if set(found.suppress) & set(found.eos_token_id):
             return "a suppressed end-of-sequence id"
-        settings = types.SimpleNamespace(
-            eos_token_id=list(found.eos), pad_token_id=config.pad_token_id, repetition_penalty=found.penalty,
-            do_sample=config.do_sample, temperature=found.temperature, top_k=found.top_k, top_p=found.top_p,
-            forced_bos_token_id=found.forced_bos, forced_eos_token_id=found.forced_eos,
-        )  # fmt: skip
         batch = input_ids.shape[0]
         # Whisper's decoder attends to every encoder position (its cross-attention takes no mask).
         everywhere = torch.ones(batch, states.shape[1], dtype=torch.long, device=states.device)
         plan = _Plan(
-            input_ids, torch.ones_like(input_ids), found.max_length - prompt, found.ban_steps, settings,
+            input_ids, torch.ones_like(input_ids), found.max_length - prompt, found.ban_steps, found,
             encoder=(states, everywhere),
         )  # fmt: skip
         plan.suppress, plan.begin_suppress = tuple(found.suppress), tuple(found.begin_suppress)
         return plan
 
 
-class _Found(types.SimpleNamespace):
-    """What ``_read_processors`` found."""
+@dataclass
+class _Prepared:
+    """The settings a prepared call's processors and stopping criteria stand for, under the names of
+    ``GenerationConfig`` that ``_Plan`` reads, with the limits ``_Plan`` takes as numbers and the suppressed ids."""
+
+    do_sample: bool
+    pad_token_id: int | None
+    eos_token_id: list[int] = field(default_factory=list)
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    forced_eos_at: int | None = None  # the length at which the forced end-of-sequence id comes
+    max_length: int | None = None
+    ban_steps: int = 0
+    suppress: list[int] = field(default_factory=list)
+    begin_suppress: list[int] = field(default_factory=list)
 
 
 def _ids(value: Any) -> list[int]:
@@ -331,19 +348,15 @@ def _ids(value: Any) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def _read_processors(processors: Any, criteria: Any, prompt: int) -> _Found | str:
-    """The settings that ``generate``'s prepared processors and stopping criteria stand for, in the loop's terms,
-    or the first one the loop does not implement."""
-    found = _Found(
-        eos=[], max_length=None, ban_steps=0, penalty=1.0, temperature=1.0, top_k=None, top_p=1.0, forced_bos=None,
-        forced_eos=None, forced_eos_at=None, suppress=[], begin_suppress=[],
-    )  # fmt: skip
+def _read_processors(processors: Any, criteria: Any, prompt: int, found: _Prepared) -> _Prepared | str:
+    """``found`` filled with the settings ``generate``'s prepared processors and stopping criteria stand for, or the
+    first one the loop does not implement."""
     for criterion in criteria:
         name = type(criterion).__name__
         if name == "MaxLengthCriteria":
             found.max_length = int(criterion.max_length)
         elif name == "EosTokenCriteria":
-            found.eos = _ids(criterion.eos_token_id)
+            found.eos_token_id = _ids(criterion.eos_token_id)
         else:
             return f"stopping criterion {name}"
     for processor in processors:
@@ -359,7 +372,7 @@ def _read_processors(processors: Any, criteria: Any, prompt: int) -> _Found | st
         elif name == "MinNewTokensLengthLogitsProcessor" and int(processor.prompt_length_to_skip) == prompt:
             found.ban_steps = max(found.ban_steps, int(processor.min_new_tokens))
         elif name == "RepetitionPenaltyLogitsProcessor" and not getattr(processor, "prompt_ignore_length", None):
-            found.penalty = float(processor.penalty)
+            found.repetition_penalty = float(processor.penalty)
         elif name == "TemperatureLogitsWarper":
             found.temperature = float(processor.temperature)
         elif name == "TopKLogitsWarper":
@@ -367,11 +380,12 @@ def _read_processors(processors: Any, criteria: Any, prompt: int) -> _Found | st
         elif name == "TopPLogitsWarper":
             found.top_p = float(processor.top_p)
         elif name == "ForcedBOSTokenLogitsProcessor":
-            found.forced_bos = int(processor.bos_token_id)
+            found.forced_bos_token_id = int(processor.bos_token_id)
         elif name == "ForcedEOSTokenLogitsProcessor" and len(_ids(processor.eos_token_id)) == 1:
-            found.forced_eos, found.forced_eos_at = _ids(processor.eos_token_id)[0], int(processor.max_length)
+            found.forced_eos_token_id = _ids(processor.eos_token_id)[0]
+            found.forced_eos_at = int(processor.max_length)
         else:
             return f"logits processor {name}"
-    if found.forced_eos is not None and found.forced_eos_at != found.max_length:
+    if found.forced_eos_token_id is not None and found.forced_eos_at != found.max_length:
         return "an end-of-sequence id forced before the length limit"
     return found
