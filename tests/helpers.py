@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 
 def assert_close_at(
@@ -51,3 +54,21 @@ def max_error_at(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tenso
     keep = mask.bool().to(actual.device).reshape(*mask.shape, *([1] * (actual.dim() - 2)))
     error = (actual.double() - expected.double()).abs()
     return torch.where(keep, error, torch.zeros_like(error)).max().item()
+
+
+def half_precision_trio(make: Callable[[], nn.Module], dtype: torch.dtype) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """On the GPU: the fp32 model ``make()`` builds (the reference), the same weights in ``dtype`` (stock), and a
+    transformed copy of that (ours)."""
+    from bettertransformer import BetterTransformer
+
+    stock = make().to("cuda", dtype)
+    return make().cuda(), stock, BetterTransformer.transform(stock, keep_original_model=True)
+
+
+def assert_error_within_stock(
+    ours: torch.Tensor, stock: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, factor: float = 4
+) -> None:
+    """Our half-precision error against the fp32 ``expected`` at the positions ``mask`` keeps stays within ``factor``
+    times stock's own error (plus 1e-3)."""
+    ours_error, stock_error = max_error_at(ours, expected, mask), max_error_at(stock, expected, mask)
+    assert ours_error <= factor * stock_error + 1e-3, (ours_error, stock_error)

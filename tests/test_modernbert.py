@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
-from helpers import assert_close_at, max_error_at
+from helpers import assert_close_at, assert_error_within_stock, half_precision_trio
 from zoo import LAYOUTS, VOCAB, make_batch
 
 from bettertransformer import BetterTransformer, call_counts, reverse
@@ -96,13 +96,11 @@ def test_training_gradients_match_stock_and_reverse():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_error_is_a_small_multiple_of_stock_on_cuda(dtype):
     """On the GPU the packed attention is flash varlen, with a bidirectional window in the local layers."""
-    reference = make_modernbert().cuda()
-    stock = make_modernbert().to("cuda", dtype)
-    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    reference, stock, fast = half_precision_trio(make_modernbert, dtype)
     ids, mask = (t.cuda() for t in make_batch([24, 17, 5, 11], "right"))
     with torch.no_grad():
         expected, stock_out, ours = (
             m(input_ids=ids, attention_mask=mask).last_hidden_state for m in (reference, stock, fast)
         )
-    assert max_error_at(ours, expected, mask) <= 4 * max_error_at(stock_out, expected, mask) + 1e-3
+    assert_error_within_stock(ours, stock_out, expected, mask)
     assert call_counts(fast)["fast"] == 1

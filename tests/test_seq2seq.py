@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, BartForCausalLM
-from helpers import assert_close_at, max_error_at
+from helpers import assert_close_at, assert_error_within_stock, half_precision_trio
 from zoo import LAYOUTS, VOCAB, make_batch
 
 from bettertransformer import BetterTransformer, call_counts, is_transformed, reverse
@@ -324,15 +324,13 @@ def test_output_attentions_returns_exact_weights():
 def test_half_precision_encoder_error_is_a_small_multiple_of_stock_on_cuda(model_type, dtype):
     """The packed encoder on the GPU (our kernels, the dense layout for T5's bias): its error against the fp32 model
     at real tokens stays within a small multiple of the stock model's own error in the same dtype."""
-    reference = make_seq2seq(model_type).cuda()
-    stock = make_seq2seq(model_type).to("cuda", dtype)
-    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    reference, stock, fast = half_precision_trio(lambda: make_seq2seq(model_type), dtype)
     ids, mask = (t.cuda() for t in make_batch([24, 17, 5, 11], "right"))
     with torch.no_grad():
         expected, stock_out, ours = (
             m.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state for m in (reference, stock, fast)
         )
-    assert max_error_at(ours, expected, mask) <= 4 * max_error_at(stock_out, expected, mask) + 1e-3
+    assert_error_within_stock(ours, stock_out, expected, mask)
     assert call_counts(fast)["fast"] == 1
 
 
@@ -392,6 +390,7 @@ def test_training_gradients_equal_stock(model_type):
     """The decoder runs our attention function after transform (for its decode steps): in training too, with T5's
     relative-position bias folded into the mask, the gradients are stock's (the bias table's included)."""
     stock, fast = make_seq2seq(model_type), BetterTransformer.transform(make_seq2seq(model_type))
+    assert fast.get_decoder().config._attn_implementation == "bettertransformer"  # the path under test
     ids, mask = make_batch([24, 17, 5, 11], "right")
     for model in (stock, fast):
         model.train()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_error_within_stock, half_precision_trio
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from bettertransformer import BetterTransformer, call_counts, reverse
@@ -136,17 +137,13 @@ def test_clip_text_tower_alone_training_and_reverse():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_error_is_a_small_multiple_of_stock_on_cuda(dtype):
-    from helpers import max_error_at
-
-    reference = make_vision_model("vit").cuda()
-    stock = make_vision_model("vit").to("cuda", dtype)
-    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    reference, stock, fast = half_precision_trio(lambda: make_vision_model("vit"), dtype)
     images = _images(4).cuda()
     with torch.no_grad():
         expected = reference(images).last_hidden_state
         stock_out, ours = (m(images.to(dtype)).last_hidden_state for m in (stock, fast))
     everywhere = torch.ones(expected.shape[:2], dtype=torch.bool, device="cuda")
-    assert max_error_at(ours, expected, everywhere) <= 4 * max_error_at(stock_out, expected, everywhere) + 1e-3
+    assert_error_within_stock(ours, stock_out, expected, everywhere)
     assert call_counts(fast)["fast"] == 1
 
 
@@ -155,15 +152,11 @@ def test_half_precision_error_is_a_small_multiple_of_stock_on_cuda(dtype):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_clip_text_tower_in_half_precision_on_cuda(side):
     """The causal packed attention on the GPU (our kernels): error at real tokens within a small multiple of stock's."""
-    from helpers import max_error_at
-
-    reference = make_vision_model("clip_text_model").cuda()
-    stock = make_vision_model("clip_text_model").to("cuda", torch.float16)
-    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    reference, stock, fast = half_precision_trio(lambda: make_vision_model("clip_text_model"), torch.float16)
     ids, mask = (t.cuda() for t in _captions(side))
     with torch.no_grad():
         expected, stock_out, ours = (
             m(input_ids=ids, attention_mask=mask).last_hidden_state for m in (reference, stock, fast)
         )
-    assert max_error_at(ours, expected, mask) <= 4 * max_error_at(stock_out, expected, mask) + 1e-3
+    assert_error_within_stock(ours, stock_out, expected, mask)
     assert call_counts(fast)["fast"] == 1
