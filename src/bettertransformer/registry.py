@@ -204,15 +204,15 @@ _DEBERTA = Support(
 
 # The encoder of BART and its kin (encoder-decoders): its forward computes the embeddings, then loops over its
 # layers (post-LayerNorm, as BERT's); the base model's mask also feeds the decoder, so the mask is taken at the
-# encoder's own forward. The decoder and generate run stock.
+# encoder's own forward. generate runs the decoder's own steps on static buffers (``seq2seq_generation``).
 BART = EncoderLayout(
     encoder="encoder", layers="layers", entry="encoder", loop=True, clamp_fp16="nonfinite",
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", attn_dropout=None, o="self_attn.out_proj",
     o_dropout=None, ln1="self_attn_layer_norm", ffn_in="fc1", act="activation_fn", ffn_out="fc2", ffn_dropout=None,
     ln2="final_layer_norm", num_heads="encoder_attention_heads",
 )  # fmt: skip
-# mBART, Pegasus, M2M-100 (NLLB), Blenderbot, Whisper: the same with pre-LayerNorm layers (the norm after the loop stays
-# the stock code's) and an unconditional fp16 clamp.
+# mBART, Pegasus, M2M-100 (NLLB), Blenderbot, Whisper: the same with pre-LayerNorm layers (the norm after the loop
+# stays the stock code's) and an unconditional fp16 clamp.
 MBART = replace(BART, pre_norm=True, clamp_fp16="always")
 # ProphetNet's encoder: BERT's post-LayerNorm layers under other names, looped over by the encoder's forward.
 PROPHETNET = EncoderLayout(
@@ -293,9 +293,9 @@ VIT = EncoderLayout(
 )  # fmt: skip
 _VISION = Support(encoder=VIT, fast_paths=("fused encoder layers",), notes="images (no padding): inference")
 
-# CLIP's towers and SigLIP's vision tower (each a base model of its own inside CLIPModel / SiglipModel): pre-LayerNorm layers in an encoder module, the
-# attention dropout a plain float (training runs the stock layers). The text tower is causal within each sequence
-# and padding-free; the vision tower has no padding.
+# CLIP's towers and SigLIP's vision tower (each a base model of its own inside CLIPModel / SiglipModel):
+# pre-LayerNorm layers in an encoder module, the attention dropout a plain float (training runs the stock layers).
+# The text tower is causal within each sequence and padding-free; the vision tower has no padding.
 CLIP = EncoderLayout(
     layers="layers", pre_norm=True, q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
     attn_dropout=None, o="self_attn.out_proj", o_dropout=None, ln1="layer_norm1", ffn_in="mlp.fc1",
