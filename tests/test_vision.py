@@ -1,6 +1,7 @@
-"""Vision transformers and image-text towers (issue 13): ViT, DeiT, ViT-MAE, ViT-MSN, CLIP's text and vision towers,
-SigLIP's vision tower. Images have no padding: their layers run our fused path on every token; CLIP's text tower is
-padding-free with causal attention. Tiny random-weight models, fp32 on the CPU, against the stock model."""
+"""Vision transformers and image-text towers (issue 13): ViT, DeiT, ViT-MAE, ViT-MSN, DINOv2, CLIP's text and vision
+towers, SigLIP's vision tower. Images have no padding: their layers run our fused path on every token; CLIP's
+text tower is padding-free with causal attention. Tiny random-weight models, fp32 on the CPU, against the stock
+model."""
 
 from __future__ import annotations
 
@@ -22,19 +23,28 @@ VISION_CONFIGS: dict[str, dict] = {
     "clip_text_model": _CLIP_TEXT,
     "clip_vision_model": _CLIP_VISION,
     "deit": _SMALL,
+    "dinov2": dict(_SMALL, mlp_ratio=2),
     "siglip_vision_model": _CLIP_VISION,
     "vit": _SMALL,
     "vit_mae": dict(_SMALL, mask_ratio=0.5),
     "vit_msn": _SMALL,
 }
-_IMAGE_TYPES = ("clip_vision_model", "deit", "siglip_vision_model", "vit", "vit_mae", "vit_msn")
-_HEADS = {"deit", "vit", "vit_msn"}  # types with an image-classification head
+_IMAGE_TYPES = ("clip_vision_model", "deit", "dinov2", "siglip_vision_model", "vit", "vit_mae", "vit_msn")
+_HEADS = {"deit", "dinov2", "vit", "vit_msn"}  # types with an image-classification head
+# Parameters initialised to a constant (DINOv2's LayerScale: 1), under which a layout that skipped them would still
+# match stock: random values here.
+_CONSTANT_INIT = ("lambda1",)
 
 
 def make_vision_model(model_type: str, auto_class=AutoModel, **overrides):
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **{**VISION_CONFIGS[model_type], **overrides})
-    return auto_class.from_config(config).eval()
+    model = auto_class.from_config(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.rpartition(".")[2] in _CONSTANT_INIT:
+                parameter.normal_()
+    return model.eval()
 
 
 def _images(batch: int = 3) -> torch.Tensor:
@@ -131,6 +141,35 @@ def test_clip_text_tower_alone_training_and_reverse():
     assert call_counts(fast) == {"fast": 1, "stock": 1}
     reverse(fast)
     assert "forward" not in vars(fast) and "forward" not in vars(fast.encoder)
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_dinov2_layer_scale_and_both_mlps_match_stock(swiglu):
+    """DINOv2's LayerScale (random, per channel) on both sublayers; the plain MLP through our fused products, the
+    SwiGLU MLP (its own module: gate/up/down projections in 5.24, one fused input product before) run whole. Its
+    attention's modules moved in 5.24: the layout names both paths (this test runs on 5.17 and the newest 5.x)."""
+    stock = make_vision_model("dinov2", use_swiglu_ffn=swiglu)
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    with torch.no_grad():
+        expected, actual = (m(_images()) for m in (stock, fast))
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-5)
+    assert call_counts(fast) == {"fast": 1, "stock": 0}
+    # Its encoder module is a PreTrainedModel, a base model of its own: covered by the model's entry, not given one.
+    assert "forward" in vars(fast) and "forward" in vars(fast.encoder)
+    reverse(fast)
+    assert "forward" not in vars(fast) and "forward" not in vars(fast.encoder)
+
+
+def test_dinov2_training_and_hidden_states_run_the_stock_layers():
+    stock = make_vision_model("dinov2", AutoModelForImageClassification, drop_path_rate=0.1)
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    with torch.no_grad():
+        states, expected = (m(_images(), output_hidden_states=True).hidden_states for m in (fast, stock))
+    assert len(states) == len(expected) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(states, expected))
+    fast.train()
+    fast(_images(), labels=torch.tensor([0, 1, 2])).loss.backward()
+    assert call_counts(fast) == {"fast": 0, "stock": 2}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -36,8 +36,9 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, Any]]:
     from transformers import PreTrainedModel
 
     found: list[tuple[nn.Module, Any]] = []
-    # The modules of an encoder-decoder already found: its encoder and decoder are base models of their own, and
-    # the entry found covers them (a causal LM's inner base models keep their own entries).
+    # The modules of an encoder already found: an encoder-decoder's encoder and decoder, and DINOv2's encoder module,
+    # are base models of their own, and the entry found covers them (a causal LM's inner base models keep their own
+    # entries).
     inside: set[int] = set()
     for module in model.modules():
         if id(module) in inside or not isinstance(module, PreTrainedModel) or module is not module.base_model:
@@ -45,7 +46,7 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, Any]]:
         support = support_for(module, model)
         if support is not None:
             found.append((module, support))
-            if support.encoder is not None and support.encoder.entry is not None:
+            if support.encoder is not None:
                 inside.update(id(m) for m in module.modules())
     return found
 

@@ -34,7 +34,17 @@ from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, 
 from ..ops.rotary import rotate_pairs
 from .attention import ATTENTION_NAME, attention_function, mask_function
 from .call_state import EncoderCall, current_encoder_call, current_host_mask, encoder_call
-from .patching import Calls, InstanceForward, LogOnce, bind, check_requires, flat_arguments, resolve
+from .patching import (
+    Calls,
+    InstanceForward,
+    LogOnce,
+    bind,
+    check_requires,
+    existing_path,
+    flat_arguments,
+    has_path,
+    resolve,
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,9 @@ class EncoderLayout:
 
         a = x + dropout(o(attention(LN1(x))))
         y = a + dropout(ffn_out(act(ffn_in(LN2(a)))))
+
+    A path may name alternatives, ``"a|b"``: the first that exists in the layer (a module that moved between
+    transformers releases).
     """
 
     encoder: str = "encoder"
@@ -115,6 +128,13 @@ class EncoderLayout:
     # The encoder's attention dropout is a plain float (not a module): training runs its own layers. (``loop``
     # layouts always do.)
     stock_training: bool = False
+    # Position-wise modules that scale the attention's and the feed-forward's output before each residual add
+    # (DINOv2's LayerScale), relative to one layer.
+    attn_scale: str | None = None
+    ffn_scale: str | None = None
+    # The feed-forward module, run whole (its own forward on the packed tokens) in the layers that have no ``ffn_in``:
+    # a feed-forward of another shape (DINOv2's SwiGLU MLP).
+    ffn: str | None = None
 
 
 # The encoder call whose layers the first layer of a ``loop`` layout ran packed (the later layers pass on its result).
@@ -162,19 +182,28 @@ class PackedLayer:
 
     def __init__(self, layer: nn.Module, layout: EncoderLayout, num_heads: int):
         self.layer = layer
-        names = (*self._LINEARS, *self._NORMS, "act", "attn_dropout", "o_dropout", "ffn_dropout")
-        modules = {name: self._resolve(getattr(layout, name)) for name in names}
+        whole_ffn = layout.ffn is not None and not has_path(layer, layout.ffn_in)
+        # The projections this layer reads (a feed-forward run whole has none of its own here).
+        self.linears = ("q", "k", "v", "o") if whole_ffn else self._LINEARS
+        ffn = ("ffn",) if whole_ffn else ("act", "ffn_dropout")
+        names = (*self.linears, *self._NORMS, *ffn, "attn_dropout", "o_dropout", "attn_scale", "ffn_scale")
+        paths = {name: self._path(getattr(layout, name)) for name in names}
+        modules = {name: self._resolve(path) for name, path in paths.items()}
         self.q, self.k, self.v, self.o = (modules[n] for n in ("q", "k", "v", "o"))
-        self.ffn_in, self.ffn_out = modules["ffn_in"], modules["ffn_out"]
+        self.ffn_in: Any = modules.get("ffn_in")
+        self.ffn_out: Any = modules.get("ffn_out")
+        self.ffn: Any = modules.get("ffn")
         self.ln1, self.ln2 = modules["ln1"], modules["ln2"]
-        self.act = modules["act"]
+        self.act: Any = modules.get("act")
         self.attn_dropout, self.o_dropout = modules["attn_dropout"], modules["o_dropout"]
-        self.ffn_dropout = modules["ffn_dropout"]
+        self.ffn_dropout: Any = modules.get("ffn_dropout")
+        self.attn_scale, self.ffn_scale = modules["attn_scale"], modules["ffn_scale"]
         # (parent module, attribute, child) for every module this layer reads, to notice later swaps cheaply.
         self._slots: list[tuple[nn.Module, str, nn.Module]] = []
-        for name in names:
-            path, child = getattr(layout, name), modules[name]
+        for name, path in paths.items():
+            child = modules[name]
             if isinstance(child, nn.Module):
+                assert path is not None
                 parent_path, _, attr = path.rpartition(".")
                 self._slots.append((self._resolve(parent_path) if parent_path else layer, attr, child))
         self.exact_gelu = _is_exact_gelu(self.act)
@@ -190,8 +219,12 @@ class PackedLayer:
         self._qkv_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
         # Plain nn.Linear projections run fused (one QKV product, GELU in the FFN-in product); others (LoRA,
         # quantized) run their own forward.
-        self.plain = {name: type(getattr(self, name)).forward is nn.Linear.forward for name in self._LINEARS}
+        self.plain = {name: type(getattr(self, name)).forward is nn.Linear.forward for name in self.linears}
         self.fused_qkv = all(self.plain[name] for name in ("q", "k", "v"))
+
+    def _path(self, path: str | None) -> str | None:
+        """``path`` in this layer, the alternative that exists when it names several."""
+        return None if path is None else existing_path(self.layer, path)
 
     def _resolve(self, path: str | None) -> Any:
         return None if path is None else resolve(self.layer, path)
@@ -201,7 +234,7 @@ class PackedLayer:
 
         A projection that is not a plain ``nn.Linear`` but maps features like one (a PEFT LoRA layer, a quantized
         linear: it has ``in_features`` and ``out_features``) runs its own forward on the packed tokens, unfused."""
-        for name in self._LINEARS:
+        for name in self.linears:
             module = getattr(self, name)
             if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
                 return f"{name} is a {type(module).__name__}, not a linear projection"
@@ -282,7 +315,7 @@ class PackedLayer:
         a = self._linear("o", ctx.reshape(tokens, -1))
         if self.o_dropout is not None and self.o_dropout.training:
             a = self.o_dropout(a)
-        return a
+        return a if self.attn_scale is None else self.attn_scale(a)
 
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The projection ``name`` of x (T, in): F.linear with a plain module's parameters, else its own forward."""
@@ -290,15 +323,18 @@ class PackedLayer:
         return F.linear(x, module.weight, module.bias) if self.plain[name] else module(x)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        """dropout(ffn_out(act(ffn_in(x))))."""
-        if self.exact_gelu and self.plain["ffn_in"]:
-            h = linear_gelu(x, self.ffn_in.weight, self.ffn_in.bias)
+        """dropout(ffn_out(act(ffn_in(x)))), or the feed-forward module run whole; scaled by ``ffn_scale``."""
+        if self.ffn is not None:
+            h = self.ffn(x)
         else:
-            h = self.act(self._linear("ffn_in", x))
-        h = self._linear("ffn_out", h)
-        if self.ffn_dropout is not None and self.ffn_dropout.training:
-            h = self.ffn_dropout(h)
-        return h
+            if self.exact_gelu and self.plain["ffn_in"]:
+                h = linear_gelu(x, self.ffn_in.weight, self.ffn_in.bias)
+            else:
+                h = self.act(self._linear("ffn_in", x))
+            h = self._linear("ffn_out", h)
+            if self.ffn_dropout is not None and self.ffn_dropout.training:
+                h = self.ffn_dropout(h)
+        return h if self.ffn_scale is None else self.ffn_scale(h)
 
 
 class T5Layer(PackedLayer):
@@ -321,6 +357,8 @@ class T5Layer(PackedLayer):
         self._slots += [(attention, "layer_norm", self.ln1), (feed_forward, "layer_norm", self.ln2)]
         self._slots.append((feed_forward, "DenseReluDense", self.ffn))
         self.attn_dropout = self.o_dropout = None  # training runs the stock blocks (loop layout)
+        self.attn_scale = self.ffn_scale = None
+        self.linears = self._LINEARS
         self._heads(num_heads)
         self.scale = 1.0  # T5 scales its attention logits not at all
         self.pre_norm = True
@@ -598,24 +636,26 @@ class PackedEncoder:
             return "training (this encoder's dropouts are plain floats: its own layers run)"
         return self._layers_changed()
 
-    def forward(
-        self, stock: Callable, hidden_states: Any = None, attention_mask: Any = None, *args: Any, **kwargs: Any
-    ) -> Any:
-        """The encoder's forward: packed when exact, else ``stock`` (the encoder's own forward). Its first argument,
-        the hidden states, may come by name as ``inputs_embeds`` (CLIP's encoder)."""
-        if hidden_states is None and "inputs_embeds" in kwargs:
-            hidden_states = kwargs.pop("inputs_embeds")
+    def forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+        """The encoder's forward: packed when exact, else ``stock`` (the encoder's own forward, called as we were).
+        Its first argument, the hidden states, may come by name as ``hidden_states`` or ``inputs_embeds`` (CLIP's
+        encoder); its second, by position or name, is the stock model's attention mask, which the packed layers do
+        not read (they take the call's own)."""
+        named = dict(kwargs)
+        hidden_states = args[0] if args else named.pop("hidden_states", named.pop("inputs_embeds", None))
+        if len(args) < 2:
+            named.pop("attention_mask", None)
         call = current_encoder_call(id(self))
-        reason = self._stock_reason(call, hidden_states, args, kwargs)
+        reason = self._stock_reason(call, hidden_states, args[2:], named)
         if reason is not None:
             if call is not None and call.mask_dropped:
                 raise _Restart(reason)
             self.calls.add("stock")
             self.log(reason, "stock %s forward for %s", type(self.encoder).__name__, reason)
-            return stock(hidden_states, attention_mask, *args, **kwargs)
+            return stock(*args, **kwargs)
         self.calls.add("fast")
         assert call is not None
-        return self._packed(call, hidden_states, kwargs.get("return_dict") is not False)
+        return self._packed(call, hidden_states, named.get("return_dict") is not False)
 
     @torch.compiler.disable
     def _packed(self, call: EncoderCall, hidden_states: torch.Tensor, return_dict: bool) -> Any:

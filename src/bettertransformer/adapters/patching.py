@@ -49,7 +49,35 @@ class InstanceForward:
 
 
 def resolve(root: Any, path: str) -> Any:
-    """``resolve(layer, "attention.self.query")`` -> that submodule (or attribute); digits index lists; "" -> root."""
+    """``resolve(layer, "attention.self.query")`` -> that submodule (or attribute); digits index lists; "" -> root.
+    A path of ``|``-separated alternatives resolves the first that exists (``existing_path``)."""
+    return _walk(root, existing_path(root, path))
+
+
+def existing_path(root: Any, path: str) -> str:
+    """The first of ``path``'s ``|``-separated alternatives that exists under ``root``; the last when none does
+    (resolving it then raises the error). A module that moved between transformers releases is described once, by
+    both its paths (DINOv2's query projection: ``attention.q_proj`` in 5.24, ``attention.attention.query`` before)."""
+    *alternatives, last = path.split("|")
+    for alternative in alternatives:
+        try:
+            _walk(root, alternative)
+        except (AttributeError, IndexError):
+            continue
+        return alternative
+    return last
+
+
+def has_path(root: Any, path: str) -> bool:
+    """Whether ``resolve(root, path)`` finds something."""
+    try:
+        resolve(root, path)
+    except (AttributeError, IndexError):
+        return False
+    return True
+
+
+def _walk(root: Any, path: str) -> Any:
     obj: Any = root
     for name in path.split(".") if path else ():
         obj = obj[int(name)] if name.isdigit() else getattr(obj, name)
