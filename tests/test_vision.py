@@ -1,5 +1,5 @@
-"""Vision transformers and image-text towers (issue 13): ViT, DeiT, ViT-MAE, ViT-MSN, DINOv2, CLIP's text and vision
-towers, SigLIP's vision tower. Images have no padding: their layers run our fused path on every token; CLIP's
+"""Vision transformers and image-text towers (issue 13): ViT, DeiT, ViT-MAE, ViT-MSN, DINOv2, YOLOS, CLIP's text and
+vision towers, SigLIP's vision tower. Images have no padding: their layers run our fused path on every token; CLIP's
 text tower is padding-free with causal attention. Tiny random-weight models, fp32 on the CPU, against the stock
 model."""
 
@@ -28,12 +28,13 @@ VISION_CONFIGS: dict[str, dict] = {
     "vit": _SMALL,
     "vit_mae": dict(_SMALL, mask_ratio=0.5),
     "vit_msn": _SMALL,
+    "yolos": dict(_SMALL, image_size=[32, 32], num_detection_tokens=5, use_mid_position_embeddings=True),
 }
-_IMAGE_TYPES = ("clip_vision_model", "deit", "dinov2", "siglip_vision_model", "vit", "vit_mae", "vit_msn")
+_IMAGE_TYPES = ("clip_vision_model", "deit", "dinov2", "siglip_vision_model", "vit", "vit_mae", "vit_msn", "yolos")
 _HEADS = {"deit", "dinov2", "vit", "vit_msn"}  # types with an image-classification head
-# Parameters initialised to a constant (DINOv2's LayerScale: 1), under which a layout that skipped them would still
-# match stock: random values here.
-_CONSTANT_INIT = ("lambda1",)
+# Parameters initialised to a constant (DINOv2's LayerScale: 1) or to zeros (YOLOS's mid-position embeddings), under
+# which a layout that skipped them would still match stock: random values here.
+_CONSTANT_INIT = ("lambda1", "mid_position_embeddings")
 
 
 def make_vision_model(model_type: str, auto_class=AutoModel, **overrides):
@@ -169,6 +170,40 @@ def test_dinov2_training_and_hidden_states_run_the_stock_layers():
     assert len(states) == len(expected) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(states, expected))
     fast.train()
     fast(_images(), labels=torch.tensor([0, 1, 2])).loss.backward()
+    assert call_counts(fast) == {"fast": 0, "stock": 2}
+
+
+def _yolos_images(height: int, width: int) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, 3, height, width)
+
+
+@pytest.mark.parametrize("mid", [True, False])
+@pytest.mark.parametrize("size", [(32, 32), (40, 56)])
+def test_yolos_detection_matches_stock(mid, size):
+    """YolosForObjectDetection: with its mid-position embeddings (random here) added between the packed layers, or
+    without them; at the configured image size and at another (both tables interpolated)."""
+    from transformers import AutoModelForObjectDetection
+
+    stock = make_vision_model("yolos", AutoModelForObjectDetection, use_mid_position_embeddings=mid)
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    images = _yolos_images(*size)
+    with torch.no_grad():
+        expected, actual = (m(images) for m in (stock, fast))
+    for name in ("last_hidden_state", "logits", "pred_boxes"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), atol=1e-5, rtol=1e-5)
+    assert call_counts(fast) == {"fast": 1, "stock": 0}
+
+
+def test_yolos_hidden_states_and_training_run_stock():
+    stock = make_vision_model("yolos")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    images = _yolos_images(32, 32)
+    with torch.no_grad():
+        states, expected = (m(images, output_hidden_states=True).hidden_states for m in (fast, stock))
+    assert len(states) == len(expected) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(states, expected))
+    fast.train()
+    fast(images).last_hidden_state.sum().backward()
     assert call_counts(fast) == {"fast": 0, "stock": 2}
 
 

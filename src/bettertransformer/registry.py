@@ -315,6 +315,26 @@ DINOV2 = EncoderLayout(
 )  # fmt: skip
 
 
+def _yolos_mid_positions(encoder: Any, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """YOLOS's mid-position embeddings, interpolated to the image's size -> (L - 1, S, hidden); None without them.
+    The table is the encoder's before transformers 5.24, its interpolation module's since."""
+    if not encoder.config.use_mid_position_embeddings:
+        return None
+    size = (kwargs["height"], kwargs["width"])
+    table = getattr(encoder, "mid_position_embeddings", None)
+    interpolated = encoder.interpolation(size) if table is None else encoder.interpolation(table, size)
+    return interpolated[:, 0]  # (L - 1, 1, S, hidden) -> (L - 1, S, hidden)
+
+
+# YOLOS: ViT's pre-LayerNorm layers (under BERT's module names) in an encoder module called with the image's size,
+# which adds its mid-position embeddings between layers (use_mid_position_embeddings). Training runs the stock
+# layers (the attention dropout is a plain float).
+YOLOS = EncoderLayout(
+    pre_norm=True, q="attention.attention.query", k="attention.attention.key", v="attention.attention.value",
+    attn_dropout=None, ln1="layernorm_before", ln2="layernorm_after", requires=(), stock_training=True,
+    encoder_kwargs=("height", "width"), mid_positions=_yolos_mid_positions,
+)  # fmt: skip
+
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model (a
 # refused entry: that transform refuses it, with its reason).
 REGISTRY: dict[str, Support] = {
@@ -395,6 +415,11 @@ REGISTRY: dict[str, Support] = {
         "ours unless timestamps, beam search or the fallback thresholds (which need scores) ask for transformers' own",
     ),
     "xlm-roberta": Support(encoder=BERT),
+    "yolos": Support(
+        encoder=YOLOS,
+        fast_paths=("fused encoder layers",),
+        notes="images (no padding): inference; the mid-position embeddings added between the packed layers",
+    ),  # fmt: skip
     "xlm-roberta-xl": Support(encoder=XLM_ROBERTA_XL, notes="pre-LayerNorm"),
     # Decoders (causal LMs)
     "bloom": replace(

@@ -135,6 +135,12 @@ class EncoderLayout:
     # The feed-forward module, run whole (its own forward on the packed tokens) in the layers that have no ``ffn_in``:
     # a feed-forward of another shape (DINOv2's SwiGLU MLP).
     ffn: str | None = None
+    # Keyword arguments of the encoder's forward the packed path takes (YOLOS's image height and width), passed to
+    # ``mid_positions``; any other argument runs the stock encoder.
+    encoder_kwargs: tuple[str, ...] = ()
+    # (encoder, its call's keyword arguments) -> position embeddings (L - 1, S, hidden) added to the states after every
+    # layer but the last, by each token's position in its padded row (YOLOS's mid-position embeddings), or None.
+    mid_positions: Callable[[nn.Module, dict[str, Any]], torch.Tensor | None] | None = None
 
 
 # The encoder call whose layers the first layer of a ``loop`` layout ran packed (the later layers pass on its result).
@@ -628,6 +634,8 @@ class PackedEncoder:
             # value (a tensor, a cache, a flag) may change what the stock layers compute.
             if name == "is_causal" and value is True and self.layout.causal:
                 continue  # the attention this layout computes
+            if name in self.layout.encoder_kwargs:
+                continue
             if name not in _IGNORED_KWARGS and value is not None and value is not False and not isinstance(value, str):
                 return f"encoder argument {name}"
         if call.mask is not None and tuple(call.mask.shape) != tuple(hidden_states.shape[:2]):
@@ -655,10 +663,12 @@ class PackedEncoder:
             return stock(*args, **kwargs)
         self.calls.add("fast")
         assert call is not None
-        return self._packed(call, hidden_states, named.get("return_dict") is not False)
+        return self._packed(call, hidden_states, named.get("return_dict") is not False, named)
 
     @torch.compiler.disable
-    def _packed(self, call: EncoderCall, hidden_states: torch.Tensor, return_dict: bool) -> Any:
+    def _packed(
+        self, call: EncoderCall, hidden_states: torch.Tensor, return_dict: bool, kwargs: dict[str, Any] | None = None
+    ) -> Any:
         """The layers on the real tokens only. Left out of ``torch.compile``'s graphs: its shapes come from the
         mask's row lengths (a host read: a graph break whatever we do), and its kernels are our fused ones already,
         so the compiler has nothing to gain inside; it compiles the embeddings and the heads around it."""
@@ -674,7 +684,8 @@ class PackedEncoder:
             x = self.pre(x)
         bias = self._relative_bias(info) if self.layout.relative_bias is not None else None
         rotary = self.layout.rotary(self.encoder, _columns(info)) if self.layout.rotary is not None else None
-        for packed in self.layers:
+        mid = None if self.layout.mid_positions is None else self.layout.mid_positions(self.encoder, kwargs or {})
+        for i, packed in enumerate(self.layers):
             layer = packed.layer
             device = packed.device
             if device != x.device:  # layers spread over GPUs (device_map): move the tokens and their layout along
@@ -688,6 +699,8 @@ class PackedEncoder:
                 x = packed(x, info, bias, rotary)
             if self.layout.clamp_fp16 is not None:
                 x = _clamp_fp16(x, self.layout.clamp_fp16)
+            if mid is not None and i < mid.shape[0]:
+                x = _add_by_column(x, mid[i].to(x.device), info)
         if self.final_norm is not None:
             x = self.final_norm(x)
         out = unpack(x, info)  # (B, S, hidden), zeros at padding
@@ -775,6 +788,13 @@ def _gemm_conv1d(module: nn.Conv1d, stock: Callable, x: torch.Tensor) -> torch.T
     padding = module.padding[0]
     assert isinstance(padding, int)
     return conv1d_gemm(x, weight, module.bias, module.stride[0], padding, module.groups)
+
+
+def _add_by_column(x: torch.Tensor, table: torch.Tensor, info: PackInfo) -> torch.Tensor:
+    """x (T, hidden) + the row of ``table`` (S, hidden) at each packed token's position in its padded row."""
+    if info.indices is None:  # every position real: the packed tokens are the padded rows, one after another
+        return (x.view(info.batch, info.seqlen, -1) + table).view(x.shape)
+    return x + table[_columns(info)]
 
 
 def _columns(info: PackInfo) -> torch.Tensor:
