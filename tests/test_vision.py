@@ -1,14 +1,23 @@
 """Vision transformers and image-text towers (issue 13): ViT, DeiT, ViT-MAE, ViT-MSN, DINOv2, YOLOS, CLIP's text and
-vision towers, SigLIP's vision tower. Images have no padding: their layers run our fused path on every token; CLIP's
-text tower is padding-free with causal attention. Tiny random-weight models, fp32 on the CPU, against the stock
-model."""
+vision towers, SigLIP's. Images have no padding: their layers run our fused path on every token; CLIP's text tower
+is padding-free with causal attention, SigLIP's bidirectional (and stock where its pooled position is a pad). Tiny
+random-weight models, fp32 on the CPU, against the stock model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers import assert_error_within_stock, half_precision_trio
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    CLIPConfig,
+    CLIPModel,
+    SiglipConfig,
+    SiglipModel,
+    SiglipTextModel,
+)
 
 from bettertransformer import BetterTransformer, call_counts, reverse
 
@@ -24,6 +33,7 @@ VISION_CONFIGS: dict[str, dict] = {
     "clip_vision_model": _CLIP_VISION,
     "deit": _SMALL,
     "dinov2": dict(_SMALL, mlp_ratio=2),
+    "siglip_text_model": _CLIP_TEXT,
     "siglip_vision_model": _CLIP_VISION,
     "vit": _SMALL,
     "vit_mae": dict(_SMALL, mask_ratio=0.5),
@@ -32,6 +42,8 @@ VISION_CONFIGS: dict[str, dict] = {
 }
 _IMAGE_TYPES = ("clip_vision_model", "deit", "dinov2", "siglip_vision_model", "vit", "vit_mae", "vit_msn", "yolos")
 _HEADS = {"deit", "dinov2", "vit", "vit_msn"}  # types with an image-classification head
+# Base models AutoModel does not build from their config.
+_BASE_CLASSES = {"siglip_text_model": SiglipTextModel}
 # Parameters initialised to a constant (DINOv2's LayerScale: 1) or to zeros (YOLOS's mid-position embeddings), under
 # which a layout that skipped them would still match stock: random values here.
 _CONSTANT_INIT = ("lambda1", "mid_position_embeddings")
@@ -40,7 +52,10 @@ _CONSTANT_INIT = ("lambda1", "mid_position_embeddings")
 def make_vision_model(model_type: str, auto_class=AutoModel, **overrides):
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **{**VISION_CONFIGS[model_type], **overrides})
-    model = auto_class.from_config(config)
+    if auto_class is AutoModel and model_type in _BASE_CLASSES:
+        model = _BASE_CLASSES[model_type](config)
+    else:
+        model = auto_class.from_config(config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.rpartition(".")[2] in _CONSTANT_INIT:
@@ -107,15 +122,28 @@ def _captions(side: str) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_clip_matches_stock(side):
-    """CLIPModel: both towers transformed (each its own base model); the text tower padding-free with causal
-    attention inside each caption."""
-    from transformers import CLIPConfig, CLIPModel
+# Image-text models: their config and model classes, and each one's config arguments beyond the two towers.
+_IMAGE_TEXT = {
+    "clip": (CLIPConfig, CLIPModel, dict(projection_dim=16)),
+    "siglip": (SiglipConfig, SiglipModel, {}),
+}
 
+
+@pytest.mark.parametrize(
+    "family, side, counts",
+    [
+        ("clip", "right", {"fast": 2, "stock": 0}),
+        ("clip", "left", {"fast": 2, "stock": 0}),
+        ("siglip", "left", {"fast": 2, "stock": 0}),
+        ("siglip", "right", {"fast": 1, "stock": 1}),  # the text tower's pooled last position is a pad: stock
+    ],
+)
+def test_image_text_models_match_stock(family, side, counts):
+    """CLIPModel and SiglipModel: both towers transformed (each its own base model). CLIP's text tower is padding-free
+    with causal attention inside each caption; SigLIP's is bidirectional, and runs stock on right-padded captions."""
+    config_class, model_class, extra = _IMAGE_TEXT[family]
     torch.manual_seed(0)
-    config = CLIPConfig(text_config=_CLIP_TEXT, vision_config=_CLIP_VISION, projection_dim=16)
-    stock = CLIPModel(config).eval()
+    stock = model_class(config_class(text_config=_CLIP_TEXT, vision_config=_CLIP_VISION, **extra)).eval()
     fast = BetterTransformer.transform(stock, keep_original_model=True)
     ids, mask = _captions(side)
     with torch.no_grad():
@@ -127,7 +155,7 @@ def test_clip_matches_stock(side):
         actual.text_model_output.last_hidden_state[real], expected.text_model_output.last_hidden_state[real],
         atol=1e-5, rtol=1e-5,
     )  # fmt: skip
-    assert call_counts(fast) == {"fast": 2, "stock": 0}
+    assert call_counts(fast) == counts
 
 
 def test_clip_text_tower_alone_training_and_reverse():
@@ -205,6 +233,46 @@ def test_yolos_hidden_states_and_training_run_stock():
     fast.train()
     fast(images).last_hidden_state.sum().backward()
     assert call_counts(fast) == {"fast": 0, "stock": 2}
+
+
+@pytest.mark.parametrize(
+    "side, counts",
+    [("no mask", {"fast": 1, "stock": 0}), ("left", {"fast": 1, "stock": 0}), ("right", {"fast": 0, "stock": 1})],
+)
+def test_siglip_text_tower_pooled_output_is_stock(side, counts):
+    """SigLIP's text tower pools its last position. Where that is a real token in every row (no mask, left padding) the
+    layers run padding-free; where it is a pad (right padding) the call runs stock, whose pooled output is the pad
+    token's state (the packed path would leave zeros there)."""
+    stock = make_vision_model("siglip_text_model")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = _captions("left" if side == "left" else "right")
+    mask = None if side == "no mask" else mask  # no mask: SigLIP's own usage, every position real
+    with torch.no_grad():
+        expected, actual = (m(input_ids=ids, attention_mask=mask) for m in (stock, fast))
+    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-5)
+    real = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()
+    torch.testing.assert_close(actual.last_hidden_state[real], expected.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+    assert call_counts(fast) == counts
+
+
+def test_siglip_text_tower_right_padding_needs_stock(monkeypatch):
+    """The premise of the test above: without ``reads_last``, a right-padded batch runs packed and its pooled output
+    (the last position, a pad) is not stock's."""
+    from dataclasses import replace
+
+    from bettertransformer.registry import REGISTRY
+
+    entry = REGISTRY["siglip_text_model"]
+    assert entry.encoder is not None and entry.encoder.reads_last
+    monkeypatch.setitem(REGISTRY, "siglip_text_model", replace(entry, encoder=replace(entry.encoder, reads_last=False)))
+    stock = make_vision_model("siglip_text_model")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = _captions("right")
+    with torch.no_grad():
+        expected, actual = (m(input_ids=ids, attention_mask=mask).pooler_output for m in (stock, fast))
+    assert call_counts(fast) == {"fast": 1, "stock": 0}
+    assert not torch.allclose(actual[1:], expected[1:], atol=1e-3)  # rows 1-3 end in padding
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)  # row 0 fills the width
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

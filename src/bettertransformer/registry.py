@@ -293,9 +293,10 @@ VIT = EncoderLayout(
 )  # fmt: skip
 _VISION = Support(encoder=VIT, fast_paths=("fused encoder layers",), notes="images (no padding): inference")
 
-# CLIP's towers and SigLIP's vision tower (each a base model of its own inside CLIPModel / SiglipModel):
-# pre-LayerNorm layers in an encoder module, the attention dropout a plain float (training runs the stock layers).
-# The text tower is causal within each sequence and padding-free; the vision tower has no padding.
+# CLIP's towers and SigLIP's (each a base model of its own inside CLIPModel / SiglipModel): pre-LayerNorm layers in
+# an encoder module, the attention dropout a plain float (training runs the stock layers). CLIP's text tower is
+# causal within each sequence and padding-free; SigLIP's is bidirectional and pools its last position; the vision
+# towers have no padding.
 CLIP = EncoderLayout(
     layers="layers", pre_norm=True, q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
     attn_dropout=None, o="self_attn.out_proj", o_dropout=None, ln1="layer_norm1", ffn_in="mlp.fc1",
@@ -399,6 +400,11 @@ REGISTRY: dict[str, Support] = {
     ),
     "roc_bert": Support(encoder=BERT),
     "roformer": Support(encoder=ROFORMER, notes="rotary positions"),
+    "siglip_text_model": Support(
+        encoder=replace(CLIP, reads_last=True),
+        notes="its pooled output reads the last position: a batch with a pad there (right padding) runs stock; in "
+        "SiglipModel too; inference",
+    ),
     "siglip_vision_model": Support(
         encoder=CLIP, fast_paths=("fused encoder layers",), notes="images (no padding); in SiglipModel too; inference"
     ),

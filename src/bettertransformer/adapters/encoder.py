@@ -141,6 +141,9 @@ class EncoderLayout:
     # (encoder, its call's keyword arguments) -> position embeddings (L - 1, S, hidden) added to the states after every
     # layer but the last, by each token's position in its padded row (YOLOS's mid-position embeddings), or None.
     mid_positions: Callable[[nn.Module, dict[str, Any]], torch.Tensor | None] | None = None
+    # The base model reads the state at the last position (SigLIP's text tower pools it): a batch with a pad there
+    # runs stock, which computes a state for that pad token (the packed path leaves zeros at padding).
+    reads_last: bool = False
 
 
 # The encoder call whose layers the first layer of a ``loop`` layout ran packed (the later layers pass on its result).
@@ -399,6 +402,13 @@ class T5Layer(PackedLayer):
         return F.linear(h.to(ffn.wo.weight.dtype), ffn.wo.weight)  # T5 may keep wo in fp32 in fp16 models
 
 
+# Why a batch runs stock when its model reads the last position (``EncoderLayout.reads_last``) and a row has a pad there.
+_LAST_PADDED = (
+    "a pad at the last position, which the model reads (its pooled output): stock computes a state for that pad "
+    "token; the padding-free path would leave zeros"
+)
+
+
 class _Restart(Exception):
     """Raised by the encoder when a call whose mask was withheld from the stock model must run stock."""
 
@@ -655,21 +665,30 @@ class PackedEncoder:
             named.pop("attention_mask", None)
         call = current_encoder_call(id(self))
         reason = self._stock_reason(call, hidden_states, args[2:], named)
-        if reason is not None:
-            if call is not None and call.mask_dropped:
-                raise _Restart(reason)
-            self.calls.add("stock")
-            self.log(reason, "stock %s forward for %s", type(self.encoder).__name__, reason)
-            return stock(*args, **kwargs)
-        self.calls.add("fast")
-        assert call is not None
-        return self._packed(call, hidden_states, named.get("return_dict") is not False, named)
+        if reason is None:
+            assert call is not None
+            out = self._packed(call, hidden_states, named.get("return_dict") is not False, named)
+            if out is not None:
+                self.calls.add("fast")
+                return out
+            reason = _LAST_PADDED
+        self._stock_call(call, reason, "forward")
+        return stock(*args, **kwargs)
+
+    def _stock_call(self, call: EncoderCall | None, reason: str, what: str) -> None:
+        """Before a stock forward for ``reason``: restart the call when the stock model did not get its mask; else
+        count and log it."""
+        if call is not None and call.mask_dropped:
+            raise _Restart(reason)
+        self.calls.add("stock")
+        self.log(reason, "stock %s %s for %s", type(self.encoder).__name__, what, reason)
 
     @torch.compiler.disable
     def _packed(
         self, call: EncoderCall, hidden_states: torch.Tensor, return_dict: bool, kwargs: dict[str, Any] | None = None
     ) -> Any:
-        """The layers on the real tokens only. Left out of ``torch.compile``'s graphs: its shapes come from the
+        """The layers on the real tokens only; None when the batch needs the stock computation after all (a pad
+        where ``reads_last`` says the model reads). Left out of ``torch.compile``'s graphs: its shapes come from the
         mask's row lengths (a host read: a graph break whatever we do), and its kernels are our fused ones already,
         so the compiler has nothing to gain inside; it compiles the embeddings and the heads around it."""
         batch, seqlen, _ = hidden_states.shape
@@ -677,6 +696,8 @@ class PackedEncoder:
             info = call.pending.finish()
         else:
             info = pack_info(call.mask, batch, seqlen, hidden_states.device)
+        if info.last_padded and self.layout.reads_last:
+            return None
         if info.left_padded and self.reads_first:
             warn_left_padding(self.log, self.model_name)
         x = pack(hidden_states, info)  # (T, hidden)
@@ -718,16 +739,17 @@ class PackedEncoder:
         # The stock layers' mask (positional or by name) is not read: the packed layers take the call's own.
         masks = ("attention_mask", "encoder_padding_mask")
         reason = self._stock_reason(call, states, (), {k: v for k, v in kwargs.items() if k not in masks})
+        packed = None
+        if reason is None:
+            assert call is not None
+            packed = self._packed(call, states, return_dict=False)
+            reason = _LAST_PADDED if packed is None else None
         if reason is not None:
-            if call is not None and call.mask_dropped:
-                raise _Restart(reason)
-            self.calls.add("stock")
-            self.log(reason, "stock %s layers for %s", type(self.encoder).__name__, reason)
+            self._stock_call(call, reason, "layers")
             return stock(hidden_states, *args, **kwargs)
         self.calls.add("fast")
-        assert call is not None
-        out = self._packed(call, states, return_dict=False)[0]
-        out = out.transpose(0, 1) if self.layout.seq_first else out
+        assert call is not None and packed is not None
+        out = packed[0].transpose(0, 1) if self.layout.seq_first else packed[0]
         _LOOPED.set(call)
         return self._as_layer_output(out)
 
