@@ -1,7 +1,8 @@
 """Vision transformers and image-text towers (issue 13): ViT, DeiT, ViT-MAE, ViT-MSN, DINOv2, YOLOS, CLIP's text and
-vision towers, SigLIP's. Images have no padding: their layers run our fused path on every token; CLIP's text tower
-is padding-free with causal attention, SigLIP's bidirectional (and stock where its pooled position is a pad). Tiny
-random-weight models, fp32 on the CPU, against the stock model."""
+vision towers, SigLIP's, ViLT. Images have no padding: their layers run our fused path on every token; CLIP's text
+tower is padding-free with causal attention, SigLIP's bidirectional (and stock where its pooled position is a pad);
+ViLT is padding-free over its text and image patches together. Tiny random-weight models, fp32 on the CPU, against
+the stock model."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ _SMALL = dict(
 _TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
 _CLIP_TEXT = dict(_TOWER, vocab_size=99, max_position_embeddings=24, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _CLIP_VISION = dict(_TOWER, image_size=32, patch_size=8)
+_VILT = dict(_SMALL, vocab_size=99, max_position_embeddings=24)
 VISION_CONFIGS: dict[str, dict] = {
     "clip_text_model": _CLIP_TEXT,
     "clip_vision_model": _CLIP_VISION,
@@ -35,6 +37,7 @@ VISION_CONFIGS: dict[str, dict] = {
     "dinov2": dict(_SMALL, mlp_ratio=2),
     "siglip_text_model": _CLIP_TEXT,
     "siglip_vision_model": _CLIP_VISION,
+    "vilt": _VILT,
     "vit": _SMALL,
     "vit_mae": dict(_SMALL, mask_ratio=0.5),
     "vit_msn": _SMALL,
@@ -273,6 +276,81 @@ def test_siglip_text_tower_right_padding_needs_stock(monkeypatch):
     assert call_counts(fast) == {"fast": 1, "stock": 0}
     assert not torch.allclose(actual[1:], expected[1:], atol=1e-3)  # rows 1-3 end in padding
     torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)  # row 0 fills the width
+
+
+def _vilt_inputs(pixel_mask: bool) -> dict[str, torch.Tensor]:
+    """Three captions of 10, 6 and 3 tokens right-padded to 10, three 32 x 32 images; with ``pixel_mask``, the second
+    image padded on the right (its last 12 columns) and the third at the bottom (its last 16 rows)."""
+    torch.manual_seed(2)
+    ids, mask = torch.randint(3, 99, (3, 10)), torch.ones(3, 10, dtype=torch.long)
+    mask[1, 6:], mask[2, 3:] = 0, 0
+    inputs = dict(input_ids=ids * mask, attention_mask=mask, pixel_values=_images(3))
+    if pixel_mask:
+        pixels = torch.ones(3, 32, 32, dtype=torch.long)
+        pixels[1, :, 20:], pixels[2, 16:, :] = 0, 0
+        inputs["pixel_mask"] = pixels
+    return inputs
+
+
+def _vilt_run(model, inputs: dict[str, torch.Tensor]):
+    """The model on ``inputs``, and the padding mask its embeddings made (text and image patches). ViLT's embeddings
+    draw the padding patches at random: the same seed for every model."""
+    masks = []
+    embeddings = model.get_submodule("vilt.embeddings" if hasattr(model, "vilt") else "embeddings")
+    hook = embeddings.register_forward_hook(lambda module, args, out: masks.append(out[1]))
+    torch.manual_seed(3)
+    try:
+        return model(**inputs), masks[-1]
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("pixel_mask", [False, True])
+def test_vilt_matches_stock_padding_free_over_text_and_patches(pixel_mask):
+    """ViltModel: the packed layers take the mask its embeddings make of the text's padding and the image's
+    (pixel_mask); the pooler reads the first text token."""
+    stock = make_vision_model("vilt")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    inputs = _vilt_inputs(pixel_mask)
+    with torch.no_grad():
+        (expected, combined), (actual, _) = (_vilt_run(m, inputs) for m in (stock, fast))
+    real = combined.bool()
+    assert bool((~real[:, 10:]).any()) == pixel_mask  # image patches padded only where the pixel mask says
+    torch.testing.assert_close(actual.last_hidden_state[real], expected.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-5)
+    assert call_counts(fast) == {"fast": 1, "stock": 0}
+
+
+def test_vilt_question_answering_head_and_training_match_stock():
+    """ViltForQuestionAnswering: its logits, and in training (its attention dropout is a module: the packed layers
+    train) the loss and every gradient equal stock's."""
+    from transformers import AutoModelForVisualQuestionAnswering
+
+    stock = make_vision_model("vilt", AutoModelForVisualQuestionAnswering)
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    inputs = _vilt_inputs(pixel_mask=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _vilt_run(fast, inputs)[0].logits, _vilt_run(stock, inputs)[0].logits, atol=1e-5, rtol=1e-5
+        )
+    labels = torch.rand(3, 3)
+    for model in (stock, fast):
+        model.train()
+        _vilt_run(model, dict(inputs, labels=labels))[0].loss.backward()
+    assert call_counts(fast) == {"fast": 2, "stock": 0}
+    for (name, ours), theirs in zip(fast.named_parameters(), stock.parameters()):
+        if theirs.grad is not None:
+            torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_vilt_attention_weights_run_stock():
+    stock = make_vision_model("vilt")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    inputs = _vilt_inputs(pixel_mask=True)
+    with torch.no_grad():
+        (expected, _), (actual, _) = (_vilt_run(m, dict(inputs, output_attentions=True)) for m in (stock, fast))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(actual.attentions, expected.attentions))
+    assert call_counts(fast) == {"fast": 0, "stock": 1}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -336,6 +336,14 @@ YOLOS = EncoderLayout(
     encoder_kwargs=("height", "width"), mid_positions=_yolos_mid_positions,
 )  # fmt: skip
 
+# ViLT: the same layers with a dropout module on the attention (they train packed), over text tokens and image
+# patches together; its embeddings return the padding mask of both, which the packed layers take.
+VILT = EncoderLayout(
+    pre_norm=True, q="attention.attention.query", k="attention.attention.key", v="attention.attention.value",
+    attn_dropout="attention.attention.dropout", ln1="layernorm_before", ln2="layernorm_after",
+    embedding_mask="embeddings",
+)  # fmt: skip
+
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model (a
 # refused entry: that transform refuses it, with its reason).
 REGISTRY: dict[str, Support] = {
@@ -410,6 +418,11 @@ REGISTRY: dict[str, Support] = {
     ),
     "splinter": Support(encoder=BERT),
     "t5": _seq2seq(T5, "; T5EncoderModel too; relative-position bias; RMS norms as one kernel (CUDA, fp16/bf16)"),
+    "vilt": Support(
+        encoder=VILT,
+        notes="text tokens and image patches together, padding-free over the mask of both (the text's "
+        "padding, pixel_mask)",
+    ),
     "vit": _VISION,
     "vit_mae": _VISION,
     "vit_msn": _VISION,

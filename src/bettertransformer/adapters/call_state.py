@@ -11,7 +11,8 @@ Encoders (``encoder.py``)::
     model(input_ids, attention_mask)
     -> PackedEncoder.base_forward        the base model's forward (an instance attribute): pushes an EncoderCall
                                          with the (batch, seq) mask, and withholds the mask from the stock forward
-    -> transformers' base-model forward  embeddings; no 4D mask is built (it got none)
+    -> transformers' base-model forward  embeddings; no 4D mask is built (it got none); embeddings that make a
+                                         mask of their own (ViLT's: text and image patches) replace the call's mask
     -> PackedEncoder.forward             the encoder module's forward: reads its own EncoderCall, packs the real
                                          tokens once (ops.padding), runs every layer on them (ops.attention,
                                          ops.fused), pads back once
@@ -113,6 +114,15 @@ def encoder_call(call: EncoderCall) -> Iterator[None]:
         yield
     finally:
         _ENCODER_CALLS.reset(token)
+
+
+def update_encoder_call(call: EncoderCall, **fields: Any) -> EncoderCall:
+    """Replace the running ``call`` by a copy with these fields, for the rest of its base-model forward (``encoder_call``
+    restores the stack as it was before that forward): what the stock forward computes on the way to the encoder
+    (ViLT's embeddings make the padding mask of the image and text tokens together)."""
+    updated = replace(call, **fields)
+    _ENCODER_CALLS.set(tuple(updated if c is call else c for c in _ENCODER_CALLS.get()))
+    return updated
 
 
 def current_encoder_call(owner: int) -> EncoderCall | None:

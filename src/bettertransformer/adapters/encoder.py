@@ -33,7 +33,7 @@ from ..ops.fused import add_layer_norm, conv1d_gemm, linear_gelu, rms_norm
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
 from ..ops.rotary import rotate_pairs
 from .attention import ATTENTION_NAME, attention_function, mask_function
-from .call_state import EncoderCall, current_encoder_call, current_host_mask, encoder_call
+from .call_state import EncoderCall, current_encoder_call, current_host_mask, encoder_call, update_encoder_call
 from .patching import (
     Calls,
     InstanceForward,
@@ -144,6 +144,10 @@ class EncoderLayout:
     # The base model reads the state at the last position (SigLIP's text tower pools it): a batch with a pad there
     # runs stock, which computes a state for that pad token (the packed path leaves zeros at padding).
     reads_last: bool = False
+    # A module (relative to the base model) whose forward returns (embeddings, their (batch, seq) padding mask): the
+    # packed layers take that mask rather than the base model's (ViLT's embeddings append the image patches and
+    # their mask to the text's). The base model's forward keeps its mask (the module reads it).
+    embedding_mask: str | None = None
 
 
 # The encoder call whose layers the first layer of a ``loop`` layout ran packed (the later layers pass on its result).
@@ -543,6 +547,8 @@ class PackedEncoder:
             self._patches += [InstanceForward(layer, self._pass_on) for layer in stock[1:]]
         else:
             self._patches.append(InstanceForward(self.encoder, self.forward))
+        if self.layout.embedding_mask is not None:
+            self._patches.append(InstanceForward(resolve(self.base, self.layout.embedding_mask), self._embedding_mask))
         self._patches += [
             InstanceForward(module, functools.partial(_fused_rms_norm, module))
             for module in self.base.modules()
@@ -582,7 +588,7 @@ class PackedEncoder:
         """
         call, bound = self._describe_call(args, kwargs)
         run_args, run_kwargs = args, kwargs
-        keep = self.layout.keep_mask
+        keep = self.layout.keep_mask or self.layout.embedding_mask is not None
         if (
             call.blocked is None
             and call.mask is not None
@@ -752,6 +758,16 @@ class PackedEncoder:
         out = packed[0].transpose(0, 1) if self.layout.seq_first else packed[0]
         _LOOPED.set(call)
         return self._as_layer_output(out)
+
+    def _embedding_mask(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+        """The forward of the ``embedding_mask`` module: the (embeddings, padding mask) it returns, the mask made the
+        call's own for the packed layers."""
+        out = stock(*args, **kwargs)
+        call = current_encoder_call(id(self))
+        mask = out[1] if isinstance(out, tuple) and len(out) == 2 else None
+        if call is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2 and call.pending is None:
+            update_encoder_call(call, mask=mask)
+        return out
 
     def _pass_on(self, stock: Callable, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
         """A later layer's forward in a ``loop`` layout: the first layer ran them all in this call."""
