@@ -380,3 +380,32 @@ def test_clip_text_tower_in_half_precision_on_cuda(side):
         )
     assert_error_within_stock(ours, stock_out, expected, mask)
     assert call_counts(fast)["fast"] == 1
+
+
+# The new types of issue 13 on the GPU: what each one's packed path adds (DINOv2's LayerScale, YOLOS's mid-position
+# embeddings, SigLIP's text tower left-padded, ViLT's mask with holes between its text and its image patches).
+_HALF_PRECISION_INPUTS = {
+    "dinov2": lambda: dict(pixel_values=_images(4)),
+    "siglip_text_model": lambda: dict(zip(("input_ids", "attention_mask"), _captions("left"))),
+    "vilt": lambda: _vilt_inputs(pixel_mask=True),
+    "yolos": lambda: dict(pixel_values=_yolos_images(40, 56)),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_type", sorted(_HALF_PRECISION_INPUTS))
+def test_new_types_in_half_precision_on_cuda(model_type):
+    """Our kernels on the packed tokens: the error at real positions within a small multiple of stock's."""
+    reference, stock, fast = half_precision_trio(lambda: make_vision_model(model_type), torch.float16)
+    inputs = {name: value.cuda() for name, value in _HALF_PRECISION_INPUTS[model_type]().items()}
+    states, real = [], inputs.get("attention_mask")
+    with torch.no_grad():
+        for model, dtype in ((reference, torch.float32), (stock, torch.float16), (fast, torch.float16)):
+            given = {name: v.to(dtype) if v.is_floating_point() else v for name, v in inputs.items()}
+            out, real = _vilt_run(model, given) if model_type == "vilt" else (model(**given), real)
+            states.append(out.last_hidden_state)
+    expected, stock_out, ours = states
+    real = torch.ones(expected.shape[:2], dtype=torch.bool, device="cuda") if real is None else real
+    assert_error_within_stock(ours, stock_out, expected, real)
+    assert call_counts(fast) == {"fast": 1, "stock": 0}
