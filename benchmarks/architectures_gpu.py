@@ -6,6 +6,14 @@
 - ``modernbert``: ModernBERT-base config, 64 rows of ``randint(16, 513)`` tokens, right-padded.
 - ``vit``: ViT-base config, random weights, fp16: 64 images of 224 x 224 (``torch.manual_seed(0); torch.randn``).
 - ``clip``: CLIP ViT-B/32 config, fp16: 64 images and 64 captions of ``randint(5, 78)`` tokens, right-padded.
+- ``dinov2``: DINOv2-base config (patch 14), fp16: 64 images of 224 x 224 (257 tokens each, no padding).
+- ``yolos``: YOLOS-small config (384 wide, 6 heads, 100 detection tokens, mid-position embeddings), fp16: 8 images of
+  800 x 1333 (4,251 tokens each), object detection (logits).
+- ``siglip``: SigLIP-base text tower config, fp16: 64 captions of ``torch.manual_seed(0); torch.randint(5, 65, (64,))``
+  tokens, left-padded (padding-free), right-padded (stock: the pooled last position is a pad) and padded to 64 with
+  no mask (SigLIP's own usage: fused layers on every position).
+- ``vilt``: ViLT-B/32 config, fp16: 64 image-caption pairs, images on a 384 x 576 canvas whose real width
+  ``randint(384, 577)`` the pixel mask marks, captions of ``randint(5, 41)`` tokens right-padded to 40.
 - ``whisper``: Whisper-small config, fp16: 30 s of audio (random log-mel features), 128 new tokens, batch 1 and 16.
 - ``wav2vec2``: wav2vec2-base config (post-LayerNorm), random weights, fp16: 16 clips of 2-15 s at 16 kHz
   (``torch.manual_seed(0); torch.randint(32_000, 240_001, (16,))`` samples), zero-padded, with the mask.
@@ -277,9 +285,136 @@ def bench_clip(args, device: torch.device, dtype: torch.dtype) -> list[str]:
     return rows
 
 
+def _random_model(config, device: torch.device, dtype: torch.dtype, build=AutoModel.from_config):
+    """(fp32 reference, stock in ``dtype``, transformed copy of stock) of a random-weight ``config``, the model made
+    by ``build(config)``."""
+    torch.manual_seed(0)
+    reference = build(config).to(device).eval()
+    stock = copy.deepcopy(reference).to(dtype)
+    return reference, stock, BetterTransformer.transform(copy.deepcopy(stock))
+
+
+def bench_dinov2(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """DINOv2-base's shapes (12 layers, 768 wide, 12 heads, MLP 3072, patch 14, LayerScale): 64 images of 224 x 224
+    (257 tokens each, no padding)."""
+    from transformers import Dinov2Config
+
+    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4) if args.small else {}
+    config = Dinov2Config(**sizes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    reference, stock, fast = _random_model(config, device, dtype)
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 224, 224, device=device)
+    with torch.inference_mode():
+        expected = reference(images).last_hidden_state
+        keep = torch.ones(expected.shape[:2], dtype=torch.bool, device=device)
+        run = lambda model: model(images.to(dtype)).last_hidden_state  # noqa: E731
+        rows = forward_rows("dinov2-base, 64 images of 224 x 224", stock, fast, run, expected, keep, device)
+    print("dinov2 calls", call_counts(fast), flush=True)
+    return rows
+
+
+def bench_yolos(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """YOLOS-small's shapes (12 layers, 384 wide, 6 heads, MLP 1536, patch 16, 100 detection tokens, mid-position
+    embeddings): object detection on 8 images of 800 x 1333 (4,251 tokens each, no padding); the error of the logits."""
+    from transformers import AutoModelForObjectDetection, YolosConfig
+
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 image_size=[64, 96], num_detection_tokens=10)  # fmt: skip
+    yolos_small = dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536, image_size=[800, 1333])
+    config = YolosConfig(
+        **(small if args.small else yolos_small), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    reference, stock, fast = _random_model(config, device, dtype, AutoModelForObjectDetection.from_config)
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, *config.image_size, device=device)
+    with torch.inference_mode():
+        expected = reference(images).logits
+        keep = torch.ones(expected.shape, dtype=torch.bool, device=device)
+        run = lambda model: model(images.to(dtype)).logits  # noqa: E731
+        size = "x".join(map(str, config.image_size))
+        rows = forward_rows(f"yolos-small detection, 8 images of {size}", stock, fast, run, expected, keep, device)
+    print("yolos calls", call_counts(fast), flush=True)
+    return rows
+
+
+_SIGLIP_CASES = {
+    "left": "left-padded",
+    "right": "right-padded (runs stock: the pooled last position is a pad)",
+    "no mask": "padded to 64, no mask (all positions real)",
+}
+
+
+def bench_siglip(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """SigLIP-base's text tower (12 layers, 768 wide, 12 heads, MLP 3072, 64 positions): 64 captions of
+    ``torch.manual_seed(0); torch.randint(5, 65, (64,))`` tokens, left-padded, right-padded, and all 64 positions
+    real with no mask (SigLIP's own usage); the error of the pooled output (the last position)."""
+    from transformers import SiglipTextConfig, SiglipTextModel
+
+    sizes = (
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if args.small else {}
+    )
+    config = SiglipTextConfig(**sizes, attention_dropout=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=1)
+    reference, stock, fast = _random_model(config, device, dtype, SiglipTextModel)
+    torch.manual_seed(0)
+    lengths = torch.randint(5, 65, (64,))
+    columns = torch.arange(64)[None]
+    masks = {"right": columns < lengths[:, None], "left": columns >= 64 - lengths[:, None]}
+    ids = torch.randint(2, config.vocab_size, (64, 64))
+    rows = []
+    with torch.inference_mode():
+        for name, mask in [*masks.items(), ("no mask", None)]:
+            given = dict(input_ids=(ids if mask is None else ids * mask + (~mask)).to(device))  # pads: id 1
+            if mask is not None:
+                given["attention_mask"] = mask.long().to(device)
+            expected = reference(**given).pooler_output
+            keep = torch.ones(expected.shape, dtype=torch.bool, device=device)
+            run = lambda model, given=given: model(**given).pooler_output  # noqa: E731
+            workload = f"siglip-base text, 64 captions of 5-64 tokens, {_SIGLIP_CASES[name]}"
+            rows += forward_rows(workload, stock, fast, run, expected, keep, device)
+            print("siglip", name, "calls", call_counts(fast), flush=True)
+    return rows
+
+
+def bench_vilt(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """ViLT-B/32's shapes (12 layers, 768 wide, 12 heads, MLP 3072, patch 32, 40 text positions): 64 image-caption
+    pairs; each image on a 384 x 576 canvas, its real width ``torch.manual_seed(0); torch.randint(384, 577, (64,))``
+    marked by the pixel mask; captions of ``torch.randint(5, 41, (64,))`` tokens right-padded to 40. The error at the
+    real text and image positions (the mask ViLT's embeddings make)."""
+    from transformers import ViltConfig
+
+    sizes = (
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if args.small else {}
+    )
+    config = ViltConfig(**sizes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    reference, stock, fast = _random_model(config, device, dtype)
+    torch.manual_seed(0)
+    widths, lengths = torch.randint(384, 577, (64,)), torch.randint(5, 41, (64,))
+    pixel_mask = (torch.arange(576)[None, None, :] < widths[:, None, None]).expand(64, 384, 576).long()
+    mask = (torch.arange(40)[None] < lengths[:, None]).long()
+    ids = torch.randint(1000, config.vocab_size, (64, 40)) * mask
+    images = torch.randn(64, 3, 384, 576) * pixel_mask[:, None]
+    given = dict(input_ids=ids, attention_mask=mask, pixel_values=images, pixel_mask=pixel_mask)
+    given = {k: v.to(device) for k, v in given.items()}
+
+    def run(model, dtype: torch.dtype = dtype) -> torch.Tensor:
+        torch.manual_seed(0)  # ViLT's embeddings shuffle the image patches: the same draw for every model and call
+        return model(**dict(given, pixel_values=given["pixel_values"].to(dtype))).last_hidden_state
+
+    made = []
+    hook = reference.embeddings.register_forward_hook(lambda module, inputs, out: made.append(out[1]))
+    with torch.inference_mode():
+        expected = run(reference, torch.float32)
+        hook.remove()
+        keep = made[0].bool()
+        workload = f"vilt-b32, 64 captions of 5-40 tokens + images 384 x 384-576 ({keep.float().mean():.0%} real)"
+        rows = forward_rows(workload, stock, fast, run, expected, keep, device)
+    print("vilt calls", call_counts(fast), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ["bart", "t5", "wav2vec2", "modernbert", "vit", "clip", "whisper"]
+    parts = ["bart", "t5", "wav2vec2", "modernbert", "vit", "clip", "whisper", "dinov2", "yolos", "siglip", "vilt"]
     parser.add_argument("--only", nargs="+", default=parts, choices=parts)
     parser.add_argument("--small", action="store_true", help="tiny configs: a check of the script")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -291,7 +426,8 @@ def main() -> None:
     for part in args.only:
         bench = {
             "bart": bench_bart, "t5": bench_t5, "wav2vec2": bench_wav2vec2, "modernbert": bench_modernbert,
-            "vit": bench_vit, "clip": bench_clip, "whisper": bench_whisper,
+            "vit": bench_vit, "clip": bench_clip, "whisper": bench_whisper, "dinov2": bench_dinov2, "yolos": bench_yolos,
+            "siglip": bench_siglip, "vilt": bench_vilt,
         }  # fmt: skip
         rows += bench[part](args, device, dtype)
     print(
