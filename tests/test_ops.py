@@ -548,3 +548,67 @@ def test_llama_decode_kernels_match_the_reference_path_on_cuda(batch, monkeypatc
         error = (a.double().cpu() - b).abs().max().item()
         assert error < 2e-2 * max(1.0, b.abs().max().item()), (i, error)
     assert torch.equal(chosen, logits.argmax(-1))  # the fused choice is the argmax of the softcapped logits
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [2, 16])
+def test_decode_linear_normalises_many_rows_over_several_chunks_on_cuda(rows):
+    """More than one row and a norm over more columns than one chunk: the rows' statistics come from a kernel of
+    their own (``_row_stats_kernel``); RMSNorm and LayerNorm against the float64 reference path."""
+    from bettertransformer.ops import decode, decode_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    width, out = 1000, 272  # not powers of two; several chunks of k at 16 rows
+    x, w = torch.randn(rows, width, generator=gen), torch.randn(out, width, generator=gen) / width**0.5
+    scale, shift = torch.randn(width, generator=gen) * 0.2 + 1, torch.randn(width, generator=gen)
+    assert width > decode_kernels.linear_config(rows, width, out)[1]
+    for norm in (decode.RMSNorm(scale, 1e-6), (scale, shift, 1e-5)):
+
+        def run(device, dtype, norm=norm):
+            spec = decode.RMSNorm(norm.weight.to(device, dtype), norm.eps) if isinstance(norm, decode.RMSNorm) else (
+                norm[0].to(device, dtype), norm[1].to(device, dtype), norm[2])  # fmt: skip
+            return decode.linear(x.to(device, dtype), w.to(device, dtype), None, transposed=True, norm=spec)
+
+        got, expected = run("cuda", torch.float16).double().cpu(), run("cpu", torch.float64)
+        assert (got - expected).abs().max().item() < 2e-2 * expected.abs().max().item()
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 4, 64), (16, 8, 128), (8, 8, 64)])
+def test_rope_attention_over_a_long_cache_on_cuda(heads, kv_heads, dim):
+    """The rotary decode attention kernel over a cache of several tiles split across programs, at one row and at
+    three, with grouped and ungrouped heads, a window, a softcap and q/k norms, against the float64 reference path.
+    Slots after the current one are never attended (not written yet), whatever the mask says there."""
+    from bettertransformer.ops import decode
+
+    gen = torch.Generator().manual_seed(0)
+    batch, slots = 3, 300
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=gen)
+    kv = torch.randn(2, batch, kv_heads, slots, dim, generator=gen)
+    mask = torch.zeros(batch, slots)  # zeros after the current slot too: the kernel stops at the slot regardless
+    mask[1, :40] = float("-inf")  # a left-padded row
+    slot, positions = torch.tensor([250]), torch.tensor([250, 210, 100])
+    rotary = decode.Rotary(1.0 / 10000 ** (torch.arange(0, dim // 2, 2) / (dim // 2)))  # half the features turn
+    norms = (decode.RMSNorm(torch.rand(dim) + 0.5, 1e-6), decode.RMSNorm(torch.rand(dim) + 0.5, 1e-6), True)
+
+    def run(device, dtype, window, softcap, qk_norm, rows):
+        def to(t):
+            return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+        cache = to(kv[:, :rows].clone())
+        turn = decode.Rotary(rotary.inv_freq.to(device))
+        qk = tuple(decode.RMSNorm(to(n.weight), n.eps) for n in qk_norm[:2]) + (True,) if qk_norm else None
+        out = decode.rope_attention(
+            to(qkv[:rows]), cache, to(mask[:rows]), to(slot), to(positions[:rows]), heads=heads, scale=dim**-0.5,
+            rotary=turn, qk_norm=qk, window=window, softcap=softcap,
+        )  # fmt: skip
+        return out.double().cpu(), cache.double().cpu()
+
+    for rows in (1, batch):
+        for window, softcap, qk_norm in ((None, None, None), (64, 30.0, norms)):
+            expected, expected_cache = run("cpu", torch.float64, window, softcap, qk_norm, rows)
+            got, cache = run("cuda", torch.float16, window, softcap, qk_norm, rows)
+            assert (cache - expected_cache).abs().max().item() < 1e-2
+            assert (got - expected).abs().max().item() < 1e-2
