@@ -315,12 +315,12 @@ def bench_dinov2(args, device: torch.device, dtype: torch.dtype) -> list[str]:
 
 def bench_yolos(args, device: torch.device, dtype: torch.dtype) -> list[str]:
     """YOLOS-small's shapes (12 layers, 384 wide, 6 heads, MLP 1536, patch 16, 100 detection tokens, mid-position
-    embeddings): object detection on 8 images of 800 x 1333 (4,251 tokens each, no padding); the error of the logits."""
+    embeddings): object detection on 8 images of 800 x 1344 (4,300 tokens each, no padding); the error of the logits."""
     from transformers import AutoModelForObjectDetection, YolosConfig
 
     small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                  image_size=[64, 96], num_detection_tokens=10)  # fmt: skip
-    yolos_small = dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536, image_size=[800, 1333])
+    yolos_small = dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536, image_size=[800, 1344])
     config = YolosConfig(
         **(small if args.small else yolos_small), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
