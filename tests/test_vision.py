@@ -13,6 +13,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForObjectDetection,
     CLIPConfig,
     CLIPModel,
     SiglipConfig,
@@ -214,8 +215,6 @@ def _yolos_images(height: int, width: int) -> torch.Tensor:
 def test_yolos_detection_matches_stock(mid, size):
     """YolosForObjectDetection: with its mid-position embeddings (random here) added between the packed layers, or
     without them; at the configured image size and at another (both tables interpolated)."""
-    from transformers import AutoModelForObjectDetection
-
     stock = make_vision_model("yolos", AutoModelForObjectDetection, use_mid_position_embeddings=mid)
     fast = BetterTransformer.transform(stock, keep_original_model=True)
     images = _yolos_images(*size)
@@ -224,6 +223,24 @@ def test_yolos_detection_matches_stock(mid, size):
     for name in ("last_hidden_state", "logits", "pred_boxes"):
         torch.testing.assert_close(getattr(actual, name), getattr(expected, name), atol=1e-5, rtol=1e-5)
     assert call_counts(fast) == {"fast": 1, "stock": 0}
+
+
+@pytest.mark.parametrize(
+    "model_type, auto_class", [("dinov2", AutoModelForImageClassification), ("yolos", AutoModelForObjectDetection)]
+)
+def test_image_models_given_a_padding_mask_run_stock(model_type, auto_class):
+    """A mask with padding on these images runs stock. DINOv2's classifier averages every patch, padded ones too (5.24
+    takes a mask; 5.17's forward does not name one and ignores it); YOLOS's forward ignores one. Stock's outputs, not
+    the packed path's zeros at padding nor a mask the stock model would not apply."""
+    stock = make_vision_model(model_type, auto_class)
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    tokens = {"dinov2": 17, "yolos": 22}[model_type]  # the patches (16), the class token, YOLOS's 5 detection tokens
+    mask = torch.ones(3, tokens, dtype=torch.long)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        expected, actual = (m(_images(), attention_mask=mask) for m in (stock, fast))
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-6, rtol=1e-6)
+    assert call_counts(fast) == {"fast": 0, "stock": 1}
 
 
 def test_yolos_hidden_states_and_training_run_stock():

@@ -306,13 +306,14 @@ CLIP = EncoderLayout(
 # DINOv2: pre-LayerNorm layers whose sublayer outputs are scaled (LayerScale) before each residual add, in an encoder
 # module (a PreTrainedModel of its own). Its attention moved in transformers 5.24 (one module with q/k/v/o_proj;
 # before: attention.attention.query... and attention.output.dense): both paths are named. The SwiGLU MLP
-# (use_swiglu_ffn: no fc1) runs whole. The attention dropout is a plain float: training runs the stock layers.
+# (use_swiglu_ffn: no fc1) runs whole. The attention dropout is a plain float: training runs the stock layers. Its
+# image classifier averages every patch: a batch with a padding mask (5.24 takes one) runs stock.
 DINOV2 = EncoderLayout(
     layers="layer", pre_norm=True, q="attention.q_proj|attention.attention.query",
     k="attention.k_proj|attention.attention.key", v="attention.v_proj|attention.attention.value", attn_dropout=None,
     o="attention.o_proj|attention.output.dense", o_dropout=None, ln1="norm1", ffn_in="mlp.fc1",
     act="mlp.activation_fn|mlp.activation", ffn_out="mlp.fc2", ffn_dropout=None, ln2="norm2", ffn="mlp",
-    attn_scale="layer_scale1", ffn_scale="layer_scale2", requires=(), stock_training=True,
+    attn_scale="layer_scale1", ffn_scale="layer_scale2", requires=(), stock_training=True, reads_padding=True,
 )  # fmt: skip
 
 
@@ -370,7 +371,8 @@ REGISTRY: dict[str, Support] = {
     "dinov2": Support(
         encoder=DINOV2,
         fast_paths=("fused encoder layers",),
-        notes="images (no padding): inference; LayerScale; the SwiGLU MLP (use_swiglu_ffn) runs as its own module",
+        notes="images (no padding): inference; LayerScale; the SwiGLU MLP (use_swiglu_ffn) runs as its own module; "
+        "a mask with padding runs stock (its classifier averages every patch)",
     ),  # fmt: skip
     "distilbert": Support(encoder=DISTILBERT),
     "electra": Support(encoder=BERT),

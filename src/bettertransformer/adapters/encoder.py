@@ -144,6 +144,9 @@ class EncoderLayout:
     # The base model reads the state at the last position (SigLIP's text tower pools it): a batch with a pad there
     # runs stock, which computes a state for that pad token (the packed path leaves zeros at padding).
     reads_last: bool = False
+    # Something reads every position, padded ones too (DINOv2's image classifier averages all patches): a batch with
+    # padding runs stock.
+    reads_padding: bool = False
     # A module (relative to the base model) whose forward returns (embeddings, their (batch, seq) padding mask): the
     # packed layers take that mask rather than the base model's (ViLT's embeddings append the image patches and
     # their mask to the text's). The base model's forward keeps its mask (the module reads it).
@@ -406,11 +409,23 @@ class T5Layer(PackedLayer):
         return F.linear(h.to(ffn.wo.weight.dtype), ffn.wo.weight)  # T5 may keep wo in fp32 in fp16 models
 
 
-# Why a batch runs stock when its model reads the last position (``EncoderLayout.reads_last``) and a row has a pad there.
+# Why a batch runs stock when its model reads where it has padding (``EncoderLayout.reads_last``, ``reads_padding``).
 _LAST_PADDED = (
     "a pad at the last position, which the model reads (its pooled output): stock computes a state for that pad "
     "token; the padding-free path would leave zeros"
 )
+_PADDING_READ = (
+    "padding in a model that reads every position (a head averaging them all): stock computes states there; the "
+    "padding-free path would leave zeros"
+)
+
+
+class _StockBatch(Exception):
+    """Raised by the packed path when the batch's padding lies where the model reads: the stock computation runs."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Restart(Exception):
@@ -629,6 +644,8 @@ class PackedEncoder:
             if value:
                 blocked = flag
         if "attention_mask" not in bound.arguments:  # passed through **kwargs: leave the call as it is
+            if mask is not None:  # a forward that does not name it may ignore it (YOLOS; DINOv2 before 5.24)
+                blocked = "an attention_mask the base model's forward does not name"
             return EncoderCall(id(self), mask, blocked), None
         return EncoderCall(id(self), mask, blocked), bound
 
@@ -673,11 +690,13 @@ class PackedEncoder:
         reason = self._stock_reason(call, hidden_states, args[2:], named)
         if reason is None:
             assert call is not None
-            out = self._packed(call, hidden_states, named.get("return_dict") is not False, named)
-            if out is not None:
+            try:
+                out = self._packed(call, hidden_states, named.get("return_dict") is not False, named)
+            except _StockBatch as batch:
+                reason = batch.reason
+            else:
                 self.calls.add("fast")
                 return out
-            reason = _LAST_PADDED
         self._stock_call(call, reason, "forward")
         return stock(*args, **kwargs)
 
@@ -693,8 +712,8 @@ class PackedEncoder:
     def _packed(
         self, call: EncoderCall, hidden_states: torch.Tensor, return_dict: bool, kwargs: dict[str, Any] | None = None
     ) -> Any:
-        """The layers on the real tokens only; None when the batch needs the stock computation after all (a pad
-        where ``reads_last`` says the model reads). Left out of ``torch.compile``'s graphs: its shapes come from the
+        """The layers on the real tokens only (``_StockBatch`` when the batch's padding lies where the model reads).
+        Left out of ``torch.compile``'s graphs: its shapes come from the
         mask's row lengths (a host read: a graph break whatever we do), and its kernels are our fused ones already,
         so the compiler has nothing to gain inside; it compiles the embeddings and the heads around it."""
         batch, seqlen, _ = hidden_states.shape
@@ -703,7 +722,9 @@ class PackedEncoder:
         else:
             info = pack_info(call.mask, batch, seqlen, hidden_states.device)
         if info.last_padded and self.layout.reads_last:
-            return None
+            raise _StockBatch(_LAST_PADDED)
+        if info.indices is not None and self.layout.reads_padding:
+            raise _StockBatch(_PADDING_READ)
         if info.left_padded and self.reads_first:
             warn_left_padding(self.log, self.model_name)
         x = pack(hidden_states, info)  # (T, hidden)
@@ -748,8 +769,10 @@ class PackedEncoder:
         packed = None
         if reason is None:
             assert call is not None
-            packed = self._packed(call, states, return_dict=False)
-            reason = _LAST_PADDED if packed is None else None
+            try:
+                packed = self._packed(call, states, return_dict=False)
+            except _StockBatch as batch:
+                reason = batch.reason
         if reason is not None:
             self._stock_call(call, reason, "layers")
             return stock(hidden_states, *args, **kwargs)
