@@ -8,10 +8,7 @@
 - ``clip``: CLIP ViT-B/32 config, fp16: 64 images and 64 captions of ``randint(5, 78)`` tokens, right-padded.
 - ``dinov2``: DINOv2-base config (patch 14), fp16: 64 images of 224 x 224 (257 tokens each, no padding).
 - ``yolos``: YOLOS-small config (384 wide, 6 heads, 100 detection tokens, mid-position embeddings), fp16: 8 images of
-  800 x 1333 (4,251 tokens each), object detection (logits).
-- ``siglip``: SigLIP-base text tower config, fp16: 64 captions of ``torch.manual_seed(0); torch.randint(5, 65, (64,))``
-  tokens, left-padded (padding-free), right-padded (stock: the pooled last position is a pad) and padded to 64 with
-  no mask (SigLIP's own usage: fused layers on every position).
+  800 x 1344 (4,300 tokens each), object detection (logits).
 - ``vilt``: ViLT-B/32 config, fp16: 64 image-caption pairs, images on a 384 x 576 canvas whose real width
   ``randint(384, 577)`` the pixel mask marks, captions of ``randint(5, 41)`` tokens right-padded to 40.
 - ``whisper``: Whisper-small config, fp16: 30 s of audio (random log-mel features), 128 new tokens, batch 1 and 16.
@@ -337,44 +334,6 @@ def bench_yolos(args, device: torch.device, dtype: torch.dtype) -> list[str]:
     return rows
 
 
-_SIGLIP_CASES = {
-    "left": "left-padded",
-    "right": "right-padded (runs stock: the pooled last position is a pad)",
-    "no mask": "padded to 64, no mask (all positions real)",
-}
-
-
-def bench_siglip(args, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """SigLIP-base's text tower (12 layers, 768 wide, 12 heads, MLP 3072, 64 positions): 64 captions of
-    ``torch.manual_seed(0); torch.randint(5, 65, (64,))`` tokens, left-padded, right-padded, and all 64 positions
-    real with no mask (SigLIP's own usage); the error of the pooled output (the last position)."""
-    from transformers import SiglipTextConfig, SiglipTextModel
-
-    sizes = (
-        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if args.small else {}
-    )
-    config = SiglipTextConfig(**sizes, attention_dropout=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=1)
-    reference, stock, fast = _random_model(config, device, dtype, SiglipTextModel)
-    torch.manual_seed(0)
-    lengths = torch.randint(5, 65, (64,))
-    columns = torch.arange(64)[None]
-    masks = {"right": columns < lengths[:, None], "left": columns >= 64 - lengths[:, None]}
-    ids = torch.randint(2, config.vocab_size, (64, 64))
-    rows = []
-    with torch.inference_mode():
-        for name, mask in [*masks.items(), ("no mask", None)]:
-            given = dict(input_ids=(ids if mask is None else ids * mask + (~mask)).to(device))  # pads: id 1
-            if mask is not None:
-                given["attention_mask"] = mask.long().to(device)
-            expected = reference(**given).pooler_output
-            keep = torch.ones(expected.shape, dtype=torch.bool, device=device)
-            run = lambda model, given=given: model(**given).pooler_output  # noqa: E731
-            workload = f"siglip-base text, 64 captions of 5-64 tokens, {_SIGLIP_CASES[name]}"
-            rows += forward_rows(workload, stock, fast, run, expected, keep, device)
-            print("siglip", name, "calls", call_counts(fast), flush=True)
-    return rows
-
-
 def bench_vilt(args, device: torch.device, dtype: torch.dtype) -> list[str]:
     """ViLT-B/32's shapes (12 layers, 768 wide, 12 heads, MLP 3072, patch 32, 40 text positions): 64 image-caption
     pairs; each image on a 384 x 576 canvas, its real width ``torch.manual_seed(0); torch.randint(384, 577, (64,))``
@@ -414,7 +373,7 @@ def bench_vilt(args, device: torch.device, dtype: torch.dtype) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ["bart", "t5", "wav2vec2", "modernbert", "vit", "clip", "whisper", "dinov2", "yolos", "siglip", "vilt"]
+    parts = ["bart", "t5", "wav2vec2", "modernbert", "vit", "clip", "whisper", "dinov2", "yolos", "vilt"]
     parser.add_argument("--only", nargs="+", default=parts, choices=parts)
     parser.add_argument("--small", action="store_true", help="tiny configs: a check of the script")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -427,7 +386,7 @@ def main() -> None:
         bench = {
             "bart": bench_bart, "t5": bench_t5, "wav2vec2": bench_wav2vec2, "modernbert": bench_modernbert,
             "vit": bench_vit, "clip": bench_clip, "whisper": bench_whisper, "dinov2": bench_dinov2, "yolos": bench_yolos,
-            "siglip": bench_siglip, "vilt": bench_vilt,
+            "vilt": bench_vilt,
         }  # fmt: skip
         rows += bench[part](args, device, dtype)
     print(

@@ -83,18 +83,6 @@ def test_pack_info_says_whether_rows_have_holes():
     assert not PendingPack(holes, 2, 4, torch.device("cpu"), host_mask=holes).finish().contiguous
 
 
-def test_pack_info_says_whether_a_last_position_is_padding():
-    """``last_padded``: some row (an empty one too) has a pad at its last position, counted on the device or the host."""
-    from bettertransformer.ops.padding import PendingPack
-
-    cpu = torch.device("cpu")
-    assert not pack_info(_mask([5, 1, 7], 7, left=True), 3, 7, cpu).last_padded
-    assert not pack_info(None, 3, 7, cpu).last_padded
-    for mask in (_mask([7, 1, 7], 7, left=False), _mask([5, 1, 7, 0], 7, left=True)):
-        assert pack_info(mask, mask.shape[0], 7, cpu).last_padded
-        assert PendingPack(mask, mask.shape[0], 7, cpu, host_mask=mask).finish().last_padded
-
-
 def test_pack_gradient_lands_on_the_real_tokens():
     """pack's backward copies each packed row's gradient back to its position, zeros at padding."""
     mask = _mask([5, 1, 7, 0], 7, left=True)

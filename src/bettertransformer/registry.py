@@ -410,11 +410,6 @@ REGISTRY: dict[str, Support] = {
     ),
     "roc_bert": Support(encoder=BERT),
     "roformer": Support(encoder=ROFORMER, notes="rotary positions"),
-    "siglip_text_model": Support(
-        encoder=replace(CLIP, reads_last=True),
-        notes="its pooled output reads the last position: a batch with a pad there (right padding) runs stock; in "
-        "SiglipModel too; inference",
-    ),
     "siglip_vision_model": Support(
         encoder=CLIP, fast_paths=("fused encoder layers",), notes="images (no padding); in SiglipModel too; inference"
     ),

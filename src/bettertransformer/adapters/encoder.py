@@ -141,9 +141,6 @@ class EncoderLayout:
     # (encoder, its call's keyword arguments) -> position embeddings (L - 1, S, hidden) added to the states after every
     # layer but the last, by each token's position in its padded row (YOLOS's mid-position embeddings), or None.
     mid_positions: Callable[[nn.Module, dict[str, Any]], torch.Tensor | None] | None = None
-    # The base model reads the state at the last position (SigLIP's text tower pools it): a batch with a pad there
-    # runs stock, which computes a state for that pad token (the packed path leaves zeros at padding).
-    reads_last: bool = False
     # Something reads every position, padded ones too (DINOv2's image classifier averages all patches): a batch with
     # padding runs stock.
     reads_padding: bool = False
@@ -409,11 +406,7 @@ class T5Layer(PackedLayer):
         return F.linear(h.to(ffn.wo.weight.dtype), ffn.wo.weight)  # T5 may keep wo in fp32 in fp16 models
 
 
-# Why a batch runs stock when its model reads where it has padding (``EncoderLayout.reads_last``, ``reads_padding``).
-_LAST_PADDED = (
-    "a pad at the last position, which the model reads (its pooled output): stock computes a state for that pad "
-    "token; the padding-free path would leave zeros"
-)
+# Why a batch runs stock when its model reads where it has padding (``EncoderLayout.reads_padding``).
 _PADDING_READ = (
     "padding in a model that reads every position (a head averaging them all): stock computes states there; the "
     "padding-free path would leave zeros"
@@ -721,8 +714,6 @@ class PackedEncoder:
             info = call.pending.finish()
         else:
             info = pack_info(call.mask, batch, seqlen, hidden_states.device)
-        if info.last_padded and self.layout.reads_last:
-            raise _StockBatch(_LAST_PADDED)
         if info.indices is not None and self.layout.reads_padding:
             raise _StockBatch(_PADDING_READ)
         if info.left_padded and self.reads_first:

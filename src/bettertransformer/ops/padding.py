@@ -7,7 +7,7 @@ indices, the cumulative sequence lengths that variable-length attention takes, a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -24,7 +24,6 @@ class PackInfo:
     max_len:      longest row.
     batch, seqlen: the padded shape.
     left_padded:  some row has real tokens but a pad at position 0 (a pooler reading position 0 reads a pad).
-    last_padded:  some row has a pad at its last position (a pooler reading the last position reads a pad).
     contiguous:   every row's real tokens are one run (no holes): distances between a row's tokens are distances
                   in its packed order (relative-position biases can then be built once for all rows).
     """
@@ -38,14 +37,14 @@ class PackInfo:
     seqlen: int
     left_padded: bool = False
     contiguous: bool = True
-    last_padded: bool = False
 
     def to(self, device: torch.device) -> PackInfo:
         """The same layout with its device tensors on ``device`` (a model split across GPUs by ``device_map``)."""
         if self.cu_seqlens.device == device:
             return self
         indices = None if self.indices is None else self.indices.to(device)
-        return replace(self, indices=indices, cu_seqlens=self.cu_seqlens.to(device), lengths=self.lengths.to(device))
+        moved = (indices, self.cu_seqlens.to(device), self.lengths.to(device), self.host_lengths)
+        return PackInfo(*moved, self.max_len, self.batch, self.seqlen, self.left_padded, self.contiguous)
 
     @property
     def total(self) -> int:
@@ -85,12 +84,11 @@ class PendingPack:
             up = counted[0].pin_memory() if self.mask.is_cuda else counted[0]
             self.lengths = up.to(device, non_blocking=True)
             return
-        # Row lengths, whether the first and the last position are real, and runs of real tokens, in one copy to the
-        # host: (4, B).
+        # Row lengths, whether position 0 is real, and runs of real tokens, in one copy to the host: (3, B).
         numbers = _row_numbers(self.mask) if seqlen else None
         self.lengths = numbers[0] if numbers is not None else torch.zeros(batch, dtype=torch.int32, device=device)
         if numbers is not None and numbers.is_cuda:
-            pinned = torch.empty(4, batch, dtype=torch.int32, pin_memory=True)
+            pinned = torch.empty(3, batch, dtype=torch.int32, pin_memory=True)
             pinned.copy_(numbers, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
@@ -121,21 +119,15 @@ class PendingPack:
         indices = torch.nonzero_static(self.mask.reshape(-1), size=total).squeeze(1)  # (T,)
         assert self.lengths is not None  # set whenever there is a mask
         left_padded = self.numbers is not None and bool(((self.numbers[1] == 0) & (host > 0)).any())
-        contiguous = self.numbers is None or bool((self.numbers[3] <= 1).all())
-        last_padded = self.numbers is not None and bool((self.numbers[2] == 0).any())
-        return PackInfo(
-            indices, cu, self.lengths, host.clone(), max_len, batch, seqlen, left_padded, contiguous, last_padded
-        )
+        contiguous = self.numbers is None or bool((self.numbers[2] <= 1).all())
+        return PackInfo(indices, cu, self.lengths, host.clone(), max_len, batch, seqlen, left_padded, contiguous)
 
 
 def _row_numbers(mask: torch.Tensor) -> torch.Tensor:
-    """(4, B) int32 of a (B, S) mask, S > 0: real tokens per row, whether position 0 is real, whether the last
-    position is real, runs of real tokens."""
+    """(3, B) int32 of a (B, S) mask, S > 0: real tokens per row, whether position 0 is real, runs of real tokens."""
     real = mask != 0
     starts = real[:, 0].to(torch.int32) + (real[:, 1:] & ~real[:, :-1]).sum(1, dtype=torch.int32)
-    return torch.stack(
-        [real.sum(1, dtype=torch.int32), real[:, 0].to(torch.int32), real[:, -1].to(torch.int32), starts]
-    )
+    return torch.stack([real.sum(1, dtype=torch.int32), real[:, 0].to(torch.int32), starts])
 
 
 def pack_info(mask: torch.Tensor | None, batch: int, seqlen: int, device: torch.device) -> PackInfo:
