@@ -419,33 +419,6 @@ if AVAILABLE:
         return 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / width + eps)
 
     @triton.jit
-    def _partners(d, ROT: tl.constexpr, INTERLEAVED: tl.constexpr):
-        # Each feature's rotary partner: 2i <-> 2i + 1 (INTERLEAVED) or i <-> i + ROT / 2; itself past ROT.
-        half: tl.constexpr = ROT // 2
-        if INTERLEAVED:
-            return tl.where(d < ROT, d ^ 1, d)
-        return tl.where(d < ROT, tl.where(d < half, d + half, d - half), d)
-
-    @triton.jit
-    def _new_key(row, q_width, k_width, kv_h, d, partner, dm, pos, FREQ, KN, rope_scale, eps, norm_offset,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr, NORM_BLOCK: tl.constexpr, QK_NORM: tl.constexpr,
-                 ROUND_FIRST: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr, DTYPE):  # fmt: skip
-        # The new key of key/value head kv_h from the raw QKV row: k norm (per head, or over the whole projection),
-        # rotary embedding; fp32, rounded to DTYPE.
-        k_at = row + q_width + kv_h * D
-        kn = tl.load(k_at + d, mask=dm, other=0.0).to(tl.float32)
-        kp = tl.load(k_at + partner, mask=dm, other=0.0).to(tl.float32)
-        k_rstd = 1.0
-        k_norm = KN
-        if QK_NORM == 1:
-            k_rstd = _head_rstd(row, q_width + kv_h * D, D, eps, BLOCK_D)
-        elif QK_NORM == 2:
-            k_rstd = _head_rstd(row, q_width, k_width, eps, NORM_BLOCK)
-            k_norm = KN + kv_h * D
-        kn, kp = _qk_norm(kn, kp, d, partner, dm, k_norm, k_rstd, norm_offset, QK_NORM, ROUND_FIRST, DTYPE)
-        return _rotate(kn, kp, d, pos, FREQ, rope_scale, ROT, INTERLEAVED, DTYPE)
-
-    @triton.jit
     def _rope_attention_kernel(
         QKV, K, V, MASK, SLOT, POS, FREQ, QN, KN, OUT, PART_O, PART_ML,
         S, stride_qkv, q_width, k_width, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
@@ -457,8 +430,8 @@ if AVAILABLE:
         # One query token per (row, head) of a rotary decoder, from the raw QKV product (B, q | k | v): the q/k
         # norm (QK_NORM 1: per head; 2: over the whole projection, OLMo 2), the rotary embedding, the new key/value
         # written into the cache at SLOT (by the group's first head), then attention over the cache up to SLOT (the
-        # slots written so far) with the additive mask, a sliding WINDOW (slots > SLOT - window) and a logit SOFTCAP. The new slot's key/value
-        # are used from registers: other programs may not have written them yet.
+        # slots written so far) with the additive mask, a sliding WINDOW (slots > SLOT - window) and a logit SOFTCAP.
+        # The new slot's key/value are used from registers: other programs may not have written them yet.
         # SPLITS > 1 (few rows, a long cache): program (b, h, split) covers ``chunk`` slots and writes its
         # unnormalised output and (max, sum) into PART_O, PART_ML; ``_combine_splits_kernel`` merges them.
         b = tl.program_id(0).to(tl.int64)
@@ -467,7 +440,11 @@ if AVAILABLE:
         kv_h = h // GROUP
         d = tl.arange(0, BLOCK_D)
         dm = d < D
-        partner = _partners(d, ROT, INTERLEAVED)
+        half: tl.constexpr = ROT // 2
+        if INTERLEAVED:
+            partner = tl.where(d < ROT, d ^ 1, d)
+        else:
+            partner = tl.where(d < ROT, tl.where(d < half, d + half, d - half), d)
         dtype = K.dtype.element_ty
         k_row = K + b * stride_kb + kv_h * stride_kh
         v_row = V + b * stride_vb + kv_h * stride_vh
@@ -482,22 +459,28 @@ if AVAILABLE:
         row = QKV + b * stride_qkv
         pos = tl.load(POS + b).to(tl.float32)
         q_at = row + h * D
+        k_at = row + q_width + kv_h * D
         q = tl.load(q_at + d, mask=dm, other=0.0).to(tl.float32)
         qp = tl.load(q_at + partner, mask=dm, other=0.0).to(tl.float32)
+        kn = tl.load(k_at + d, mask=dm, other=0.0).to(tl.float32)
+        kp = tl.load(k_at + partner, mask=dm, other=0.0).to(tl.float32)
         vn = tl.load(row + q_width + k_width + kv_h * D + d, mask=dm, other=0.0)
         q_rstd = 1.0
+        k_rstd = 1.0
         q_norm = QN
+        k_norm = KN
         if QK_NORM == 1:
             q_rstd = _head_rstd(row, h * D, D, eps, BLOCK_D)
+            k_rstd = _head_rstd(row, q_width + kv_h * D, D, eps, BLOCK_D)
         elif QK_NORM == 2:
             q_rstd = _head_rstd(row, 0, q_width, eps, NORM_BLOCK)
+            k_rstd = _head_rstd(row, q_width, k_width, eps, NORM_BLOCK)
             q_norm = QN + h * D
+            k_norm = KN + kv_h * D
         q, qp = _qk_norm(q, qp, d, partner, dm, q_norm, q_rstd, norm_offset, QK_NORM, ROUND_FIRST, dtype)
+        kn, kp = _qk_norm(kn, kp, d, partner, dm, k_norm, k_rstd, norm_offset, QK_NORM, ROUND_FIRST, dtype)
         q = _rotate(q, qp, d, pos, FREQ, rope_scale, ROT, INTERLEAVED, dtype) * scale
-        kn = _new_key(
-            row, q_width, k_width, kv_h, d, partner, dm, pos, FREQ, KN, rope_scale, eps, norm_offset, D, BLOCK_D,
-            NORM_BLOCK, QK_NORM, ROUND_FIRST, ROT, INTERLEAVED, dtype,
-        )  # fmt: skip
+        kn = _rotate(kn, kp, d, pos, FREQ, rope_scale, ROT, INTERLEAVED, dtype)
         if (h % GROUP == 0) & (split == 0):
             tl.store(k_row + slot * stride_ks + d, kn.to(dtype), mask=dm)
             tl.store(v_row + slot * stride_vs + d, vn, mask=dm)
@@ -795,15 +778,15 @@ def linear(
         )  # fmt: skip
     _linear_kernel[(programs,)](
         x, *pointers, y, r, nw, nb, eos_penalty if eos_penalty is not None else x,
-        kv_args[0], kv_args[1], partial_values, partial_index, stats if stats is not None else x, m, n, k, widths[0], sum(widths[:2]), x.stride(0),
-        stride_wk, stride_wn, y.stride(0), r.stride(0), eps, offset, softcap or 1.0, scale, divide, *kv_args[2:],
-        programs,
+        kv_args[0], kv_args[1], partial_values, partial_index, stats if stats is not None else x, m, n, k, widths[0],
+        sum(widths[:2]), x.stride(0), stride_wk, stride_wn, y.stride(0), r.stride(0), eps, offset, softcap or 1.0,
+        scale, divide, *kv_args[2:], programs,
         HAS_BIAS=bias is not None, NORM=kind, ROUND_FIRST=round_first,
         ACT=_ACTIVATIONS["gelu_tanh" if gelu_tanh else act], GATED=up is not None, SEGMENTS=len(matrices),
         SOFTCAP=softcap is not None, RESIDUAL=residual is not None, KV_WRITE=kv is not None, ARGMAX=argmax,
         HAS_PEN=eos_penalty is not None, STORE_Y=store_y, HEAD_DIM=max(head_dim, 1), BLOCK_M=1 if m == 1 else MAX_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, ONE_CHUNK=k <= block_k, STATS_IN=stats is not None, num_warps=warps, num_stages=2 if n >= 16384 else 4,
-        **pdl,
+        BLOCK_N=block_n, BLOCK_K=block_k, ONE_CHUNK=k <= block_k, STATS_IN=stats is not None, num_warps=warps,
+        num_stages=2 if n >= 16384 else 4, **pdl,
     )  # fmt: skip
     if residual is not None:
         return residual
@@ -873,9 +856,10 @@ def rope_attention(
 ) -> torch.Tensor:
     """One new token per row of a rotary decoder, from its raw QKV product ``qkv`` (B, (H + 2 Hkv) D): q/k norm
     (``qk_norm``: (q norm, k norm, per head)), rotary embedding at ``positions`` (B,), the new key/value written
-    into ``kv`` (2, B, Hkv, S, D) at ``slot`` (1,), attention over the cache up to ``slot`` with the additive ``mask``
-    (B, S), an optional sliding ``window`` and logit ``softcap``. ``splits`` (a power of two): programs per (row, head), each
-    over a slice of the cache, merged by a second kernel (a long cache and few rows). Returns (B, H * D)."""
+    into ``kv`` (2, B, Hkv, S, D) at ``slot`` (1,), attention over the cache up to ``slot`` with the additive
+    ``mask`` (B, S), an optional sliding ``window`` and logit ``softcap``. ``splits`` (a power of two): programs per
+    (row, head), each over a slice of the cache, merged by a second kernel (a long cache and few rows).
+    Returns (B, H * D)."""
     batch = qkv.shape[0]
     kv_heads, slots, dim = kv.shape[2], kv.shape[3], kv.shape[4]
     out = qkv.new_empty(batch, heads * dim)
@@ -890,19 +874,17 @@ def rope_attention(
     chunk = triton.cdiv(triton.cdiv(slots, splits), block_s) * block_s
     part_o = qkv.new_empty(batch * heads * splits * block_d, dtype=torch.float32) if splits > 1 else out
     part_ml = qkv.new_empty(batch * heads * splits * 2, dtype=torch.float32) if splits > 1 else out
-    args = (
-        qkv, k, v, mask, slot, positions, rotary.inv_freq, norm.weight, (k_norm or norm).weight, out, part_o, part_ml,
-        slots, qkv.stride(0), q_width, k_width, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), mask.stride(0), out.stride(0), scale, rotary.scale, norm.eps, norm.offset, window or 0,
-        softcap or 1.0, chunk,
-    )  # fmt: skip
     pdl = _pdl(qkv)
-    options = dict(
-        D=dim, BLOCK_D=block_d, ROT=2 * rotary.inv_freq.shape[0], INTERLEAVED=rotary.interleaved, QK_NORM=mode,
+    _rope_attention_kernel[(batch, heads, splits)](
+        qkv, k, v, mask, slot, positions, rotary.inv_freq, norm.weight, (k_norm or norm).weight, out, part_o,
+        part_ml, slots, qkv.stride(0), q_width, k_width, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), mask.stride(0), out.stride(0), scale, rotary.scale, norm.eps, norm.offset,
+        window or 0, softcap or 1.0, chunk, GROUP=heads // kv_heads, D=dim, BLOCK_D=block_d,
+        ROT=2 * rotary.inv_freq.shape[0], INTERLEAVED=rotary.interleaved, QK_NORM=mode,
         NORM_BLOCK=triton.next_power_of_2(max(q_width, k_width)), ROUND_FIRST=norm.round_first,
-        WINDOW=window is not None, SOFTCAP=softcap is not None, BLOCK_S=block_s, SPLITS=splits, num_warps=warps, **pdl,
+        WINDOW=window is not None, SOFTCAP=softcap is not None, BLOCK_S=block_s, ONE_BLOCK=one_block, SPLITS=splits,
+        num_warps=warps, **pdl,
     )  # fmt: skip
-    _rope_attention_kernel[(batch, heads, splits)](*args, GROUP=heads // kv_heads, ONE_BLOCK=one_block, **options)
     if splits > 1:
         _combine_splits_kernel[(batch, heads)](
             part_o, part_ml, out, out.stride(0), D=dim, BLOCK_D=block_d, SPLITS=splits, **pdl
