@@ -293,10 +293,10 @@ VIT = EncoderLayout(
 )  # fmt: skip
 _VISION = Support(encoder=VIT, fast_paths=("fused encoder layers",), notes="images (no padding): inference")
 
-# CLIP's towers and SigLIP's (each a base model of its own inside CLIPModel / SiglipModel): pre-LayerNorm layers in
-# an encoder module, the attention dropout a plain float (training runs the stock layers). CLIP's text tower is
-# causal within each sequence and padding-free; SigLIP's is bidirectional and pools its last position; the vision
-# towers have no padding.
+# CLIP's towers and SigLIP's vision tower (each a base model of its own inside CLIPModel / SiglipModel):
+# pre-LayerNorm layers in an encoder module, the attention dropout a plain float (training runs the stock layers).
+# The text tower is causal within each sequence and padding-free; the vision towers have no padding. (SigLIP's text
+# tower runs stock: measured slower transformed, BENCHMARKS.md.)
 CLIP = EncoderLayout(
     layers="layers", pre_norm=True, q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
     attn_dropout=None, o="self_attn.out_proj", o_dropout=None, ln1="layer_norm1", ffn_in="mlp.fc1",
@@ -328,22 +328,22 @@ def _yolos_mid_positions(encoder: Any, kwargs: dict[str, Any]) -> torch.Tensor |
     return interpolated[:, 0]  # (L - 1, 1, S, hidden) -> (L - 1, S, hidden)
 
 
-# YOLOS: ViT's pre-LayerNorm layers (under BERT's module names) in an encoder module called with the image's size,
-# which adds its mid-position embeddings between layers (use_mid_position_embeddings). Training runs the stock
-# layers (the attention dropout is a plain float).
-YOLOS = EncoderLayout(
+# ViT's pre-LayerNorm layers under BERT's module names (YOLOS, ViLT), in an encoder module.
+_VIT_BERT_NAMES = EncoderLayout(
     pre_norm=True, q="attention.attention.query", k="attention.attention.key", v="attention.attention.value",
-    attn_dropout=None, ln1="layernorm_before", ln2="layernorm_after", requires=(), stock_training=True,
-    encoder_kwargs=("height", "width"), mid_positions=_yolos_mid_positions,
+    ln1="layernorm_before", ln2="layernorm_after",
 )  # fmt: skip
 
-# ViLT: the same layers with a dropout module on the attention (they train packed), over text tokens and image
-# patches together; its embeddings return the padding mask of both, which the packed layers take.
-VILT = EncoderLayout(
-    pre_norm=True, q="attention.attention.query", k="attention.attention.key", v="attention.attention.value",
-    attn_dropout="attention.attention.dropout", ln1="layernorm_before", ln2="layernorm_after",
-    embedding_mask="embeddings",
+# YOLOS: called with the image's size, the encoder adds its mid-position embeddings between layers
+# (use_mid_position_embeddings). Training runs the stock layers (the attention dropout is a plain float).
+YOLOS = replace(
+    _VIT_BERT_NAMES, attn_dropout=None, requires=(), stock_training=True, encoder_kwargs=("height", "width"),
+    mid_positions=_yolos_mid_positions,
 )  # fmt: skip
+
+# ViLT: a dropout module on the attention (the layers train packed), over text tokens and image patches together;
+# its embeddings return the padding mask of both, which the packed layers take.
+VILT = replace(_VIT_BERT_NAMES, attn_dropout="attention.attention.dropout", embedding_mask="embeddings")
 
 # The table. Every entry has a model in the test zoo (tests/zoo.py) and is checked against the stock model (a
 # refused entry: that transform refuses it, with its reason).
@@ -431,12 +431,12 @@ REGISTRY: dict[str, Support] = {
         "ours unless timestamps, beam search or the fallback thresholds (which need scores) ask for transformers' own",
     ),
     "xlm-roberta": Support(encoder=BERT),
+    "xlm-roberta-xl": Support(encoder=XLM_ROBERTA_XL, notes="pre-LayerNorm"),
     "yolos": Support(
         encoder=YOLOS,
         fast_paths=("fused encoder layers",),
         notes="images (no padding): inference; the mid-position embeddings added between the packed layers",
     ),  # fmt: skip
-    "xlm-roberta-xl": Support(encoder=XLM_ROBERTA_XL, notes="pre-LayerNorm"),
     # Decoders (causal LMs)
     "bloom": replace(
         DECODER,
