@@ -9,6 +9,7 @@ static-cache loop runs eagerly on the CPU here; the GPU replays the same step fr
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -38,8 +39,10 @@ SEQ2SEQ_CONFIGS: dict[str, dict] = {
     "bart": _COMMON,
     "blenderbot": _COMMON,
     "blenderbot-small": _COMMON,
-    # FSMT: fairseq's layout (sequence first), its own vocabularies; its decoder has no attention interface.
-    "fsmt": dict(_COMMON, langs=["en", "de"], src_vocab_size=VOCAB, tgt_vocab_size=VOCAB),
+    # FSMT: fairseq's layout (sequence first), its own vocabularies; its decoder has no attention interface (its
+    # modules are routed through ours). Weights of std 0.2: at its default 0.02 this tiny model's greedy tokens are
+    # the same whatever the input, and equal tokens would say little.
+    "fsmt": dict(_COMMON, langs=["en", "de"], src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, init_std=0.2),
     "m2m_100": _COMMON,
     "marian": dict(_COMMON, activation_function="swish"),
     "mbart": _COMMON,
@@ -102,15 +105,14 @@ def test_encoder_outputs_logits_and_generate_match_stock(model_type, layout, fas
         rows = mask.any(1) if model_type in ("t5", "mt5", "prophetnet") else slice(None)
         torch.testing.assert_close(logits[rows], expected[rows])
     if layout != "empty_row":  # a row with no input at all: stock's own encoder output there is arbitrary
-        kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+        # Greedy (FSMT's config asks for beam search, which runs stock: see test_fsmt_beam_search_runs_stock_generate).
+        kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, num_beams=1)
         assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs))
         counts = call_counts(fast)
-        if model_type == "fsmt":  # its decoder has no attention interface: generate is not ours at all
-            assert "fast generate" not in counts
-        else:  # Blenderbot's config bans repeating the input's 3-grams (encoder_no_repeat_ngram_size), ProphetNet's
-            # decoder is on eager attention: stock
-            fast_loop = model_type not in ("blenderbot", "prophetnet")
-            assert counts["fast generate"] == fast_loop and counts["stock generate"] == 1 - fast_loop
+        # Blenderbot's config bans repeating the input's 3-grams (encoder_no_repeat_ngram_size), ProphetNet's n-gram
+        # decoder is on eager attention: stock
+        fast_loop = model_type not in ("blenderbot", "prophetnet")
+        assert counts["fast generate"] == fast_loop and counts["stock generate"] == 1 - fast_loop
     assert call_counts(fast)["fast"] >= 2 and call_counts(fast)["stock"] == 0
 
 
@@ -199,6 +201,134 @@ def test_a_decoder_off_our_attention_runs_stock_generate(fast_loop_on_cpu):
         expected = stock.generate(ids, attention_mask=mask, max_new_tokens=6)
         assert torch.equal(fast.generate(ids, attention_mask=mask, max_new_tokens=6), expected)
         assert call_counts(fast)["stock generate"] == 1 and call_counts(fast)["fast generate"] == 0
+
+
+def test_fsmt_beam_search_runs_stock_generate(fast_loop_on_cpu, caplog):
+    """FSMT's configs ask for beam search (num_beams=5): stock generate runs it, logged, with stock's tokens."""
+    stock = make_seq2seq("fsmt")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    assert stock.generation_config.num_beams == 5
+    with caplog.at_level(logging.INFO, logger="bettertransformer"):
+        got = fast.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(got, stock.generate(ids, attention_mask=mask, max_new_tokens=6))
+    assert "num_beams=5" in caplog.text
+    assert call_counts(fast)["stock generate"] == 1 and call_counts(fast)["fast generate"] == 0
+
+
+def test_fsmt_generate_settings_match_stock(fast_loop_on_cpu):
+    """Greedy FSMT over calls of several shapes and settings (its config forces the end-of-sequence id last), a row
+    finishing early, and sampling with a seed twice: all on the fast loop, greedy tokens equal to stock's."""
+    stock = make_seq2seq("fsmt")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "left")
+    early = int(stock.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=1)[0, -1])
+    cases = [
+        dict(max_new_tokens=12), dict(max_new_tokens=7, min_new_tokens=5), dict(max_new_tokens=9, repetition_penalty=1.5),
+        dict(max_new_tokens=10, eos_token_id=early, forced_eos_token_id=None), dict(max_length=5),
+    ]  # fmt: skip
+    for kwargs in cases:
+        expected = stock.generate(ids, attention_mask=mask, num_beams=1, **kwargs)
+        assert torch.equal(fast.generate(ids, attention_mask=mask, num_beams=1, **kwargs), expected), kwargs
+    sampled = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        sampled.append(fast.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=1, do_sample=True))
+    assert torch.equal(sampled[0], sampled[1])
+    counts = call_counts(fast)
+    assert counts["fast generate"] == len(cases) + 2 and counts["stock generate"] == 0, counts
+
+
+def test_fsmt_decode_steps_read_nothing_on_the_host(fast_loop_on_cpu, monkeypatch):
+    """A decode step that turns a tensor into a Python value would synchronise with the GPU, which a CUDA graph cannot
+    capture (stock FSMT's positions do, from transformers 5.24: they check the step's position against their table on
+    the host). On the CPU: no such conversion happens inside FSMT's decode steps."""
+    from bettertransformer.adapters import seq2seq_generation
+
+    conversions: list[str] = []
+    step = seq2seq_generation.Seq2SeqRunner._decode_step
+
+    def watched(runner):
+        with monkeypatch.context() as m:
+            for name in ("__bool__", "__int__", "__index__", "__float__", "item", "tolist"):
+                stock_method = getattr(torch.Tensor, name)
+
+                def record(tensor, *args, _name=name, _stock=stock_method, **kwargs):
+                    conversions.append(_name)
+                    return _stock(tensor, *args, **kwargs)
+
+                m.setattr(torch.Tensor, name, record)
+            step(runner)
+
+    monkeypatch.setattr(seq2seq_generation.Seq2SeqRunner, "_decode_step", watched)
+    fast = BetterTransformer.transform(make_seq2seq("fsmt"))
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    fast.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=1)
+    assert call_counts(fast)["fast generate"] == 1 and conversions == []
+
+
+def test_fsmt_positions_past_its_table_run_that_call_stock(fast_loop_on_cpu, caplog):
+    """From transformers 5.24 FSMT's decoder embeds its positions after the cache's length, and its stock forward
+    grows its sinusoidal table when a position passes the end. A call whose static buffers would outrun the table runs
+    stock generate (logged; it grows the table), and only that call: calls after it run the fast loop. (In 5.17 every
+    decode step embeds the first position: no call outruns it.)"""
+    stock = make_seq2seq("fsmt")  # a table of 65 rows: 64 positions after the padding index 0
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    with caplog.at_level(logging.INFO, logger="bettertransformer"):
+        for new in (8, 70, 8):
+            kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, num_beams=1)
+            assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs)), new
+    grown = stock.model.decoder.embed_positions.weight.shape[0] > 65  # stock positions past the table (5.24)
+    counts = call_counts(fast)
+    assert counts["fast generate"] == 3 - grown and counts["stock generate"] == grown, counts
+    assert ("sinusoidal table" in caplog.text) == grown
+
+
+def test_fsmt_decoder_attention_weights_and_masks_are_stocks():
+    """FSMT's decoder modules run our forwards: with a causal mask and a padding mask in the decoder (use_cache=False
+    makes stock build them), the logits, and the attention weights asked for, are stock's."""
+    stock = make_seq2seq("fsmt")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    decoder = ids[:, :7].clamp(min=3)
+    decoder[1, 4:] = 0  # padding in the decoder's inputs
+    with torch.no_grad():
+        for use_cache, weights in ((False, False), (False, True), (True, True)):
+            kwargs = dict(
+                input_ids=ids, attention_mask=mask, decoder_input_ids=decoder, use_cache=use_cache,
+                output_attentions=weights,
+            )  # fmt: skip
+            expected, actual = stock(**kwargs), fast(**kwargs)
+            torch.testing.assert_close(actual.logits, expected.logits)
+            for name in ("decoder_attentions", "cross_attentions") if weights else ():
+                got, want = getattr(actual, name), getattr(expected, name)
+                assert len(got) == len(want) == 2
+                for a, e in zip(got, want, strict=True):
+                    torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+
+
+def test_fsmt_reverse_restores_the_stock_decoder(fast_loop_on_cpu):
+    """transform routes FSMT's decoder modules through ours (forwards on the stock modules, their parameters
+    untouched); reverse gives back the stock classes and forwards with the very same parameters and equal weights."""
+    model = make_seq2seq("fsmt")
+    classes = {name: type(m) for name, m in model.named_modules()}
+    parameters = dict(model.named_parameters())
+    weights = {name: t.clone() for name, t in model.state_dict().items()}
+    fast = BetterTransformer.transform(model)
+    routed = [name for name, m in fast.model.decoder.named_modules() if "forward" in vars(m)]
+    assert sorted(routed) == sorted(
+        [f"layers.{i}.{a}" for i in range(2) for a in ("self_attn", "encoder_attn")] + ["embed_positions"]
+    )
+    ids, mask = make_batch([24, 17, 5, 11], "right")
+    fast.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=1)
+    assert call_counts(fast)["fast generate"] == 1
+    reverse(fast)
+    assert not any("forward" in vars(m) or "generate" in vars(m) for m in fast.modules())
+    assert {name: type(m) for name, m in fast.named_modules()} == classes
+    assert all(p is parameters[name] for name, p in fast.named_parameters())
+    state = fast.state_dict()
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
 
 
 def test_reverse_restores_the_decoders_attention():
@@ -336,18 +466,39 @@ def test_half_precision_encoder_error_is_a_small_multiple_of_stock_on_cuda(model
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.cuda
-@pytest.mark.parametrize("model_type", ["bart", "mbart", "t5", "mt5"])
+@pytest.mark.parametrize("model_type", ["bart", "mbart", "t5", "mt5", "fsmt"])
 def test_generate_replays_captured_steps_on_cuda(model_type, no_tf32):
     """On the GPU the decoder's step is captured in a CUDA graph and replayed: fp32 tokens equal stock's, over
-    calls of several shapes (new runners, and a runner used again)."""
+    calls of several shapes (new runners, and a runner used again). (num_beams=1: FSMT's config asks for beams.)"""
     stock = make_seq2seq(model_type).cuda()
     fast = BetterTransformer.transform(stock, keep_original_model=True)
     for lengths, new in (([24, 17, 5, 11], 12), ([3, 9], 7), ([24, 17, 5, 11], 12)):
         ids, mask = (t.cuda() for t in make_batch(lengths, "right"))
-        kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new)
+        kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, num_beams=1)
         assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs)), lengths
     assert call_counts(fast)["fast generate"] == 3
     assert BetterTransformer.cache_info(fast)["graphs"] >= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+def test_fsmt_graphs_survive_its_position_table_growing_on_cuda(no_tf32):
+    """A captured FSMT step reads the decoder's sinusoidal table. From transformers 5.24 a call longer than the table
+    runs stock generate, which replaces the table with a longer one; the graph captured before it must still give
+    stock's tokens when replayed after (its runner holds the table it reads)."""
+    stock = make_seq2seq("fsmt").cuda()  # a table of 65 rows
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = (t.cuda() for t in make_batch([24, 17, 5, 11], "right"))
+    table = stock.model.decoder.embed_positions.weight.shape[0]
+    filler = []
+    for new in (12, 70, 12):
+        kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, num_beams=1)
+        assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs)), new
+        # Blocks of the table's size, which would take the memory of a replaced table were it freed.
+        filler += [torch.full((table, stock.config.d_model), 1e3, device="cuda") for _ in range(64)]
+    grown = stock.model.decoder.embed_positions.weight.shape[0] > table  # 5.24: stock grew it
+    assert call_counts(fast)["fast generate"] == 3 - grown
+    assert BetterTransformer.cache_info(fast)["graphs"] >= 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -385,16 +536,24 @@ def test_the_fused_rms_norm_kernel_on_cuda(dtype):
     assert (got == expected).float().mean() > 0.95
 
 
-@pytest.mark.parametrize("model_type", ["t5", "bart"])
+@pytest.mark.parametrize("model_type", ["t5", "bart", "fsmt"])
 def test_training_gradients_equal_stock(model_type):
     """The decoder runs our attention function after transform (for its decode steps): in training too, with T5's
-    relative-position bias folded into the mask, the gradients are stock's (the bias table's included)."""
+    relative-position bias folded into the mask and FSMT's modules routed through ours, the gradients are stock's
+    (the bias table's included)."""
     stock, fast = make_seq2seq(model_type), BetterTransformer.transform(make_seq2seq(model_type))
-    assert fast.get_decoder().config._attn_implementation == "bettertransformer"  # the path under test
+    if model_type == "fsmt":  # the path under test: its attention modules carry our forwards
+        assert "forward" in vars(fast.model.decoder.layers[0].self_attn)
+    else:
+        assert fast.get_decoder().config._attn_implementation == "bettertransformer"
     ids, mask = make_batch([24, 17, 5, 11], "right")
+    labels = ids[:, :9].clamp(min=3)
+    # FSMT makes its decoder's inputs from input_ids, not from the labels: given here, as the others make them.
+    shifted = torch.cat([torch.full_like(labels[:, :1], 2), labels[:, :-1]], 1)
+    given = dict(decoder_input_ids=shifted) if model_type == "fsmt" else {}
     for model in (stock, fast):
         model.train()
-        model(input_ids=ids, attention_mask=mask, labels=ids[:, :9].clamp(min=3)).loss.backward()
+        model(input_ids=ids, attention_mask=mask, labels=labels, **given).loss.backward()
     expected = dict(stock.named_parameters())
     for name, parameter in fast.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name].grad, atol=1e-6, rtol=1e-5, msg=name)

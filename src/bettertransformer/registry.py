@@ -17,6 +17,8 @@ from .adapters.attention_modules import (
     bloom_alibi_slopes,
     bloom_attention,
     falcon_attention,
+    fsmt_attention,
+    fsmt_positions,
     gpt_neo_attention,
     scaled_attention,
 )
@@ -214,6 +216,15 @@ BART = EncoderLayout(
 # mBART, Pegasus, M2M-100 (NLLB), Blenderbot, Whisper: the same with pre-LayerNorm layers (the norm after the loop
 # stays the stock code's) and an unconditional fp16 clamp.
 MBART = replace(BART, pre_norm=True, clamp_fp16="always")
+# FSMT: BART's post-LayerNorm encoder layers in fairseq's sequence-first layout, with no fp16 clamp. Its decoder has
+# no attention interface: its attention modules (one class for self- and cross-attention) get a forward of ours, and
+# its sinusoidal positions one that reads a decode step's slot on the device.
+FSMT = replace(
+    BART, clamp_fp16=None, seq_first=True, layer_output=lambda hidden: (hidden, None),
+    decoder_modules=(
+        ModuleAttention("Attention", fsmt_attention), ModuleAttention("SinusoidalPositionalEmbedding", fsmt_positions)
+    ),
+)  # fmt: skip
 # ProphetNet's encoder: BERT's post-LayerNorm layers under other names, looped over by the encoder's forward.
 PROPHETNET = EncoderLayout(
     layers="layers", entry="encoder", loop=True, layer_output=lambda hidden: (hidden,),
@@ -377,9 +388,10 @@ REGISTRY: dict[str, Support] = {
     "distilbert": Support(encoder=DISTILBERT),
     "electra": Support(encoder=BERT),
     "ernie": Support(encoder=BERT),
-    "fsmt": Support(
-        encoder=replace(BART, clamp_fp16=None, seq_first=True, layer_output=lambda hidden: (hidden, None)),
-        notes="the encoder, padding-free (inference); its decoder has no attention interface: stock generate",
+    "fsmt": _seq2seq(
+        FSMT,
+        "; its decoder's attention modules routed through ours; its configs ask for beam search (num_beams=5): "
+        "num_beams=1 runs the fast loop",
     ),
     "hubert": Support(encoder=WAV2VEC2, notes=_SPEECH_NOTES),
     "layoutlm": Support(encoder=BERT),

@@ -4,7 +4,9 @@ For these the model cannot be switched to our attention function by name. ``Modu
 module class of such a model and a forward that computes the module's projections itself and hands the attention
 to ``attention.attention_function``; ``CausalDecoder`` installs it on every such module (an instance attribute, undone
 by ``reverse``). From there the packed prefill, packed rows and the static-cache decode step work as for any other
-decoder.
+decoder. An encoder-decoder's decoder is routed the same way (``EncoderLayout.decoder_modules``, installed by
+``seq2seq_generation.Seq2SeqGenerate``): FSMT's, whose attention modules then follow transformers' cache protocol
+as before and hand the attention to ours, so generate's decode steps reach the static buffers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .call_state import current_decoder_call
+from .decode_state import DecodeUnsupported
 
 
 @dataclass(frozen=True)
@@ -181,3 +186,85 @@ def scaled_attention(
     query, key = query.to(value.dtype), key.to(value.dtype)
     out, weights = attention(m, query, key, value, attention_mask, dropout=dropout, scaling=1.0 / float(m.scale_attn))
     return out.transpose(1, 2), weights
+
+
+def fsmt_attention(
+    module: nn.Module,
+    attention: Callable[..., Any],
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None = None,
+    layer_state: Any = None,
+    attn_mask: torch.Tensor | None = None,
+    output_attentions: bool | None = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """FSMT's (fairseq's) ``Attention`` in its decoder: states sequence first, (L, B, E); the query scaled by
+    head_dim ** -0.5; an additive (L, S) causal mask and a (B, S) padding mask (True: a pad), each to the dtype's
+    lowest value as stock applies them; the cache as stock keeps it (an ``EncoderDecoderCache``: the cross-attention
+    keys/values computed once, marked in ``is_updated``). Stock FSMT builds no causal mask when ``use_cache`` is on
+    (its default, also in a plain forward), so attention is causal only when the mask says so: ``is_causal=False``."""
+    m: Any = module
+    length, batch, width = query.shape
+    cross = bool(m.encoder_decoder_attention)
+    part, updated = layer_state, False
+    if layer_state is not None and hasattr(layer_state, "is_updated"):  # an EncoderDecoderCache
+        updated = bool(layer_state.is_updated.get(m.layer_idx))
+        part = layer_state.cross_attention_cache if cross else layer_state.self_attention_cache
+
+    def heads(x: torch.Tensor) -> torch.Tensor:  # (L, B, E) -> (B, H, L, D)
+        return x.view(-1, batch, m.num_heads, m.head_dim).permute(1, 2, 0, 3)
+
+    if cross and part is not None and updated:
+        keys, values = part.layers[m.layer_idx].keys, part.layers[m.layer_idx].values
+    else:
+        source = key if cross else query
+        assert source is not None
+        keys, values = heads(m.k_proj(source)), heads(m.v_proj(source))
+        if part is not None:
+            keys, values = part.update(keys, values, m.layer_idx)
+            if cross and hasattr(layer_state, "is_updated"):
+                layer_state.is_updated[m.layer_idx] = True
+    queries = heads(m.q_proj(query))
+    if key_padding_mask is not None and key_padding_mask.dim() == 0:  # stock's placeholder for "no mask"
+        key_padding_mask = None
+    mask = None
+    if attn_mask is not None or key_padding_mask is not None:
+        mask = queries.new_zeros(batch, 1, length, keys.shape[2])  # (B, 1, L, S) additive
+        if attn_mask is not None:
+            mask = mask + attn_mask.to(queries.dtype)
+        if key_padding_mask is not None:
+            mask = mask.masked_fill(key_padding_mask[:, None, None, :].bool(), torch.finfo(queries.dtype).min)
+    dropout = m.dropout if m.training else 0.0
+    out, weights = attention(
+        m, queries, keys, values, mask, dropout=dropout, scaling=m.scaling, is_causal=False,
+        output_attentions=output_attentions,
+    )  # fmt: skip
+    out = out.transpose(0, 1).reshape(length, batch, width)  # (B, L, H, D) -> (L, B, E)
+    return m.out_proj(out), weights
+
+
+def fsmt_positions(
+    module: nn.Module, attention: Callable[..., Any], input: torch.Tensor, *args: Any, **kwargs: Any
+) -> Any:
+    """FSMT's ``SinusoidalPositionalEmbedding`` in the decoder. From transformers 5.24 the decoder passes the cache's
+    length as ``cache_length``; in a decode step of ours that is the step's slot, a device tensor, and stock's check
+    that its table is long enough (``if max_pos > self.weight.size(0)``, growing the table when not) would read it on
+    the host, which a CUDA graph cannot capture. There the positions are stock's without the check, which the runner's
+    slots must not outrun: a table shorter than them sends that call to stock generate (which grows the table, a new
+    tensor: the one a captured step reads is held by its runner).
+    Everywhere else (and in transformers 5.17, whose decode steps embed one token at the first position) the stock
+    forward runs."""
+    m: Any = module
+    cache_length = kwargs.get("cache_length")
+    call = current_decoder_call()
+    if not isinstance(cache_length, torch.Tensor) or call is None or call.decode is None:
+        return type(m).forward(m, input, *args, **kwargs)
+    slots = call.decode.mask.shape[1]
+    if m.padding_idx + 1 + slots > m.weight.shape[0]:
+        raise DecodeUnsupported(
+            f"decoder positions up to {slots} past its sinusoidal table of {m.weight.shape[0]} rows", this_call=True
+        )
+    call.decode.held[id(m)] = m.weight  # a later stock call may grow (replace) the table a graph reads
+    positions = m.make_positions(input, m.padding_idx) + cache_length  # (B, L) + (1,)
+    return nn.Embedding.forward(m, positions)

@@ -17,7 +17,14 @@ from ..ops.step_buffers import StepBuffers
 
 
 class DecodeUnsupported(NotImplementedError):
-    """A decode step met something the static buffers cannot serve (the runner then lets stock generate run)."""
+    """A decode step met something the static buffers cannot serve (the runner then lets stock generate run).
+
+    ``this_call``: only this call's shape is out of reach (FSMT's positions past its table), not the model: later
+    calls try the fast loop again."""
+
+    def __init__(self, reason: str, this_call: bool = False):
+        super().__init__(reason)
+        self.this_call = this_call
 
 
 def layer_index(module: Any) -> int:
@@ -31,8 +38,9 @@ def layer_index(module: Any) -> int:
 
 
 def is_cross_attention(module: Any) -> bool:
-    """Whether an attention module attends to an encoder's states rather than to its own sequence."""
-    return bool(getattr(module, "is_cross_attention", False))
+    """Whether an attention module attends to an encoder's states rather than to its own sequence (FSMT's
+    modules say so as ``encoder_decoder_attention``)."""
+    return bool(getattr(module, "is_cross_attention", False) or getattr(module, "encoder_decoder_attention", False))
 
 
 @dataclass
@@ -49,6 +57,9 @@ class DecodeState:
     self_bias:  (state) -> (1, H, 1, S) additive bias of the current token's self-attention over the slots (T5's
                 relative positions), computed once per step; None: none.
     attended:   attention calls this step (a check that every attention module of the model went through ``attend``).
+    held:       tensors of the model a step reads that the model may replace later (FSMT's position table, which
+                its stock forward grows), by module id: held as long as the runner, so that a captured step never
+                reads freed memory.
     """
 
     kv: list[torch.Tensor]
@@ -57,6 +68,7 @@ class DecodeState:
     cross_mask: torch.Tensor | None = None
     self_bias: Callable[[DecodeState], torch.Tensor] | None = None
     attended: int = 0
+    held: dict[int, torch.Tensor] = field(default_factory=dict)
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # per step: masks by (window, dtype)
 
     @property

@@ -33,6 +33,7 @@ from ..ops.fused import add_layer_norm, conv1d_gemm, linear_gelu, rms_norm
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
 from ..ops.rotary import rotate_pairs
 from .attention import ATTENTION_NAME, attention_function, mask_function
+from .attention_modules import ModuleAttention
 from .call_state import EncoderCall, current_encoder_call, current_host_mask, encoder_call, update_encoder_call
 from .patching import (
     Calls,
@@ -116,6 +117,10 @@ class EncoderLayout:
     # An encoder-decoder's decoder self-attention bias in a decode step (T5's relative positions):
     # (decoder, current slot (1,) int64, slots S) -> (1, H, 1, S) additive bias.
     decoder_bias: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None
+    # An encoder-decoder's decoder modules that compute attention themselves (no attention interface: FSMT's), each
+    # routed through ours by its forward (``attention_modules``), so that generate's decode steps reach the static
+    # buffers; also any module whose stock forward a decode step cannot run on the device (FSMT's positions).
+    decoder_modules: tuple[ModuleAttention, ...] = ()
     # Classes of RMS-norm modules (T5's) that, anywhere in the model (the decoder too), run as one fused kernel in
     # fp16/bf16 inference on CUDA (``ops.fused.rms_norm``), and as their own forward otherwise.
     rms_norms: tuple[str, ...] = ()
@@ -513,10 +518,11 @@ class PackedEncoder:
             if callable(getattr(head, "generate", None)) and head.get_output_embeddings() is not None:
                 bias = self.layout.decoder_bias
                 decoder = head.get_decoder()
-                if not isinstance(decoder, PreTrainedModel):  # a decoder with no config of its own (FSMT's)
+                routed = self.layout.decoder_modules
+                if not routed and not isinstance(decoder, PreTrainedModel):  # no config, no attention interface
                     return None
                 self_bias = None if bias is None else lambda state: bias(decoder, state.slot, state.kv[0].shape[3])
-                return Seq2SeqGenerate(head, self.calls, self_bias)
+                return Seq2SeqGenerate(head, self.calls, self_bias, routed)
         return None
 
     def _build_layers(self) -> list[PackedLayer]:

@@ -506,6 +506,8 @@ class FastGenerate:
             try:
                 out = self._run(plan)
             except DecodeUnsupported as problem:
+                if problem.this_call:
+                    return f"a call the decode buffers cannot serve ({problem})"
                 self.unsupported = f"decode steps this model's buffers cannot serve ({problem})"
                 self.runners.clear()
                 return self.unsupported
@@ -534,6 +536,9 @@ class FastGenerate:
         self.runners[key] = runner  # most recently used last
         try:
             return runner.run(plan)
+        except DecodeUnsupported:
+            del self.runners[key]  # a runner that cannot finish its calls holds memory for nothing
+            raise
         finally:
             self._evict()
 

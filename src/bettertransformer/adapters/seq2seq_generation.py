@@ -14,6 +14,10 @@ The loop is ``generation.FastGenerate``'s; what differs is the prefill and the s
    the current slot as the length seen so far (the decoder's positions). The self-attention mask is ours: a 4D
    placeholder mask keeps transformers from building one.
 
+A decoder whose modules compute attention themselves, with no attention interface (FSMT's), gets forwards of ours
+on those modules (``EncoderLayout.decoder_modules``, from ``attention_modules``): they keep the stock math and cache
+protocol and hand the attention to our function, so the same prefill and steps apply.
+
 A model whose decoder is not on our attention function (an ``eager`` model, say) runs stock generate; one whose
 decoder routes only some of its attention modules through it is noticed at its first step (``DecodeState.attended``
 counts the calls) and runs stock generate too.
@@ -27,17 +31,19 @@ loop for the call's mode runs, with the same arguments.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from .._compat import set_attention
-from .attention import ATTENTION_NAME
+from .attention import ATTENTION_NAME, attention_function
+from .attention_modules import ModuleAttention
 from .call_state import decoding
 from .decode_state import DecodeState, DecodeUnsupported
 from .generation import FastGenerate, Runner, _Plan
-from .patching import Calls
+from .patching import Calls, InstanceForward, modules_of_class
 
 
 def _tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -199,11 +205,15 @@ class Seq2SeqRunner(Runner):
 
 class Seq2SeqGenerate(FastGenerate):
     """Replaces ``generate`` on an encoder-decoder's LM head; ``self_bias``: the decoder's self-attention bias
-    (``DecodeState.self_bias``), for T5's relative positions."""
+    (``DecodeState.self_bias``), for T5's relative positions; ``routed``: forwards of ours for the decoder's modules
+    that compute attention themselves (FSMT's), installed while transformed."""
 
     runner_class = Seq2SeqRunner
 
-    def __init__(self, head: Any, calls: Calls, self_bias: Callable[[DecodeState], torch.Tensor] | None = None):
+    def __init__(
+        self, head: Any, calls: Calls, self_bias: Callable[[DecodeState], torch.Tensor] | None = None,
+        routed: tuple[ModuleAttention, ...] = (),
+    ):  # fmt: skip
         import inspect
 
         from transformers.generation.utils import GenerationMixin
@@ -211,30 +221,47 @@ class Seq2SeqGenerate(FastGenerate):
         params = inspect.signature(head.forward).parameters
         super().__init__(head, "cache" if "cache" in params else "past_key_values", calls)
         self.self_bias = self_bias
+        self.routed = routed
         self._decoder = head.get_decoder()
         self._previous_attention: Any = None
+        self._module_patches: list[InstanceForward] = []
         # A generate of the model's own (Whisper's) prepares the call; our loop decodes (custom_generate).
         self.own_generate = type(head).generate is not GenerationMixin.generate
 
     def attach(self) -> None:
-        """Switch the decoder to our attention function (T5's decoder keeps a config of its own) and install
-        ``generate``. Only a decoder on SDPA is switched: another implementation is the user's choice, and its
-        ``generate`` calls then run stock (``_model_problem``)."""
-        config = self._decoder.config
-        self._previous_attention = config._attn_implementation
-        if self._previous_attention == "sdpa":
-            set_attention(self._decoder, ATTENTION_NAME)
+        """Switch the decoder to our attention function and install ``generate``. A decoder with the attention
+        interface is switched by name (T5's decoder keeps a config of its own), and only from SDPA: another
+        implementation is the user's choice, and its ``generate`` calls then run stock (``_model_problem``). A
+        decoder without it gets our forwards on the modules ``routed`` names."""
+        if self.routed:
+            found = [(spec, modules_of_class(self._decoder, spec.module_class)) for spec in self.routed]
+            for spec, modules in found:
+                if not modules:
+                    raise NotImplementedError(f"no {spec.module_class} modules in {type(self._decoder).__name__}")
+            self._module_patches = [
+                InstanceForward(m, functools.partial(_routed_forward, spec, m), spec.method)
+                for spec, modules in found
+                for m in modules
+            ]
+        else:
+            self._previous_attention = self._decoder.config._attn_implementation
+            if self._previous_attention == "sdpa":
+                set_attention(self._decoder, ATTENTION_NAME)
         super().attach()
 
     def _model_problem(self) -> str | None:
-        attention = self._decoder.config._attn_implementation
-        if attention != ATTENTION_NAME:
+        attention = None if self.routed else self._decoder.config._attn_implementation
+        if attention is not None and attention != ATTENTION_NAME:
             return f"a decoder on {attention} attention (its decode steps would not reach the static buffers)"
         return super()._model_problem()
 
     def detach(self) -> None:
         super().detach()
-        self._decoder.config._attn_implementation = self._previous_attention
+        for patch in reversed(self._module_patches):
+            patch.restore()
+        self._module_patches = []
+        if not self.routed:
+            self._decoder.config._attn_implementation = self._previous_attention
 
     def _decoder_prompt(self, inputs: torch.Tensor, config: Any) -> torch.Tensor | str:
         """One start token per row, as stock generate starts an encoder-decoder's decoder."""
@@ -317,6 +344,11 @@ class Seq2SeqGenerate(FastGenerate):
         )  # fmt: skip
         plan.suppress, plan.begin_suppress = tuple(found.suppress), tuple(found.begin_suppress)
         return plan
+
+
+def _routed_forward(spec: ModuleAttention, module: Any, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+    """A routed decoder module's forward: ``spec``'s, handing the attention to ``attention_function``."""
+    return spec.forward(module, attention_function, *args, **kwargs)
 
 
 @dataclass
