@@ -3,6 +3,10 @@
 - ``bart``: BART-base config, random weights, fp16: 16 inputs of ``torch.manual_seed(0); torch.randint(16, 513, (16,))``
   tokens right-padded; the encoder alone, and greedy ``generate`` of 64 new tokens (``min_new_tokens`` too).
 - ``t5``: T5-base config, the same inputs and generate.
+- ``fsmt``: FSMT with wmt19-en-de's shapes (6 + 6 layers, 1024 wide, 16 heads), the same inputs and greedy generate
+  (``num_beams=1``: FSMT's configs ask for beam search, which runs stock generate).
+- ``prophetnet``: ProphetNet-large's shapes (12 + 12 layers, 1024 wide, 16 heads, 2-gram decoder), the same inputs and
+  generate.
 - ``modernbert``: ModernBERT-base config, 64 rows of ``randint(16, 513)`` tokens, right-padded.
 - ``vit``: ViT-base config, random weights, fp16: 64 images of 224 x 224 (``torch.manual_seed(0); torch.randn``).
 - ``clip``: CLIP ViT-B/32 config, fp16: 64 images and 64 captions of ``randint(5, 78)`` tokens, right-padded.
@@ -87,6 +91,36 @@ def bench_t5(args, device: torch.device, dtype: torch.dtype) -> list[str]:
     config = T5Config(**sizes, dropout_rate=0.0, decoder_start_token_id=0)
     torch.manual_seed(0)
     return bench_seq2seq("t5", T5ForConditionalGeneration(config), device, dtype)
+
+
+def bench_fsmt(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """FSMT with facebook/wmt19-en-de's shapes (6 + 6 layers, 1024 wide, 16 heads, feed-forward 4096, vocabularies of
+    42024, padding id 1, sinusoidal positions); its decoder's attention modules routed through ours."""
+    from transformers import FSMTConfig, FSMTForConditionalGeneration
+
+    sizes = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=128, decoder_ffn_dim=128, src_vocab_size=1000, tgt_vocab_size=1000)  # fmt: skip
+    wmt19 = dict(d_model=1024, encoder_layers=6, decoder_layers=6, encoder_attention_heads=16,
+                 decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096, src_vocab_size=42024,
+                 tgt_vocab_size=42024)  # fmt: skip
+    config = FSMTConfig(
+        langs=["en", "de"], **(sizes if args.small else wmt19), pad_token_id=1, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return bench_seq2seq("fsmt", FSMTForConditionalGeneration(config), device, dtype)
+
+
+def bench_prophetnet(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """ProphetNet-large's shapes (12 + 12 layers, 1024 wide, 16 heads, feed-forward 4096, vocab 30522, 2-gram
+    decoder, 512 positions)."""
+    from transformers import ProphetNetConfig, ProphetNetForConditionalGeneration
+
+    sizes = dict(hidden_size=64, num_encoder_layers=2, num_decoder_layers=2, num_encoder_attention_heads=4,
+                 num_decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000)  # fmt: skip
+    config = ProphetNetConfig(**sizes if args.small else {}, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    torch.manual_seed(0)
+    return bench_seq2seq("prophetnet", ProphetNetForConditionalGeneration(config), device, dtype)
 
 
 def bench_seq2seq(kind: str, model, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -373,7 +407,8 @@ def bench_vilt(args, device: torch.device, dtype: torch.dtype) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ["bart", "t5", "wav2vec2", "modernbert", "vit", "clip", "whisper", "dinov2", "yolos", "vilt"]
+    parts = ["bart", "t5", "fsmt", "prophetnet", "wav2vec2", "modernbert", "vit", "clip", "whisper", "dinov2", "yolos",
+             "vilt"]  # fmt: skip
     parser.add_argument("--only", nargs="+", default=parts, choices=parts)
     parser.add_argument("--small", action="store_true", help="tiny configs: a check of the script")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -384,7 +419,8 @@ def main() -> None:
     rows = []
     for part in args.only:
         bench = {
-            "bart": bench_bart, "t5": bench_t5, "wav2vec2": bench_wav2vec2, "modernbert": bench_modernbert,
+            "bart": bench_bart, "t5": bench_t5, "fsmt": bench_fsmt, "prophetnet": bench_prophetnet,
+            "wav2vec2": bench_wav2vec2, "modernbert": bench_modernbert,
             "vit": bench_vit, "clip": bench_clip, "whisper": bench_whisper, "dinov2": bench_dinov2, "yolos": bench_yolos,
             "vilt": bench_vilt,
         }  # fmt: skip
