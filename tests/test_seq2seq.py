@@ -49,7 +49,9 @@ SEQ2SEQ_CONFIGS: dict[str, dict] = {
     "mt5": dict(_T5, feed_forward_proj="gated-gelu"),
     "pegasus": _COMMON,
     "plbart": _COMMON,
-    # ProphetNet: BERT-like post-LayerNorm encoder layers; its n-gram decoder computes attention itself (eager).
+    # ProphetNet: BERT-like post-LayerNorm encoder layers; its n-gram decoder computes attention itself (eager): its
+    # decode steps are a forward of ours. Weights of std 0.2, as FSMT's (at 0.02 every input gives one token and the
+    # end); 128 positions, so that a runner's 64 slots fit its table.
     "prophetnet": dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -59,7 +61,8 @@ SEQ2SEQ_CONFIGS: dict[str, dict] = {
         num_decoder_layers=2,
         num_encoder_attention_heads=4,
         num_decoder_attention_heads=4,
-        max_position_embeddings=64,
+        max_position_embeddings=128,
+        init_std=0.2,
         ngram=2,
         pad_token_id=0,
         bos_token_id=1,
@@ -105,13 +108,12 @@ def test_encoder_outputs_logits_and_generate_match_stock(model_type, layout, fas
         rows = mask.any(1) if model_type in ("t5", "mt5", "prophetnet") else slice(None)
         torch.testing.assert_close(logits[rows], expected[rows])
     if layout != "empty_row":  # a row with no input at all: stock's own encoder output there is arbitrary
-        # Greedy (FSMT's config asks for beam search, which runs stock: see test_fsmt_beam_search_runs_stock_generate).
+        # Greedy (FSMT's config asks for beam search, which runs stock: see test_beam_search_runs_stock_generate).
         kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, num_beams=1)
         assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs))
         counts = call_counts(fast)
-        # Blenderbot's config bans repeating the input's 3-grams (encoder_no_repeat_ngram_size), ProphetNet's n-gram
-        # decoder is on eager attention: stock
-        fast_loop = model_type not in ("blenderbot", "prophetnet")
+        # Blenderbot's config bans repeating the input's 3-grams (encoder_no_repeat_ngram_size): stock
+        fast_loop = model_type != "blenderbot"
         assert counts["fast generate"] == fast_loop and counts["stock generate"] == 1 - fast_loop
     assert call_counts(fast)["fast"] >= 2 and call_counts(fast)["stock"] == 0
 
@@ -203,23 +205,29 @@ def test_a_decoder_off_our_attention_runs_stock_generate(fast_loop_on_cpu):
         assert call_counts(fast)["stock generate"] == 1 and call_counts(fast)["fast generate"] == 0
 
 
-def test_fsmt_beam_search_runs_stock_generate(fast_loop_on_cpu, caplog):
-    """FSMT's configs ask for beam search (num_beams=5): stock generate runs it, logged, with stock's tokens."""
-    stock = make_seq2seq("fsmt")
+@pytest.mark.parametrize("model_type", ["fsmt", "prophetnet"])
+def test_beam_search_runs_stock_generate(model_type, fast_loop_on_cpu, caplog):
+    """Beam search runs stock generate, logged, with stock's tokens (FSMT's configs ask for it: num_beams=5)."""
+    stock = make_seq2seq(model_type)
     fast = BetterTransformer.transform(stock, keep_original_model=True)
     ids, mask = make_batch([24, 17, 5, 11], "right")
-    assert stock.generation_config.num_beams == 5
+    beams = {} if model_type == "fsmt" else dict(num_beams=5)
+    assert model_type != "fsmt" or stock.generation_config.num_beams == 5
     with caplog.at_level(logging.INFO, logger="bettertransformer"):
-        got = fast.generate(ids, attention_mask=mask, max_new_tokens=6)
-    assert torch.equal(got, stock.generate(ids, attention_mask=mask, max_new_tokens=6))
+        got = fast.generate(ids, attention_mask=mask, max_new_tokens=6, **beams)
+    assert torch.equal(got, stock.generate(ids, attention_mask=mask, max_new_tokens=6, **beams))
     assert "num_beams=5" in caplog.text
     assert call_counts(fast)["stock generate"] == 1 and call_counts(fast)["fast generate"] == 0
 
 
-def test_fsmt_generate_settings_match_stock(fast_loop_on_cpu):
-    """Greedy FSMT over calls of several shapes and settings (its config forces the end-of-sequence id last), a row
-    finishing early, and sampling with a seed twice: all on the fast loop, greedy tokens equal to stock's."""
-    stock = make_seq2seq("fsmt")
+@pytest.mark.parametrize(
+    "model_type, overrides", [("fsmt", {}), ("prophetnet", {}), ("prophetnet", dict(ngram=3, num_buckets=8))]
+)
+def test_routed_decoders_generate_settings_match_stock(model_type, overrides, fast_loop_on_cpu):
+    """Greedy FSMT and ProphetNet (2 and 3 predict streams, fewer position buckets) over calls of several shapes and
+    settings (FSMT's config forces the end-of-sequence id last), a row finishing early, and sampling with a seed twice:
+    all on the fast loop, greedy tokens equal to stock's."""
+    stock = make_seq2seq(model_type, **overrides)
     fast = BetterTransformer.transform(stock, keep_original_model=True)
     ids, mask = make_batch([24, 17, 5, 11], "left")
     early = int(stock.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=1)[0, -1])
@@ -239,10 +247,12 @@ def test_fsmt_generate_settings_match_stock(fast_loop_on_cpu):
     assert counts["fast generate"] == len(cases) + 2 and counts["stock generate"] == 0, counts
 
 
-def test_fsmt_decode_steps_read_nothing_on_the_host(fast_loop_on_cpu, monkeypatch):
+@pytest.mark.parametrize("model_type", ["fsmt", "prophetnet"])
+def test_routed_decode_steps_read_nothing_on_the_host(model_type, fast_loop_on_cpu, monkeypatch):
     """A decode step that turns a tensor into a Python value would synchronise with the GPU, which a CUDA graph cannot
     capture (stock FSMT's positions do, from transformers 5.24: they check the step's position against their table on
-    the host). On the CPU: no such conversion happens inside FSMT's decode steps."""
+    the host; stock ProphetNet's decoder branches on the cache's length). On the CPU: no such conversion happens inside
+    these decode steps."""
     from bettertransformer.adapters import seq2seq_generation
 
     conversions: list[str] = []
@@ -261,7 +271,7 @@ def test_fsmt_decode_steps_read_nothing_on_the_host(fast_loop_on_cpu, monkeypatc
             step(runner)
 
     monkeypatch.setattr(seq2seq_generation.Seq2SeqRunner, "_decode_step", watched)
-    fast = BetterTransformer.transform(make_seq2seq("fsmt"))
+    fast = BetterTransformer.transform(make_seq2seq(model_type))
     ids, mask = make_batch([24, 17, 5, 11], "right")
     fast.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=1)
     assert call_counts(fast)["fast generate"] == 1 and conversions == []
@@ -283,6 +293,21 @@ def test_fsmt_positions_past_its_table_run_that_call_stock(fast_loop_on_cpu, cap
     counts = call_counts(fast)
     assert counts["fast generate"] == 3 - grown and counts["stock generate"] == grown, counts
     assert ("sinusoidal table" in caplog.text) == grown
+
+
+def test_prophetnet_positions_past_its_table_run_that_call_stock(fast_loop_on_cpu, caplog):
+    """ProphetNet's positions are a learned table (128 rows here; the predict stream reads one past the main stream's):
+    a call whose static buffers would outrun it runs stock generate (logged), and only that call."""
+    stock = make_seq2seq("prophetnet")
+    fast = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = make_batch([24, 17, 5, 11], "left")
+    with caplog.at_level(logging.INFO, logger="bettertransformer"):
+        for new in (8, 70, 8):  # 70 new tokens: 128 slots
+            kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new)
+            assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs)), new
+    counts = call_counts(fast)
+    assert counts["fast generate"] == 2 and counts["stock generate"] == 1, counts
+    assert "past its table of 128" in caplog.text
 
 
 def test_fsmt_decoder_attention_weights_and_masks_are_stocks():
@@ -308,18 +333,25 @@ def test_fsmt_decoder_attention_weights_and_masks_are_stocks():
                     torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
 
 
-def test_fsmt_reverse_restores_the_stock_decoder(fast_loop_on_cpu):
-    """transform routes FSMT's decoder modules through ours (forwards on the stock modules, their parameters
-    untouched); reverse gives back the stock classes and forwards with the very same parameters and equal weights."""
-    model = make_seq2seq("fsmt")
+# The decoder modules whose forwards are ours while transformed (paths inside the decoder).
+_ROUTED = {
+    "fsmt": sorted([f"layers.{i}.{a}" for i in range(2) for a in ("self_attn", "encoder_attn")] + ["embed_positions"]),
+    "prophetnet": [""],  # the decoder itself: its decode steps
+}
+
+
+@pytest.mark.parametrize("model_type", ["fsmt", "prophetnet"])
+def test_routed_decoders_reverse_to_the_stock_decoder(model_type, fast_loop_on_cpu):
+    """transform routes FSMT's and ProphetNet's decoder modules through ours (forwards on the stock modules, their
+    parameters untouched); reverse gives back the stock classes and forwards with the very same parameters and equal
+    weights."""
+    model = make_seq2seq(model_type)
     classes = {name: type(m) for name, m in model.named_modules()}
     parameters = dict(model.named_parameters())
     weights = {name: t.clone() for name, t in model.state_dict().items()}
     fast = BetterTransformer.transform(model)
-    routed = [name for name, m in fast.model.decoder.named_modules() if "forward" in vars(m)]
-    assert sorted(routed) == sorted(
-        [f"layers.{i}.{a}" for i in range(2) for a in ("self_attn", "encoder_attn")] + ["embed_positions"]
-    )
+    routed = [name for name, m in fast.get_decoder().named_modules() if "forward" in vars(m)]
+    assert sorted(routed) == _ROUTED[model_type]
     ids, mask = make_batch([24, 17, 5, 11], "right")
     fast.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=1)
     assert call_counts(fast)["fast generate"] == 1
@@ -466,7 +498,7 @@ def test_half_precision_encoder_error_is_a_small_multiple_of_stock_on_cuda(model
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.cuda
-@pytest.mark.parametrize("model_type", ["bart", "mbart", "t5", "mt5", "fsmt"])
+@pytest.mark.parametrize("model_type", ["bart", "mbart", "t5", "mt5", "fsmt", "prophetnet"])
 def test_generate_replays_captured_steps_on_cuda(model_type, no_tf32):
     """On the GPU the decoder's step is captured in a CUDA graph and replayed: fp32 tokens equal stock's, over
     calls of several shapes (new runners, and a runner used again). (num_beams=1: FSMT's config asks for beams.)"""

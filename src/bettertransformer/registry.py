@@ -20,6 +20,7 @@ from .adapters.attention_modules import (
     fsmt_attention,
     fsmt_positions,
     gpt_neo_attention,
+    prophetnet_decoder,
     scaled_attention,
 )
 from .adapters.decode_steps import (
@@ -225,13 +226,16 @@ FSMT = replace(
         ModuleAttention("Attention", fsmt_attention), ModuleAttention("SinusoidalPositionalEmbedding", fsmt_positions)
     ),
 )  # fmt: skip
-# ProphetNet's encoder: BERT's post-LayerNorm layers under other names, looped over by the encoder's forward.
+# ProphetNet's encoder: BERT's post-LayerNorm layers under other names, looped over by the encoder's forward. Its
+# n-gram decoder computes attention itself and cannot run a step on static buffers: in a decode step of ours its
+# forward is ours (the main stream and the predict stream generate reads).
 PROPHETNET = EncoderLayout(
     layers="layers", entry="encoder", loop=True, layer_output=lambda hidden: (hidden,),
     num_heads="num_encoder_attention_heads", q="self_attn.query_proj", k="self_attn.key_proj",
     v="self_attn.value_proj", attn_dropout=None, o="self_attn.out_proj", o_dropout=None, ln1="self_attn_layer_norm",
     ffn_in="feed_forward.intermediate", act="feed_forward.activation_fn", ffn_out="feed_forward.output",
     ffn_dropout=None, ln2="feed_forward_layer_norm", requires=(),
+    decoder_modules=(ModuleAttention("ProphetNetDecoder", prophetnet_decoder),),
 )  # fmt: skip
 _SEQ2SEQ_NOTES = "the encoder padding-free (inference); beam search runs stock generate"
 
@@ -411,9 +415,10 @@ REGISTRY: dict[str, Support] = {
     "mt5": _seq2seq(T5, "; MT5EncoderModel too; relative-position bias; RMS norms as one kernel (CUDA, fp16/bf16)"),
     "pegasus": _seq2seq(MBART),
     "plbart": _seq2seq(BART),
-    "prophetnet": Support(
-        encoder=PROPHETNET,
-        notes="the encoder, padding-free (inference); its n-gram decoder has no attention interface: stock generate",
+    "prophetnet": _seq2seq(
+        PROPHETNET,
+        "; its n-gram decoder's steps computed by a forward of ours (the main stream and the first predict stream, "
+        "whose logits generate reads)",
     ),
     "rembert": Support(encoder=REMBERT, notes="input embeddings projected up inside the encoder"),
     "roberta": Support(encoder=BERT),

@@ -268,3 +268,94 @@ def fsmt_positions(
     call.decode.held[id(m)] = m.weight  # a later stock call may grow (replace) the table a graph reads
     positions = m.make_positions(input, m.padding_idx) + cache_length  # (B, L) + (1,)
     return nn.Embedding.forward(m, positions)
+
+
+def prophetnet_decoder(module: nn.Module, attention: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """ProphetNet's ``ProphetNetDecoder``: outside a decode step of ours, the stock forward; in one, ``_prophetnet_step``.
+
+    Its stock forward cannot run a step on the static buffers: it branches on the cache's length on the host (a sync
+    a CUDA graph cannot capture), and its n-gram attention checks its positions against the number of keys, which
+    the buffers' slots are not. Its modules compute attention themselves, so the step is computed here from them."""
+    call = current_decoder_call()
+    if call is None or call.decode is None:
+        return type(module).forward(module, *args, **kwargs)
+    return _prophetnet_step(module, call.decode, *args, **kwargs)
+
+
+def _prophetnet_step(
+    module: nn.Module, state: Any, input_ids: torch.Tensor | None = None, *args: Any, **kwargs: Any
+) -> Any:
+    """One cached step of ProphetNet's decoder, as stock computes it for ``generate``, for the main stream and the
+    first predict stream only.
+
+    Stock ``generate`` takes the next token's logits from the first predict stream (``ProphetNetForConditionalGeneration``
+    reads ``logits_ngram``'s stream 0 as ``logits``); that stream attends to the main stream's keys and its own, and the
+    main stream to its own keys alone, so the other predict streams change neither and are not computed (their
+    states are returned as zeros: their logits, ``logits_ngram``, are not what a step of ours reads).
+
+    Per layer: the main stream's self-attention writes its key/value into the layer's buffer and attends over it
+    (``DecodeState.attend``) with ProphetNet's relative-position bias (bucketed key position - query position, scored
+    from the token's own states); the predict stream attends over the same slots and its own key
+    (``DecodeState.attend_beside``); then cross-attention over the encoder's static keys/values, the feed-forward and
+    the post-LayerNorms, as stock. Positions: the cache holds ``slot`` tokens, so this token's position is
+    padding index + slot + 1 and the predict stream's one more."""
+    m: Any = module
+    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or m.ngram < 1:
+        raise DecodeUnsupported("a ProphetNet decode step of other than one token id per row")
+    embeddings = m.position_embeddings
+    pad, slots = embeddings.padding_idx, state.mask.shape[1]
+    if pad != 0:  # stock's cached steps check it (their positions must equal the keys' count)
+        raise DecodeUnsupported(f"ProphetNet's cached steps with padding index {pad} (stock's need 0)")
+    if pad + slots + 2 > embeddings.weight.shape[0]:
+        raise DecodeUnsupported(
+            f"decoder positions up to {slots + 1} past its table of {embeddings.weight.shape[0]}", this_call=True
+        )
+    batch, width = input_ids.shape[0], m.word_embeddings.embedding_dim
+    heads = m.config.num_decoder_attention_heads
+    dim = width // heads
+    position = (state.slot + pad + 1)[None]  # (1, 1)
+    main = m.word_embeddings(input_ids) + embeddings._forward(position)  # (B, 1, E)
+    # Stock's predict stream n adds ngram_embeddings[n - 1]: the first stream, the last embedding.
+    stream = (m.ngram_embeddings.weight[-1] + embeddings._forward(position + 1)).expand(batch, 1, width)
+    hidden = torch.cat([main, stream], dim=1)  # (B, 2, E): the main stream, then the first predict stream
+    if m.embeddings_layer_norm:
+        hidden = m.embeddings_layer_norm(hidden)
+    hidden = nn.functional.dropout(hidden, p=m.dropout, training=m.training)
+    buckets = sys.modules[type(m).__module__].compute_relative_buckets
+    keys = torch.arange(slots, device=input_ids.device)
+    # Key position - query position (stock: key j at j + 1; the predict stream's keys at j, its own at slot + 1).
+    main_buckets = buckets(m.num_buckets, m.relative_max_distance, keys - state.slot - pad, False).long()
+    own = state.slot.new_zeros(1) - pad
+    predict_relative = torch.cat([keys - state.slot - pad - 1, own])  # (S + 1,)
+    predict_buckets = buckets(m.num_buckets, m.relative_max_distance, predict_relative, False).long()
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # (B, 2, E) -> (B, H, 2, D)
+        return x.view(batch, 2, heads, dim).transpose(1, 2)
+
+    def merge(x: torch.Tensor) -> torch.Tensor:  # (B, H, 2, D) -> (B, 2, E)
+        return x.transpose(1, 2).reshape(batch, 2, width)
+
+    for index, layer in enumerate(m.layers):
+        attn = layer.self_attn
+        query = split(attn.query_proj(hidden) / (attn.head_dim**0.5))  # stock scales before the product
+        key, value = split(attn.key_proj(hidden)), split(attn.value_proj(hidden))
+        table = attn.relative_pos_embeddings(hidden).view(batch, 2, attn.num_buckets, heads).permute(0, 3, 1, 2)
+        main_bias = table[:, :, :1].gather(-1, main_buckets.expand(batch, heads, 1, slots))  # (B, H, 1, S)
+        predict_bias = table[:, :, 1:].gather(-1, predict_buckets.expand(batch, heads, 1, slots + 1))
+        main_out = state.attend(attn, query[:, :, :1], key[:, :, :1], value[:, :, :1], 1.0, None, None, bias=main_bias)
+        stream_out = state.attend_beside(attn, query[:, :, 1:], key[:, :, 1:], value[:, :, 1:], 1.0, predict_bias)
+        out = attn.out_proj(merge(torch.cat([main_out, stream_out], dim=2)))
+        out = nn.functional.dropout(out, p=attn.dropout, training=attn.training)
+        hidden = layer.self_attn_layer_norm(hidden + out)
+        cross = getattr(layer, "cross_attn", None)
+        if cross is None or index not in state.cross_kv:
+            raise DecodeUnsupported("a ProphetNet decoder layer without cross-attention on the static buffers")
+        kv = state.cross_kv[index]
+        query = split(cross.query_proj(hidden) / (cross.head_dim**0.5))
+        out = cross.out_proj(merge(state.attend(cross, query, kv[0], kv[1], 1.0, None, None)))
+        out = nn.functional.dropout(out, p=cross.dropout, training=cross.training)
+        hidden = layer.cross_attn_layer_norm(out + hidden)
+        hidden = layer.feed_forward_layer_norm(layer.feed_forward(hidden) + hidden)
+    others = hidden.new_zeros(batch, m.ngram - 1, width)
+    output = sys.modules[type(m).__module__].ProphetNetDecoderModelOutput
+    return output(last_hidden_state=hidden[:, :1], last_hidden_state_ngram=torch.cat([hidden[:, 1:], others], dim=1))

@@ -124,12 +124,14 @@ class DecodeState:
         window: int | None,
         softcap: float | None,
         alibi_slopes: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Write this token's key/value (B, Hkv, 1, D) into the buffer of ``module``'s layer; attend (B, H, 1, D)
         over that buffer.
 
         ALiBi (``alibi_slopes``, (H,)) adds slope * (key slot - current slot), relative so it stays small for the
-        keys that matter (the stock absolute form differs by a per-row constant, which softmax ignores).
+        keys that matter (the stock absolute form differs by a per-row constant, which softmax ignores). ``bias``
+        (B, H, 1, S): an additive bias over the slots that depends on the token (ProphetNet's relative positions).
 
         An encoder-decoder's cross-attention module passes the static buffers ``cross_kv`` as its keys and values:
         it attends over them with ``cross_mask`` and writes nothing."""
@@ -153,10 +155,29 @@ class DecodeState:
             slots = torch.arange(mask.shape[-1], device=mask.device, dtype=torch.float32)
             relative = alibi_slopes.float()[None, :, None, None] * (slots - slot.float())  # (1, H, 1, S)
             mask = (mask + relative).to(query.dtype)  # (B, H, 1, S)
-        if mask.shape[1] != 1:  # a bias per head (ALiBi, T5's relative positions)
+        if bias is not None:
+            mask = mask + bias.to(query.dtype)  # (B, H, 1, S)
+        if mask.shape[1] != 1:  # a bias per head (ALiBi, T5's and ProphetNet's relative positions)
             return attention(query, kv[0], kv[1], mask, scale=scale, softcap=softcap)
         kv_heads = kv.shape[2]
         # Grouped-query heads of one key/value head become the query rows of one attention call (no repeated keys).
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
         out = attention(grouped, kv[0], kv[1], mask, scale=scale, softcap=softcap)
         return out.reshape(batch, heads, 1, dim)
+
+    def attend_beside(
+        self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """Attend (B, H, 1, D) over the slots of ``module``'s layer (this step's key already written by ``attend``)
+        and one more key/value (B, H, 1, D) of the query's own, which goes into no buffer: ProphetNet's predict
+        stream, which sees the main stream's keys and its own. ``bias`` (B, H, 1, S + 1): additive, over the slots
+        then that key. The softmax in fp32, as ProphetNet's; no copy of the buffers (the extra key's score is
+        computed beside them)."""
+        kv = self.kv[layer_index(module)]
+        slots = kv.shape[3]
+        mask = self.additive_mask(None, torch.float32)  # (B, 1, 1, S)
+        scores = torch.matmul(query, kv[0].transpose(-1, -2).to(query.dtype)).float() * scale  # (B, H, 1, S)
+        own = (query * key).sum(-1, keepdim=True).float() * scale  # (B, H, 1, 1)
+        logits = torch.cat([scores + mask, own], dim=-1) + bias.float()  # (B, H, 1, S + 1)
+        weights = torch.softmax(logits, dim=-1).to(value.dtype)
+        return torch.matmul(weights[..., :slots], kv[1].to(value.dtype)) + weights[..., slots:] * value

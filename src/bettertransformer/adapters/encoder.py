@@ -119,7 +119,8 @@ class EncoderLayout:
     decoder_bias: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None
     # An encoder-decoder's decoder modules that compute attention themselves (no attention interface: FSMT's), each
     # routed through ours by its forward (``attention_modules``), so that generate's decode steps reach the static
-    # buffers; also any module whose stock forward a decode step cannot run on the device (FSMT's positions).
+    # buffers; also any module whose stock forward a decode step cannot run on the device (FSMT's positions,
+    # ProphetNet's whole decoder).
     decoder_modules: tuple[ModuleAttention, ...] = ()
     # Classes of RMS-norm modules (T5's) that, anywhere in the model (the decoder too), run as one fused kernel in
     # fp16/bf16 inference on CUDA (``ops.fused.rms_norm``), and as their own forward otherwise.

@@ -16,7 +16,9 @@ The loop is ``generation.FastGenerate``'s; what differs is the prefill and the s
 
 A decoder whose modules compute attention themselves, with no attention interface (FSMT's), gets forwards of ours
 on those modules (``EncoderLayout.decoder_modules``, from ``attention_modules``): they keep the stock math and cache
-protocol and hand the attention to our function, so the same prefill and steps apply.
+protocol and hand the attention to our function, so the same prefill and steps apply. ProphetNet's decoder, whose
+stock forward cannot run a step on static buffers at all, gets a forward of ours for the decode steps (its prefill
+stays stock).
 
 A model whose decoder is not on our attention function (an ``eager`` model, say) runs stock generate; one whose
 decoder routes only some of its attention modules through it is noticed at its first step (``DecodeState.attended``
