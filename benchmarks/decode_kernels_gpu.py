@@ -50,14 +50,16 @@ LLAMA_SHAPES = {
                   ("down", 5632, 2048, False), ("head", 2048, 32000, False)),
     "llama3-8b": (("qkv", 4096, 6144, False), ("o", 4096, 4096, False), ("gate|up", 4096, 14336, True),
                   ("down", 14336, 4096, False), ("head", 4096, 128256, False)),
+    "qwen3": (("qkv", 2048, 4096, False), ("o", 2048, 2048, False), ("gate|up", 2048, 6144, True),
+              ("down", 6144, 2048, False), ("head", 2048, 151936, False)),
     "gemma2": (("qkv", 2304, 4096, False), ("o", 2048, 2304, False), ("gate|up", 2304, 9216, True),
                ("down", 9216, 2304, False), ("head", 2304, 256000, False)),
 }  # fmt: skip
 
 
-def best_config(configs, ours, reference) -> tuple[float, tuple, float]:
+def best_config(configs, ours, reference, every: list | None = None) -> tuple[float, tuple, float]:
     """(us, config, max error against ``reference(0)``) of the fastest of ``ours(i, config)`` over ``configs``;
-    a configuration that does not fit (shared memory) is skipped."""
+    a configuration that does not fit (shared memory) is skipped. ``every`` collects (config, us) of each."""
     best = None
     for config in configs:
         run = functools.partial(ours, config=config)
@@ -66,6 +68,8 @@ def best_config(configs, ours, reference) -> tuple[float, tuple, float]:
             us = graph_us(run)
         except Exception:
             continue
+        if every is not None:
+            every.append((config, us))
         if best is None or us < best[0]:
             best = (us, config, err)
     assert best is not None, "no configuration ran"
@@ -88,23 +92,36 @@ def llama(args) -> None:
             ws = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(copies * (2 if gated else 1))]
             nbytes = n * k * 2 * (2 if gated else 1)
 
-            def cublas(i, a=a, ws=ws, gated=gated, copies=copies):
-                if gated:
-                    return F.silu(F.linear(a, ws[2 * (i % copies)])) * F.linear(a, ws[2 * (i % copies) + 1])
-                return F.linear(a, ws[i % copies])
+            # --norm: the RMSNorm before q|k|v and gate|up computed in the product, as the fused step does
+            norm = dk.RMSNorm(torch.rand(k, device=dev, dtype=dt) + 0.5, 1e-6) if args.norm and name != "o" else None
+            if name in ("down", "head"):
+                norm = None
 
-            def ours(i, config, a=a, ws=ws, gated=gated, copies=copies):
+            def cublas(i, a=a, ws=ws, gated=gated, copies=copies, norm=norm):
+                x = a if norm is None else F.rms_norm(a, (a.shape[1],), norm.weight, norm.eps)
+                if gated:
+                    return F.silu(F.linear(x, ws[2 * (i % copies)])) * F.linear(x, ws[2 * (i % copies) + 1])
+                return F.linear(x, ws[i % copies])
+
+            def ours(i, config, a=a, ws=ws, gated=gated, copies=copies, norm=norm):
                 if gated:
                     j = 2 * (i % copies)
-                    return dk.linear(a, ws[j], None, transposed=True, act="silu", up=(ws[j + 1], None), config=config)
-                return dk.linear(a, ws[i % copies], None, transposed=True, config=config)
+                    return dk.linear(
+                        a, ws[j], None, transposed=True, act="silu", up=(ws[j + 1], None), norm=norm, config=config
+                    )  # fmt: skip
+                return dk.linear(a, ws[i % copies], None, transposed=True, norm=norm, config=config)
 
             configs = itertools.product(args.block_n, args.block_k, args.warps)
-            rows.append((f"m={m} {name} {k}->{n}", graph_us(cublas), best_config(configs, ours, cublas), nbytes))
+            default = graph_us(functools.partial(ours, config=dk.linear_config(m, k, n, gated=gated)))
+            every: list = []
+            best = best_config(configs, ours, cublas, every)
+            rows.append((f"m={m} {name} {k}->{n}", graph_us(cublas), default, best, nbytes))
+            if args.every:
+                print(f"m={m} {name} {k}->{n}: " + ", ".join(f"{c}: {us:.2f}" for c, us in every))
     print(torch.cuda.get_device_name(), torch.__version__, f"copy {bandwidth / 1e12:.2f} TB/s")
-    print(f"{'op':28s} {'cuBLAS us':>9s} {'ours us':>8s} {'ours TB/s':>9s}  best config, max err")
-    for name, base, (us, config, err), nbytes in rows:
-        print(f"{name:28s} {base:9.2f} {us:8.2f} {nbytes / us / 1e6:9.2f}  {config}, {err:.1e}")
+    print(f"{'op':28s} {'cuBLAS us':>9s} {'default us':>10s} {'best us':>8s} {'best TB/s':>9s}  best config, max err")
+    for name, base, default, (us, config, err), nbytes in rows:
+        print(f"{name:28s} {base:9.2f} {default:10.2f} {us:8.2f} {nbytes / us / 1e6:9.2f}  {config}, {err:.1e}")
 
 
 def main() -> None:
@@ -114,6 +131,8 @@ def main() -> None:
     parser.add_argument("--block-k", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--no-lm-head", action="store_true")
+    parser.add_argument("--every", action="store_true", help="with --llama: print every configuration's time")
+    parser.add_argument("--norm", action="store_true", help="with --llama: q|k|v and gate|up normalised in the product")
     parser.add_argument("--llama", choices=sorted(LLAMA_SHAPES), help="a Llama-family model's products, not GPT-2's")
     args = parser.parse_args()
     if args.llama:

@@ -409,6 +409,54 @@ def test_greedy_head_picks_the_first_maximum_of_the_rounded_logits_on_cuda(batch
 
 @cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 3])
+def test_greedy_choice_over_partial_maxima_in_several_chunks_on_cuda(rows):
+    # 20,000 columns in programs of 8: 2,500 partial maxima per row, reduced in chunks of 2,048.
+    from bettertransformer.ops import decode_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.ones(rows, 64).cuda().half()
+    weight = (torch.randn(20000, 64, generator=gen) / 100).cuda().half()
+
+    def choose(w: torch.Tensor, penalty: torch.Tensor | None = None) -> list[int]:
+        got = decode_kernels.linear(x, w, None, transposed=True, argmax=True, eos_penalty=penalty, config=(8, 64, 4))
+        return got.tolist()
+
+    assert choose(weight) == (x @ weight.t()).float().argmax(-1).tolist()
+    for top in ([19000], [40, 19000], [16500, 19000]):  # the maximum in the last chunk; ties across chunks
+        w = weight.clone()
+        w[top] = 1.0
+        assert choose(w) == [top[0]] * rows
+    banned = torch.full((20000,), float("-inf"), device="cuda")
+    assert choose(weight, banned) == [0] * rows  # every score -inf: the first index, as torch.argmax gives
+
+
+@cuda
+@pytest.mark.cuda
+def test_launches_inside_compiling_ahead_compile_without_running_on_cuda():
+    from bettertransformer.ops import compile_ahead, decode_kernels
+
+    if not compile_ahead.SUPPORTED:
+        pytest.skip("this Triton has no asynchronous compile mode")
+    # A width no other test uses: a kernel variant of its own (BLOCK = 2**k), so it is compiled in the block.
+    width = 4096 + 8
+    wte = torch.randn(10, width, device="cuda", dtype=torch.float16)
+    tokens = torch.tensor([3, 7], device="cuda")
+    cache = decode_kernels._embed_kernel.device_caches[torch.cuda.current_device()][0]
+    before = set(cache)
+    with compile_ahead.compiling_ahead(torch.device("cuda"), threads=4) as ahead:
+        assert ahead
+        skipped = decode_kernels.embed(tokens, None, wte, None)
+        skipped.fill_(1.0)  # what the kernel would have overwritten stays
+    torch.cuda.synchronize()
+    assert bool((skipped == 1.0).all())
+    new = [cache[key] for key in set(cache) - before]
+    assert len(new) == 1 and new[0].module is not None  # compiled and loaded on the pool, before any launch ran it
+    assert torch.equal(decode_kernels.embed(tokens, None, wte, None), wte[tokens])  # and it runs as usual after
+
+
+@cuda
+@pytest.mark.cuda
 def test_advance_kernel_matches_the_reference_path_on_cuda(monkeypatch):
     from bettertransformer.ops import decode_kernels
     from bettertransformer.ops.sampling import advance

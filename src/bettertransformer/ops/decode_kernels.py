@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..switches import SWITCHES
+from .compile_ahead import launch
 from .step_buffers import StepBuffers
 
 try:
@@ -317,14 +318,22 @@ if AVAILABLE:
 
     @triton.jit
     def _argmax_rows_kernel(PV, PI, OUT, P, stride_pm, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-        # The first index of each row's maximum, from the per-program maxima of _linear_kernel's ARGMAX.
+        # The first index of each row's maximum, from the per-program maxima of _linear_kernel's ARGMAX, read in
+        # chunks of BLOCK_P (one chunk of all 32,000 of a 256,000-word head took 37 us).
         row = tl.program_id(0)
         _wait_for_previous(PDL)
         p = tl.arange(0, BLOCK_P)
-        values = tl.load(PV + row * stride_pm + p, mask=p < P, other=float("-inf"))
-        index = tl.load(PI + row * stride_pm + p, mask=p < P, other=2147483647)
-        best = tl.max(values, axis=0)
-        tl.store(OUT + row, tl.min(tl.where(values == best, index, 2147483647), axis=0).to(tl.int64))
+        best = tl.full((), float("-inf"), tl.float32)
+        first = tl.full((), 2147483647, tl.int32)
+        for p0 in range(0, P, BLOCK_P):
+            values = tl.load(PV + row * stride_pm + p0 + p, mask=p0 + p < P, other=float("-inf"))
+            index = tl.load(PI + row * stride_pm + p0 + p, mask=p0 + p < P, other=2147483647)
+            top = tl.max(values, axis=0)
+            at = tl.min(tl.where(values == top, index, 2147483647), axis=0)
+            # A later chunk's indices are larger: a tie keeps the earlier; the first chunk always counts (all -inf).
+            first = tl.where((top > best) | (first == 2147483647), at, first)
+            best = tl.maximum(best, top)
+        tl.store(OUT + row, first.to(tl.int64))
 
     @triton.jit
     def _embed_kernel(TOK, POS, WTE, WPE, X, E, scale, HAS_POS: tl.constexpr, SCALE: tl.constexpr,
@@ -653,6 +662,21 @@ class RMSNorm:
     round_first: bool = True
 
 
+# One-row products of the shapes of models people run, where a sweep (``benchmarks/decode_kernels_gpu.py --llama
+# NAME --norm --every``, H200, 2026-11-30) found a configuration faster than the rule below by more than its noise
+# (~0.3 us): (K, N, gated) -> (BLOCK_N, BLOCK_K, num_warps). Narrower slabs put more programs on short outputs; Llama
+# 3 8B's k = 4,096 reads in one chunk four columns at a time.
+_ONE_ROW_SWEPT = {
+    (2048, 2048, False): (4, 2048, 8),  # TinyLlama's and Qwen3's o: 3.90 -> 3.55 us
+    (2048, 2304, False): (4, 2048, 8),  # Gemma 2 2B's o: 3.98 -> 3.82
+    (6144, 2048, False): (4, 2048, 8),  # Qwen3 1.7B's down: 7.82 -> 7.50
+    (2304, 9216, True): (8, 512, 4),  # Gemma 2 2B's gate|up: 28.4 -> 27.1
+    (9216, 2304, False): (4, 2048, 4),  # Gemma 2 2B's down: 17.2 -> 13.0
+    (4096, 6144, False): (4, 4096, 4),  # Llama 3 8B's q|k|v: 18.8 -> 16.4
+    (4096, 14336, True): (4, 4096, 8),  # Llama 3 8B's gate|up: 66.1 -> 58.5
+}
+
+
 def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an (m, k) @ (k, n) product: the best of sweeps on H100/H200s
     (``benchmarks/decode_kernels_gpu.py``, BENCHMARKS.md). GPT-2's products, one row: a few hundred programs, each
@@ -660,6 +684,8 @@ def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int
     (thousands of programs, each streaming long contiguous runs of k), up to 2,048 of k at a time (1,024 for two
     matrices or a long k, 512 for an LM head)."""
     large = k >= 2048 and n >= 2048
+    if m == 1 and (k, n, gated) in _ONE_ROW_SWEPT:
+        return _ONE_ROW_SWEPT[(k, n, gated)]
     if m == 1 and not large:
         block_n = 8 if n <= 1024 else 16 if n <= 8192 else 32
         budget = 8192 if gated else 16384
@@ -773,10 +799,10 @@ def linear(
         # Several rows normalised over several chunks: their statistics from one small kernel first (each program
         # summing 16 rows chunk by chunk took longer than the product: 18.9 against 6.7 us, TinyLlama's q|k|v, H200)
         stats = x.new_empty(m, 2, dtype=torch.float32)
-        _row_stats_kernel[(m,)](
+        launch(_row_stats_kernel, (m,),
             x, stats, k, x.stride(0), eps, LAYER=kind == 1, BLOCK=triton.next_power_of_2(k), **pdl
         )  # fmt: skip
-    _linear_kernel[(programs,)](
+    launch(_linear_kernel, (programs,),
         x, *pointers, y, r, nw, nb, eos_penalty if eos_penalty is not None else x,
         kv_args[0], kv_args[1], partial_values, partial_index, stats if stats is not None else x, m, n, k, widths[0],
         sum(widths[:2]), x.stride(0), stride_wk, stride_wn, y.stride(0), r.stride(0), eps, offset, softcap or 1.0,
@@ -793,8 +819,9 @@ def linear(
     if not argmax:
         return y
     chosen = x.new_empty(m, dtype=torch.long)
-    _argmax_rows_kernel[(m,)](
-        partial_values, partial_index, chosen, programs, programs, BLOCK_P=triton.next_power_of_2(programs), **pdl
+    launch(_argmax_rows_kernel, (m,),
+        partial_values, partial_index, chosen, programs, programs, BLOCK_P=min(triton.next_power_of_2(programs), 2048),
+        num_warps=8, **pdl,
     )  # fmt: skip
     return chosen
 
@@ -809,7 +836,7 @@ def embed(
     """wte[tokens] (+ wpe[positions]) (* ``scale``): tokens, positions (B,) int64 -> (B, E)."""
     batch, width = tokens.shape[0], wte.shape[1]
     x = torch.empty(batch, width, device=wte.device, dtype=wte.dtype)
-    _embed_kernel[(batch,)](
+    launch(_embed_kernel, (batch,),
         tokens, positions if positions is not None else tokens, wte, wpe if wpe is not None else wte, x, width,
         scale, HAS_POS=wpe is not None, SCALE=scale != 1.0, BLOCK=triton.next_power_of_2(width), **_pdl(wte),
     )  # fmt: skip
@@ -819,7 +846,7 @@ def embed(
 def add_norm(x: torch.Tensor, t: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
     """x += norm(t) in place, rows (M, E) contiguous; returns x."""
     rows, width = x.shape
-    _add_norm_kernel[(rows,)](
+    launch(_add_norm_kernel, (rows,),
         x, t, norm.weight, width, norm.eps, norm.offset, ROUND_FIRST=norm.round_first,
         BLOCK=triton.next_power_of_2(width), **_pdl(x),
     )  # fmt: skip
@@ -875,7 +902,7 @@ def rope_attention(
     part_o = qkv.new_empty(batch * heads * splits * block_d, dtype=torch.float32) if splits > 1 else out
     part_ml = qkv.new_empty(batch * heads * splits * 2, dtype=torch.float32) if splits > 1 else out
     pdl = _pdl(qkv)
-    _rope_attention_kernel[(batch, heads, splits)](
+    launch(_rope_attention_kernel, (batch, heads, splits),
         qkv, k, v, mask, slot, positions, rotary.inv_freq, norm.weight, (k_norm or norm).weight, out, part_o,
         part_ml, slots, qkv.stride(0), q_width, k_width, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), mask.stride(0), out.stride(0), scale, rotary.scale, norm.eps, norm.offset,
@@ -886,7 +913,7 @@ def rope_attention(
         num_warps=warps, **pdl,
     )  # fmt: skip
     if splits > 1:
-        _combine_splits_kernel[(batch, heads)](
+        launch(_combine_splits_kernel, (batch, heads),
             part_o, part_ml, out, out.stride(0), D=dim, BLOCK_D=block_d, SPLITS=splits, **pdl
         )  # fmt: skip
     return out
@@ -897,7 +924,7 @@ def advance(chosen: torch.Tensor, buffers: StepBuffers) -> None:
     b = buffers
     batch = chosen.shape[0]
     has_ban = b.eos_penalty is not None
-    _advance_kernel[(1,)](
+    launch(_advance_kernel, (1,),
         chosen, b.unfinished, b.eos, b.pad, b.out, b.tokens, b.positions, b.step, b.slot, b.valid, b.mask, b.active,
         b.eos_penalty if b.eos_penalty is not None else b.mask, b.ban_steps, batch, b.out.stride(0), b.valid.shape[1],
         NUM_EOS=b.eos.numel(), HAS_BAN=has_ban, BLOCK_B=max(16, triton.next_power_of_2(batch)), **_pdl(b.mask),
@@ -920,7 +947,7 @@ def decode_attention(
     batch, heads, dim = q.shape
     out = torch.empty_like(q)
     slots = k.shape[2]
-    _decode_attention_kernel[(batch, heads)](
+    launch(_decode_attention_kernel, (batch, heads),
         q, k, v, mask, slot, out, slots, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0), out.stride(0), out.stride(1), scale,
         GROUP=heads // k.shape[1], D=dim, BLOCK_S=block_s, ONE_BLOCK=slots <= block_s, num_warps=warps, **_pdl(q),
