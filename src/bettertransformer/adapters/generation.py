@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .._compat import is_distributed_tensor, repetition_penalty_skips_left_padding
+from ..ops.compile_ahead import compiling_ahead
 from ..ops.sampling import Sampling, advance, next_tokens
 from ..ops.step_buffers import StepBuffers
 from ..switches import SWITCHES
@@ -433,6 +434,11 @@ class Runner:
         saved = [t.clone() for t in mutable]
         rng = torch.cuda.get_rng_state(self.device)  # warm-up draws must not shift the user's random stream
         try:
+            try:  # the step's new kernel variants compile together, on threads, before its first run
+                with compiling_ahead(self.device):
+                    self._decode_step()
+            except Exception as error:  # they compile at their first launch instead
+                self.log("compile ahead", "compiling the decode step's kernels ahead failed (%s)", error)
             captured = _Captured(self._decode_step, 2, self.pool, self.log, "decode step")
         finally:
             for tensor, value in zip(mutable, saved, strict=True):
