@@ -243,6 +243,7 @@ class Runner:
         self.prefill_capturable = step is not None and step.prefill_capturable
         self.graph: Any = None
         self.capturable = True  # False once a capture failed: the steps then run eagerly
+        self.compiled_ahead = False  # whether its first call's kernels were compiled ahead
         self.signature = inspect.signature(head.forward).parameters
 
     @property
@@ -260,6 +261,9 @@ class Runner:
         ids, mask = plan.input_ids, plan.mask
         batch, prompt = ids.shape
         b = self.buffers
+        if not self.compiled_ahead and self.device.type == "cuda":
+            self.compiled_ahead = True
+            self._compile_ahead(ids, mask)
         logits = self._prefill(ids, mask)
         b.pad.fill_(plan.pad)
         b.ban_steps.fill_(plan.ban_steps)
@@ -310,6 +314,28 @@ class Runner:
             self._force(plan.forced_eos)
         count = min(int(b.active), plan.new_tokens)
         return torch.cat([ids, b.out[:batch, :count]], dim=1)
+
+    def _compile_ahead(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Compile the Triton kernels of this runner's first call (prefill, choice, decode step) together, on
+        threads (``ops.compile_ahead``): a dry run of the three, whose launches only start compilations, on state
+        the call itself sets again (the prefill writes the key/value buffers afresh) or restored here."""
+        saved = [t.clone() for t in self.buffers.tensors()]
+        seen = self.prefills_seen.copy()
+        rng = torch.cuda.get_rng_state(self.device)
+        try:
+            with compiling_ahead(self.device) as ahead:
+                if ahead:
+                    self._select(self._prefill(ids, mask))
+                    self._decode_step()
+        except DecodeUnsupported:  # the call itself finds this out, and falls back
+            pass
+        except Exception as error:  # the kernels compile at their first launches instead
+            self.log("compile ahead", "compiling the first call's kernels ahead failed (%s)", error)
+        finally:
+            for tensor, value in zip(self.buffers.tensors(), saved, strict=True):
+                tensor.copy_(value)
+            self.prefills_seen = seen
+            torch.cuda.set_rng_state(rng, self.device)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the prompts, fill the buffers with their keys/values; returns the last tokens' (B, V) logits."""
@@ -434,11 +460,6 @@ class Runner:
         saved = [t.clone() for t in mutable]
         rng = torch.cuda.get_rng_state(self.device)  # warm-up draws must not shift the user's random stream
         try:
-            try:  # the step's new kernel variants compile together, on threads, before its first run
-                with compiling_ahead(self.device):
-                    self._decode_step()
-            except Exception as error:  # they compile at their first launch instead
-                self.log("compile ahead", "compiling the decode step's kernels ahead failed (%s)", error)
             captured = _Captured(self._decode_step, 2, self.pool, self.log, "decode step")
         finally:
             for tensor, value in zip(mutable, saved, strict=True):
