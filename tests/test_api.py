@@ -66,6 +66,20 @@ def test_keep_original_model_returns_a_transformed_copy():
         )
 
 
+def test_a_model_made_under_inference_mode_transforms_and_matches_stock():
+    # Parameters made (or copied) under torch.inference_mode are inference tensors, with no version counter.
+    model = make_model("bert")
+    with torch.inference_mode():
+        stock = copy.deepcopy(model)
+        fast = BetterTransformer.transform(copy.deepcopy(model))
+        assert next(fast.parameters()).is_inference()
+        ids, mask = make_batch(*LAYOUTS["right"])
+        expected = stock(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
+        got = fast(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
+    assert call_counts(fast)["fast"] == 1
+    torch.testing.assert_close(got, expected)
+
+
 def test_reverse_keeps_fine_tuned_weights():
     model = BetterTransformer.transform(make_model("bert", AutoModelForSequenceClassification).train())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

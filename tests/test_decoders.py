@@ -3,6 +3,7 @@ packed-sequence training, the fast generate loop (its static-cache step run eage
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 
@@ -68,6 +69,18 @@ def test_direct_forward_on_padded_batch_matches_stock(name, padding, attn_implem
     assert_close_at(got, expected, mask, atol=2e-5, what=f"{name}, {padding} padding")
     counts = call_counts(model)  # BLOOM takes no position_ids: its left-padded batch runs padding-free
     assert counts["fast"] + counts["stock"] == 1
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bloom"])  # fused steps, and the generic step
+def test_generate_of_a_model_made_under_inference_mode_matches_stock(name, fast_loop_on_cpu):
+    stock = make_decoder(name)
+    ids, mask = left_padded_batch(stock.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, pad_token_id=PAD)
+    with torch.inference_mode():
+        fast = BetterTransformer.transform(copy.deepcopy(stock))  # inference tensors as parameters
+        assert next(fast.parameters()).is_inference()
+        assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+    assert call_counts(fast)["fast generate"] == 1
 
 
 @pytest.mark.parametrize(

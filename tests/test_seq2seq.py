@@ -90,6 +90,20 @@ def make_seq2seq(model_type: str, seed: int = 0, **overrides):
     return AutoModelForSeq2SeqLM.from_config(config).eval()
 
 
+@pytest.mark.parametrize("model_type", ["bart", "fsmt", "prophetnet"])
+def test_generate_of_a_model_made_under_inference_mode_matches_stock(model_type, fast_loop_on_cpu):
+    # Parameters made under torch.inference_mode are inference tensors (no version counter): a benchmark that copies
+    # its model inside inference_mode made the encoder's fused-projection cache raise.
+    stock = make_seq2seq(model_type)
+    ids, mask = make_batch(*LAYOUTS["right"])
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, num_beams=1)
+    with torch.inference_mode():
+        fast = BetterTransformer.transform(copy.deepcopy(stock))
+        assert next(fast.parameters()).is_inference()
+        assert torch.equal(fast.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+    assert call_counts(fast)["fast generate"] == 1
+
+
 @pytest.mark.parametrize("layout", ["none", "right", "left", "length1", "empty_row"])
 @pytest.mark.parametrize("model_type", sorted(SEQ2SEQ_CONFIGS))
 def test_encoder_outputs_logits_and_generate_match_stock(model_type, layout, fast_loop_on_cpu):

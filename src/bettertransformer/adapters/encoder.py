@@ -284,6 +284,9 @@ class PackedLayer:
         params = [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self._concat(linears)
+        if any(p.is_inference() for p in params):  # made under inference_mode: no version counter to key a cache by
+            with torch.no_grad():
+                return self._concat(linears)
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if self._qkv_cache is None or self._qkv_cache[0] != key:
             with torch.no_grad():
