@@ -6,7 +6,8 @@ Modes (each compares the transformed model under an existing engine with one pro
   batch. Losses (averaged over ranks) equal those of one process training on the whole batch.
 - ``fsdp2``: ``fully_shard`` training of a transformed Llama-style decoder on packed rows; the same comparison.
 - ``tp``: transformers' tensor parallelism (``from_pretrained(..., tp_plan="auto")``) of a saved Llama-style
-  decoder; the transformed model's greedy ``generate`` gives the tokens of the whole model in one process.
+  decoder; the transformed model's greedy ``generate`` (our static-cache loop, each step the model's own sharded
+  forward) gives the tokens of the whole model in one process.
 
 Runs on CUDA GPUs (NCCL), or on the CPU (gloo) where the engine supports it. Exits non-zero on a mismatch.
 Usage: ``torchrun --nproc_per_node 2 tests/distributed_worker.py MODE [CHECKPOINT_DIR]``
@@ -24,6 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bettertransformer import BetterTransformer, call_counts  # noqa: E402
+from bettertransformer.switches import SWITCHES  # noqa: E402
 
 STEPS = 4
 
@@ -134,6 +136,16 @@ def fsdp2(device: torch.device) -> None:
             )
     assert call_counts(model)["fast"] == STEPS, call_counts(model)
     _check("fsdp2", losses, expected, 1e-5 if device.type == "cpu" else 1e-4)
+    # generate on the sharded model: transformers' own loop (FSDP gathers the weights around each forward; our loop's
+    # buffers and steps would hold shards), the trained single-process model's tokens
+    SWITCHES.generate_devices = frozenset({"cuda", "cpu"})
+    ids = torch.tensor([[5, 9, 17, 3]], device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        got, want = model.eval().generate(ids, **kwargs), single.eval().generate(ids, **kwargs)
+    assert call_counts(model)["stock generate"] == 1 and call_counts(model)["fast generate"] == 0, call_counts(model)
+    if not torch.equal(got, want):
+        raise SystemExit(f"fsdp2: generate gave {got.tolist()}, one process {want.tolist()}")
 
 
 def tp(device: torch.device, checkpoint: str) -> None:
@@ -150,7 +162,13 @@ def tp(device: torch.device, checkpoint: str) -> None:
     kwargs = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     expected = whole.generate(ids, **kwargs)
     stock = parallel.generate(ids, **kwargs)
+    try:
+        BetterTransformer.transform(parallel, keep_original_model=True)
+        raise SystemExit("tp: keep_original_model=True copied a sharded model")
+    except ValueError as error:
+        assert "keep_original_model=False" in str(error), error
     fast = BetterTransformer.transform(parallel)
+    SWITCHES.generate_devices = frozenset({"cuda", "cpu"})  # the static-cache loop on the CPU too (gloo runs)
     got = fast.generate(ids, **kwargs)
     if dist.get_rank() == 0:
         print("tp: one process", expected.tolist(), "\ntp: stock tensor-parallel", stock.tolist(), flush=True)

@@ -98,3 +98,12 @@ def is_distributed_tensor(t: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - a torch built without distributed
         return False
     return isinstance(t, DTensor)
+
+
+def is_fsdp_module(module: Any) -> bool:
+    """A module wrapped by FSDP2's ``fully_shard`` (its parameters are gathered by hooks around each forward)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - a torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)

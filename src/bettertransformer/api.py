@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from ._compat import is_distributed_tensor
 from .adapters.sentence_encode import FastEncode, is_sentence_transformer
 from .registry import support_for, supported_model_types
 
@@ -89,6 +90,11 @@ def transform(model: nn.Module, keep_original_model: bool = False) -> nn.Module:
             f"Supported model types: {', '.join(supported_model_types())}"
         )
     if keep_original_model:
+        if any(is_distributed_tensor(p) for p in model.parameters()):
+            raise ValueError(
+                "keep_original_model=True copies the model, and a sharded one (tensor parallelism, FSDP: DTensor "
+                "weights) cannot be copied; transform it in place with keep_original_model=False"
+            )
         model = copy.deepcopy(model)
     patches = []
     try:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .._compat import is_distributed_tensor, repetition_penalty_skips_left_padding
+from .._compat import is_distributed_tensor, is_fsdp_module, repetition_penalty_skips_left_padding
 from ..ops.compile_ahead import compiling_ahead
 from ..ops.sampling import Sampling, advance, next_tokens
 from ..ops.step_buffers import StepBuffers
@@ -242,7 +242,10 @@ class Runner:
         # A prefill that cannot be captured is never tried: a failed capture can leave later captures failing.
         self.prefill_capturable = step is not None and step.prefill_capturable
         self.graph: Any = None
-        self.capturable = True  # False once a capture failed: the steps then run eagerly
+        # False once a capture failed: the steps then run eagerly. A tensor-parallel model (DTensor weights, the
+        # collectives inside its own forward) runs them eagerly from the start: a capture that failed on one rank
+        # only would leave the ranks stepping differently around their collectives.
+        self.capturable = not any(is_distributed_tensor(p) for p in head.parameters())
         self.compiled_ahead = False  # whether its first call's kernels were compiled ahead
         self.signature = inspect.signature(head.forward).parameters
 
@@ -261,7 +264,8 @@ class Runner:
         ids, mask = plan.input_ids, plan.mask
         batch, prompt = ids.shape
         b = self.buffers
-        if not self.compiled_ahead and self.device.type == "cuda":
+        if not self.compiled_ahead and self.device.type == "cuda" and self.capturable:  # (not tensor-parallel: a
+            # dry run failing on one rank only would leave the ranks' collectives out of step)
             self.compiled_ahead = True
             self._compile_ahead(ids, mask)
         logits = self._prefill(ids, mask)
@@ -638,8 +642,8 @@ class FastGenerate:
             return f"a model on {device.type}"
         if any(p.device != device for p in head.parameters()):
             return "a model split across devices or offloaded (its static buffers would live on one device)"
-        if any(is_distributed_tensor(p) for p in head.parameters()):
-            return "a tensor-parallel or sharded model (its static buffers and steps would hold one shard)"
+        if any(is_fsdp_module(m) for m in head.modules()):
+            return "a model sharded by FSDP (its parameters are gathered around each forward)"
         if head.training:
             return "a model in train mode"
         if self.unsupported is not None:
