@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from bettertransformer.ops import fused
 from bettertransformer.ops.attention import attention_with_weights, packed_attention
 from bettertransformer.ops.padding import pack, pack_info, unpack
-from bettertransformer.switches import SWITCHES
+from bettertransformer.switches import SWITCHES, switched
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -453,6 +453,9 @@ def test_launches_inside_compiling_ahead_compile_without_running_on_cuda():
     new = [cache[key] for key in set(cache) - before]
     assert len(new) == 1 and new[0].module is not None  # compiled and loaded on the pool, before any launch ran it
     assert torch.equal(decode_kernels.embed(tokens, None, wte, None), wte[tokens])  # and it runs as usual after
+    with switched(compile_ahead=False), compile_ahead.compiling_ahead(torch.device("cuda")) as ahead:
+        assert not ahead
+        assert torch.equal(decode_kernels.embed(tokens, None, wte, None), wte[tokens])  # launched as usual
 
 
 @cuda

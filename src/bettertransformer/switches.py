@@ -32,6 +32,8 @@ class Switches:
     attention_backend: force one backend of ``ops.attention.packed_attention`` ("triton", "varlen", "dense",
                        "loop"); None picks the fastest exact one per call.
     pdl:               programmatic dependent launch of the decode-step kernels on Hopper and newer.
+    compile_ahead:     ``generate`` compiles a new shape's Triton kernels together, on threads, before its first call
+                       (``ops.compile_ahead``); False compiles each at its first launch.
     generate_devices:  device types on which ``generate`` runs the static-cache loop; elsewhere transformers'
                        generate runs.
     max_graphs:        per transformed model, how many static-cache runners (key/value buffers plus a captured
@@ -44,6 +46,7 @@ class Switches:
     gelu_epilogue: bool = True
     attention_backend: str | None = None
     pdl: bool = True
+    compile_ahead: bool = True
     generate_devices: frozenset[str] = frozenset({"cuda", "cpu"})
     max_graphs: int = 16
     max_graph_bytes: int = 4 << 30

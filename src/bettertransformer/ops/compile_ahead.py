@@ -11,8 +11,8 @@ end waits for every compilation and loads each kernel (building its launcher) on
 the block runs its PyTorch operations on whatever the skipped kernels would have written, so it is used only on
 scratch state: the caller restores what the block wrote (``generation.Runner._capture``).
 
-Where Triton has no asynchronous compile mode the block runs nothing ahead, and kernels compile at their first
-launch as before.
+Where Triton has no asynchronous compile mode, or ``SWITCHES.compile_ahead`` is off, the block runs nothing ahead,
+and kernels compile at their first launch as before.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+
+from ..switches import SWITCHES
 
 try:
     from triton.runtime._async_compile import AsyncCompileMode
@@ -58,7 +60,11 @@ def _load(kernel: Any, device: torch.device) -> None:
 def compiling_ahead(device: torch.device, threads: int | None = None) -> Iterator[bool]:
     """Launches through ``launch`` in this block compile their kernels on ``threads`` threads instead of running;
     on leaving, every one is compiled and loaded. Yields whether it does (False: launches run as usual)."""
-    if not SUPPORTED or device.type != "cuda" or getattr(_local, "compiled", None) is not None:
+    if (
+        not (SUPPORTED and SWITCHES.compile_ahead)
+        or device.type != "cuda"
+        or getattr(_local, "compiled", None) is not None
+    ):
         yield False
         return
     workers = threads or min(16, os.cpu_count() or 1)
