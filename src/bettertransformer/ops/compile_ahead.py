@@ -70,15 +70,14 @@ def compiling_ahead(device: torch.device, threads: int | None = None) -> Iterato
     workers = threads or min(16, os.cpu_count() or 1)
     compiled: list[Any] = []
     with ThreadPoolExecutor(workers, thread_name_prefix="bettertransformer-compile") as pool:
-        try:
-            with AsyncCompileMode(pool):
-                _local.compiled = compiled
-                try:
-                    yield True
-                finally:
-                    _local.compiled = None
-        finally:  # the mode's end waited for every compilation; load them in parallel too, each once (two
-            # threads loading one kernel would both build its launcher)
-            unique = list({id(kernel): kernel for kernel in compiled if kernel is not None}.values())
-            for future in [pool.submit(_load, kernel, device) for kernel in unique]:
-                future.result()
+        with AsyncCompileMode(pool):  # its end waits for every compilation (and raises the first that failed)
+            _local.compiled = compiled
+            try:
+                yield True
+            finally:
+                _local.compiled = None
+        # Reached when the block and every compilation succeeded: load the kernels in parallel too, each once (two
+        # threads loading one kernel would both build its launcher).
+        unique = list({id(kernel): kernel for kernel in compiled if kernel is not None}.values())
+        for future in [pool.submit(_load, kernel, device) for kernel in unique]:
+            future.result()
