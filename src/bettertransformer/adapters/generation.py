@@ -23,13 +23,14 @@ static buffers, dropping the least recently used; its graphs share one memory po
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
 import inspect
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -323,22 +324,32 @@ class Runner:
         """Compile the Triton kernels of this runner's first call (prefill, choice, decode step) together, on
         threads (``ops.compile_ahead``): a dry run of the three, whose launches only start compilations, on state
         the call itself sets again (the prefill writes the key/value buffers afresh) or restored here."""
-        saved = [t.clone() for t in self.buffers.tensors()]
-        seen = self.prefills_seen.copy()
-        rng = torch.cuda.get_rng_state(self.device)
         try:
             with compiling_ahead(self.device) as ahead:
                 if ahead:
-                    self._select(self._prefill(ids, mask))
-                    self._decode_step()
+                    seen = self.prefills_seen.copy()
+                    try:
+                        with self._restored(self.buffers.tensors()):
+                            self._select(self._prefill(ids, mask))
+                            self._decode_step()
+                    finally:
+                        self.prefills_seen = seen
         except DecodeUnsupported:  # the call itself finds this out, and falls back
             pass
         except Exception as error:  # the kernels compile at their first launches instead
             self.log("compile ahead", "compiling the first call's kernels ahead failed (%s)", error)
+
+    @contextlib.contextmanager
+    def _restored(self, tensors: list[torch.Tensor]) -> Iterator[None]:
+        """Run the block on scratch state: ``tensors`` and the device's random state (draws in the block must not
+        shift the user's random stream) are as they were after it, whatever it wrote."""
+        saved = [t.clone() for t in tensors]
+        rng = torch.cuda.get_rng_state(self.device)
+        try:
+            yield
         finally:
-            for tensor, value in zip(self.buffers.tensors(), saved, strict=True):
+            for tensor, value in zip(tensors, saved, strict=True):
                 tensor.copy_(value)
-            self.prefills_seen = seen
             torch.cuda.set_rng_state(rng, self.device)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -460,15 +471,8 @@ class Runner:
     def _capture(self) -> None:
         """Record ``_decode_step`` in a CUDA graph. Warm-up steps run first; ``run`` resets every input after."""
         assert self.state is not None
-        mutable = self.buffers.tensors() + self.state.kv
-        saved = [t.clone() for t in mutable]
-        rng = torch.cuda.get_rng_state(self.device)  # warm-up draws must not shift the user's random stream
-        try:
+        with self._restored(self.buffers.tensors() + self.state.kv):  # what the warm-up steps write
             captured = _Captured(self._decode_step, 2, self.pool, self.log, "decode step")
-        finally:
-            for tensor, value in zip(mutable, saved, strict=True):
-                tensor.copy_(value)
-            torch.cuda.set_rng_state(rng, self.device)
         self.graph = captured.graph
         self.capturable = self.graph is not None
         if not self.capturable:

@@ -9,7 +9,7 @@ Every launch in ``ops`` goes through ``launch``. Inside ``compiling_ahead()`` a 
 compilation of the variant it would run (Triton's asynchronous compile mode, with a thread pool), and the block's
 end waits for every compilation and loads each kernel (building its launcher) on the pool as well. The code inside
 the block runs its PyTorch operations on whatever the skipped kernels would have written, so it is used only on
-scratch state: the caller restores what the block wrote (``generation.Runner._capture``).
+scratch state: the caller restores what the block wrote (``generation.Runner._compile_ahead``).
 
 Where Triton has no asynchronous compile mode, or ``SWITCHES.compile_ahead`` is off, the block runs nothing ahead,
 and kernels compile at their first launch as before.
