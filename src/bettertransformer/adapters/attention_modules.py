@@ -11,8 +11,9 @@ as before and hand the attention to ours, so generate's decode steps reach the s
 
 from __future__ import annotations
 
+import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from .call_state import current_decoder_call
 from .decode_state import DecodeUnsupported
+from .patching import InstanceForward, modules_of_class
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,21 @@ class ModuleAttention:
     fallback: bool = False
     # ALiBi models: module -> (heads,) fp32 slopes; the adapter passes them to the attention as ``alibi_slopes``.
     alibi: Callable[[nn.Module], torch.Tensor] | None = None
+
+
+def route(root: nn.Module, specs: Iterable[ModuleAttention], forward: Callable[..., Any]) -> list[InstanceForward]:
+    """Give every module under ``root`` of each spec's class a forward of ours in place of its ``method``:
+    ``forward(spec, module, stock, *args, **kwargs)``. Raises ``NotImplementedError``, installing nothing, when a
+    spec's class has no module there. The returned patches undo it (``restore``)."""
+    found = [(spec, modules_of_class(root, spec.module_class)) for spec in specs]
+    for spec, modules in found:
+        if not modules:
+            raise NotImplementedError(f"no {spec.module_class} modules in {type(root).__name__}")
+    return [
+        InstanceForward(module, functools.partial(forward, spec, module), spec.method)
+        for spec, modules in found
+        for module in modules
+    ]
 
 
 def _window_bias(query: torch.Tensor, key: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:

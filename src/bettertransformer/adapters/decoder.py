@@ -30,11 +30,11 @@ from torch import nn
 from .._compat import register_attention, set_attention
 from ..ops.padding import PackInfo, gather_rows, pack_info, unpack
 from .attention import ATTENTION_NAME, attention_function, mask_function
-from .attention_modules import ModuleAttention
+from .attention_modules import ModuleAttention, route
 from .call_state import carry_call_state, current_decoder_call, decoder_call, drop_carried_call_state
 from .decode_steps import DecodeStep
 from .generation import FastGenerate
-from .patching import Calls, InstanceForward, LogOnce, bind_arguments, check_requires, modules_of_class
+from .patching import Calls, InstanceForward, LogOnce, bind_arguments, check_requires
 
 # Base-model arguments the packed path handles (any other tensor argument runs the stock forward); Trainer's
 # num_items_in_batch only scales the loss, and passes through.
@@ -114,14 +114,7 @@ class CausalDecoder:
         self._previous_attention = self.config._attn_implementation
         if self.by_module:
             assert self.attention is not None
-            layout = self.attention
-            modules = modules_of_class(self.base, layout.module_class)
-            if not modules:
-                raise NotImplementedError(f"{self.config.model_type}: no {layout.module_class} modules found")
-            self._patches = [
-                InstanceForward(module, functools.partial(self._module_forward, module), layout.method)
-                for module in modules
-            ]
+            self._patches = route(self.base, (self.attention,), self._module_forward)
             # The name only selects masks for these models (their modules are ours now): mask_function gives
             # the stock implementation's mask to ordinary calls and none to packed calls and decode steps.
             self.config._attn_implementation = ATTENTION_NAME
@@ -148,11 +141,11 @@ class CausalDecoder:
         self._alibi.clear()
         self.config._attn_implementation = self._previous_attention
 
-    def _module_forward(self, module: nn.Module, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+    def _module_forward(
+        self, layout: ModuleAttention, module: nn.Module, stock: Callable, *args: Any, **kwargs: Any
+    ) -> Any:
         """An attention module's forward (models without the interface): ours, handing the attention to
         ``attention_function`` (with the module's ALiBi slopes where it has them)."""
-        layout = self.attention
-        assert layout is not None
         attention: Callable[..., Any] = attention_function
         if layout.alibi is not None:
             attention = functools.partial(attention_function, alibi_slopes=self._slopes(module, layout.alibi))

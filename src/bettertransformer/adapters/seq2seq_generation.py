@@ -33,7 +33,6 @@ loop for the call's mode runs, with the same arguments.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,11 +40,11 @@ import torch
 
 from .._compat import set_attention
 from .attention import ATTENTION_NAME, attention_function
-from .attention_modules import ModuleAttention
+from .attention_modules import ModuleAttention, route
 from .call_state import decoding
 from .decode_state import DecodeState, DecodeUnsupported
 from .generation import FastGenerate, Runner, _Plan
-from .patching import Calls, InstanceForward, modules_of_class
+from .patching import Calls, InstanceForward
 
 
 def _tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -236,15 +235,7 @@ class Seq2SeqGenerate(FastGenerate):
         implementation is the user's choice, and its ``generate`` calls then run stock (``_model_problem``). A
         decoder without it gets our forwards on the modules ``routed`` names."""
         if self.routed:
-            found = [(spec, modules_of_class(self._decoder, spec.module_class)) for spec in self.routed]
-            for spec, modules in found:
-                if not modules:
-                    raise NotImplementedError(f"no {spec.module_class} modules in {type(self._decoder).__name__}")
-            self._module_patches = [
-                InstanceForward(m, functools.partial(_routed_forward, spec, m), spec.method)
-                for spec, modules in found
-                for m in modules
-            ]
+            self._module_patches = route(self._decoder, self.routed, _routed_forward)
         else:
             self._previous_attention = self._decoder.config._attn_implementation
             if self._previous_attention == "sdpa":
