@@ -11,13 +11,13 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-empty-")  # before Triton is imported
 
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decoder_gpu import wall_ms  # noqa: E402
 from llama_decode_gpu import prompts, shapes  # noqa: E402
 
 
@@ -35,16 +35,10 @@ def main() -> None:
     model = BetterTransformer.transform(model, keep_original_model=False)
     ids, mask = prompts(1, 16, 0, config.vocab_size)
     kwargs = dict(attention_mask=mask, max_new_tokens=128, min_new_tokens=128, pad_token_id=0)
-    times = []
-    for _ in range(2):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(ids, **kwargs)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    first, second = (wall_ms(lambda: model.generate(ids, **kwargs)) / 1e3 for _ in range(2))
     print(
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.shape}: first generate with an empty "
-        f"Triton cache {times[0]:.2f} s, second {times[1]:.3f} s"
+        f"Triton cache {first:.2f} s, second {second:.3f} s"
     )
 
 
