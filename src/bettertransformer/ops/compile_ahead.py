@@ -21,7 +21,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -35,49 +35,70 @@ try:
 except ImportError:  # CPU-only installs, Triton before 3.5
     SUPPORTED = False
 
-_local = threading.local()  # .compiled: the kernels started in this thread's compiling_ahead block, or None
+_local = threading.local()  # .ahead: this thread's compiling_ahead block (an _Ahead), or None
+
+
+class _Ahead:
+    """The kernels one ``compiling_ahead`` block started: each is loaded (its launcher built) on ``loader`` as soon
+    as its compilation ends, so launcher builds overlap the compilations still running."""
+
+    def __init__(self, device: torch.device, loader: ThreadPoolExecutor):
+        self.device, self.loader = device, loader
+        self.seen: set[int] = set()
+        self.loads: list[Future] = []
+
+    def started(self, kernel: Any) -> None:
+        # A FutureKernel's own compile future (taken now: its result() clears it once finalised), or the kernel
+        # itself when Triton had it compiled already.
+        target = getattr(kernel, "future", None) or kernel
+        if kernel is not None and id(target) not in self.seen:
+            self.seen.add(id(target))
+            self.loads.append(self.loader.submit(_load, target, self.device))
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """``kernel[grid](*args, **kwargs)``, or inside ``compiling_ahead`` the start of its compilation only."""
-    compiled = getattr(_local, "compiled", None)
-    if compiled is None:
+    ahead = getattr(_local, "ahead", None)
+    if ahead is None:
         kernel[grid](*args, **kwargs)
     else:
-        compiled.append(kernel.warmup(*args, grid=grid, **kwargs))
+        ahead.started(kernel.warmup(*args, grid=grid, **kwargs))
 
 
-def _load(kernel: Any, device: torch.device) -> None:
-    """Load a compiled kernel onto ``device`` and build its launcher (what its first launch would do)."""
-    with torch.cuda.device(device):
-        kernel = kernel.result() if hasattr(kernel, "result") else kernel
-        init = getattr(kernel, "_init_handles", None)
-        if init is not None:
+def _load(target: Any, device: torch.device) -> None:
+    """Wait for a kernel's compilation (``target``: its compile future, or the compiled kernel), then load it onto
+    ``device`` and build its launcher, as its first launch would."""
+    kernel = target.result() if isinstance(target, Future) else target
+    init = getattr(kernel, "_init_handles", None)
+    if init is not None:
+        with torch.cuda.device(device):
             init()
 
 
 @contextlib.contextmanager
 def compiling_ahead(device: torch.device, threads: int | None = None) -> Iterator[bool]:
     """Launches through ``launch`` in this block compile their kernels on ``threads`` threads instead of running;
-    on leaving, every one is compiled and loaded. Yields whether it does (False: launches run as usual)."""
+    each kernel is loaded as its compilation ends, and on leaving every one is compiled and loaded. Yields whether
+    it does (False: launches run as usual)."""
     if (
         not (SUPPORTED and SWITCHES.compile_ahead)
         or device.type != "cuda"
-        or getattr(_local, "compiled", None) is not None
+        or getattr(_local, "ahead", None) is not None
     ):
         yield False
         return
     workers = threads or min(16, os.cpu_count() or 1)
-    compiled: list[Any] = []
-    with ThreadPoolExecutor(workers, thread_name_prefix="bettertransformer-compile") as pool:
-        with AsyncCompileMode(pool):  # its end waits for every compilation (and raises the first that failed)
-            _local.compiled = compiled
+    # Two pools: a load waits on its compilation, so loads sharing the compilers' threads could hold every one.
+    with (
+        ThreadPoolExecutor(workers, thread_name_prefix="bettertransformer-compile") as compilers,
+        ThreadPoolExecutor(workers, thread_name_prefix="bettertransformer-load") as loader,
+    ):
+        ahead = _Ahead(device, loader)
+        with AsyncCompileMode(compilers):  # its end waits for every compilation (and raises the first that failed)
+            _local.ahead = ahead
             try:
                 yield True
             finally:
-                _local.compiled = None
-        # Reached when the block and every compilation succeeded: load the kernels in parallel too, each once (two
-        # threads loading one kernel would both build its launcher).
-        unique = list({id(kernel): kernel for kernel in compiled if kernel is not None}.values())
-        for future in [pool.submit(_load, kernel, device) for kernel in unique]:
-            future.result()
+                _local.ahead = None
+        for load in ahead.loads:
+            load.result()
