@@ -6,8 +6,9 @@ the other spent ~7 s before its first token (TinyLlama, an empty Triton cache, H
 waiting on subprocesses (ptxas, the C compiler) and in native code, so the variants compile in parallel on threads.
 
 Every launch in ``ops`` goes through ``launch``. Inside ``compiling_ahead()`` a launch does not run: it starts the
-compilation of the variant it would run (Triton's asynchronous compile mode, with a thread pool), and the block's
-end waits for every compilation and loads each kernel (building its launcher) on the pool as well. The code inside
+compilation of the variant it would run (Triton's asynchronous compile mode, with a thread pool). Each kernel is
+loaded (its launcher built) on a second pool as soon as its own compilation ends, and the block's end waits for
+every compilation and every load. The code inside
 the block runs its PyTorch operations on whatever the skipped kernels would have written, so it is used only on
 scratch state: the caller restores what the block wrote (``generation.Runner._compile_ahead``).
 
