@@ -290,3 +290,16 @@ def test_readme_supported_models_table_is_current():
     start = readme.index("\n", start) + 1
     end = readme.index("<!-- supported-models:end -->")
     assert readme[start:end].strip() == supported_models_markdown(), "regenerate the README table"
+
+
+def test_readme_switches_section_names_every_switch():
+    import dataclasses
+    from pathlib import Path
+
+    from bettertransformer.switches import Switches
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Switches") :]
+    section = section[: section.index("\n#", 1)]
+    missing = [f.name for f in dataclasses.fields(Switches) if f"`{f.name}`" not in section]
+    assert not missing, f"README's Switches section does not name {missing}"
