@@ -243,10 +243,11 @@ class Runner:
         # A prefill that cannot be captured is never tried: a failed capture can leave later captures failing.
         self.prefill_capturable = step is not None and step.prefill_capturable
         self.graph: Any = None
-        # False once a capture failed: the steps then run eagerly. A tensor-parallel model (DTensor weights, the
-        # collectives inside its own forward) runs them eagerly from the start: a capture that failed on one rank
-        # only would leave the ranks stepping differently around their collectives.
-        self.capturable = not any(is_distributed_tensor(p) for p in head.parameters())
+        # A tensor-parallel model (DTensor weights, the collectives inside its own forward) steps eagerly from the
+        # start and compiles nothing ahead: a capture or a dry run that failed on one rank only would leave the
+        # ranks stepping differently around their collectives.
+        self.sharded = any(is_distributed_tensor(p) for p in head.parameters())
+        self.capturable = not self.sharded  # False once a capture failed: the steps then run eagerly
         self.compiled_ahead = False  # whether its first call's kernels were compiled ahead
         self.signature = inspect.signature(head.forward).parameters
 
@@ -265,8 +266,7 @@ class Runner:
         ids, mask = plan.input_ids, plan.mask
         batch, prompt = ids.shape
         b = self.buffers
-        if not self.compiled_ahead and self.device.type == "cuda" and self.capturable:  # (not tensor-parallel: a
-            # dry run failing on one rank only would leave the ranks' collectives out of step)
+        if not self.compiled_ahead and self.device.type == "cuda" and not self.sharded:
             self.compiled_ahead = True
             self._compile_ahead(ids, mask)
         logits = self._prefill(ids, mask)
