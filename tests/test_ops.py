@@ -593,8 +593,8 @@ def test_llama_decode_kernels_match_the_reference_path_on_cuda(batch, monkeypatc
 @pytest.mark.cuda
 @pytest.mark.parametrize("rows", [2, 16])
 def test_decode_linear_normalises_many_rows_over_several_chunks_on_cuda(rows):
-    """More than one row and a norm over more columns than one chunk: the rows' statistics come from a kernel of
-    their own (``_row_stats_kernel``); RMSNorm and LayerNorm against the float64 reference path."""
+    """More than one row and a norm over more columns than one chunk: the rows are normalised by a kernel of their
+    own (``_norm_rows_kernel``) before the product; RMSNorm and LayerNorm against the float64 reference path."""
     from bettertransformer.ops import decode, decode_kernels
 
     gen = torch.Generator().manual_seed(0)

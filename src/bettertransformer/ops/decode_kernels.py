@@ -154,7 +154,7 @@ if AVAILABLE:
 
     @triton.jit
     def _linear_kernel(
-        X, W, B, W2, B2, W3, B3, Y, R, NW, NB, PEN, KV, SLOT, PV, PI, STATS,
+        X, W, B, W2, B2, W3, B3, Y, R, NW, NB, PEN, KV, SLOT, PV, PI,
         M, N, K, n1, n2, stride_xm, stride_wk, stride_wn, stride_ym, stride_rm, eps, norm_offset, softcap, out_scale,
         out_divide,
         split, kv_width, stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, stride_pm,
@@ -162,7 +162,7 @@ if AVAILABLE:
         GATED: tl.constexpr, SEGMENTS: tl.constexpr, SOFTCAP: tl.constexpr, RESIDUAL: tl.constexpr,
         KV_WRITE: tl.constexpr, ARGMAX: tl.constexpr, HAS_PEN: tl.constexpr, STORE_Y: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        ONE_CHUNK: tl.constexpr, STATS_IN: tl.constexpr, PDL: tl.constexpr,
+        ONE_CHUNK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         # act(norm(X) @ W + B) for M <= BLOCK_M rows; one program streams a BLOCK_N-wide slab of W, its first
         # BLOCK_K rows (all of it when ONE_CHUNK: K <= BLOCK_K) before waiting on the previous kernel. The product is
@@ -240,10 +240,7 @@ if AVAILABLE:
         else:
             mean = tl.zeros((BLOCK_M,), tl.float32)
             rstd = tl.zeros((BLOCK_M,), tl.float32)
-            if STATS_IN:  # the rows' statistics, computed by ``_row_stats_kernel`` before this kernel
-                mean = tl.load(STATS + rows * 2, mask=rows < M, other=0.0)
-                rstd = tl.load(STATS + rows * 2 + 1, mask=rows < M, other=0.0)
-            elif NORM != 0:  # statistics in fp32 over the row chunks (LayerNorm: two passes, variance about the mean)
+            if NORM != 0:  # statistics in fp32 over the row chunks (LayerNorm: two passes, variance about the mean)
                 if NORM == 1:
                     total = tl.zeros((BLOCK_M,), tl.float32)
                     for k0 in range(0, K, BLOCK_K):
@@ -353,20 +350,26 @@ if AVAILABLE:
         tl.store(X + row * E + cols, a.to(X.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _row_stats_kernel(X, STATS, K, stride_xm, eps, LAYER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        # (mean, rstd) in fp32 of one row of X per program, as ``_linear_kernel`` computes them: mean 0 unless LAYER
-        # (LayerNorm), variance about the mean.
+    def _norm_rows_kernel(X, NW, NB, Y, K, stride_xm, eps, offset, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr,
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        # One row of X per program, normalised as ``_linear_kernel``'s prologue normalises it (statistics in fp32,
+        # mean 0 unless NORM == 1 (LayerNorm), variance about the mean), into Y (contiguous) in Y's dtype.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
-        inside = cols < K
+        inside = (cols < K)[None, :]
+        nw = tl.load(NW + cols, mask=cols < K, other=0.0).to(tl.float32)
+        nb = nw
+        if NORM == 1:
+            nb = tl.load(NB + cols, mask=cols < K, other=0.0).to(tl.float32)
         _wait_for_previous(PDL)
-        x = tl.load(X + row * stride_xm + cols, mask=inside, other=0.0).to(tl.float32)
-        mean = 0.0
-        if LAYER:
-            mean = tl.sum(x, axis=0) / K
-        d = tl.where(inside, x - mean, 0.0)
-        tl.store(STATS + row * 2, mean)
-        tl.store(STATS + row * 2 + 1, 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / K + eps))
+        x = tl.load(X + row * stride_xm + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        mean = tl.zeros((1,), tl.float32)
+        if NORM == 1:
+            mean = tl.sum(x, axis=1) / K
+        d = tl.where(inside, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
+        y = _normalize(x, nw, nb, mean, rstd, inside, offset, NORM, ROUND_FIRST, Y.dtype.element_ty)
+        tl.store(Y + row * K + cols[None, :], y.to(Y.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _add_norm_kernel(X, T, NW, E, eps, offset, ROUND_FIRST: tl.constexpr, BLOCK: tl.constexpr,
@@ -794,24 +797,26 @@ def linear(
         for t in (weight, bias, second[0], second[1], third[0], third[1])
     ]  # fmt: skip
     pdl = _pdl(x)
-    stats = None
     if kind != 0 and m > 1 and k > block_k:
-        # Several rows normalised over several chunks: their statistics from one small kernel first (each program
-        # summing 16 rows chunk by chunk took longer than the product: 18.9 against 6.7 us, TinyLlama's q|k|v, H200)
-        stats = x.new_empty(m, 2, dtype=torch.float32)
-        launch(_row_stats_kernel, (m,),
-            x, stats, k, x.stride(0), eps, LAYER=kind == 1, BLOCK=triton.next_power_of_2(k), **pdl
+        # Several rows normalised over several chunks: normalised by a small kernel first, the product then plain.
+        # Each program normalising its 16 rows chunk by chunk inside the product's loop was more than twice as slow
+        # (TinyLlama's q|k|v at 16 rows: 16.1 us, with statistics from a kernel before; 8.0 now, H200).
+        normed = x.new_empty(m, k, dtype=weight.dtype)
+        launch(_norm_rows_kernel, (m,),
+            x, nw, nb, normed, k, x.stride(0), eps, offset, NORM=kind, ROUND_FIRST=round_first,
+            BLOCK=triton.next_power_of_2(k), **pdl,
         )  # fmt: skip
+        x, kind = normed, 0
     launch(_linear_kernel, (programs,),
         x, *pointers, y, r, nw, nb, eos_penalty if eos_penalty is not None else x,
-        kv_args[0], kv_args[1], partial_values, partial_index, stats if stats is not None else x, m, n, k, widths[0],
+        kv_args[0], kv_args[1], partial_values, partial_index, m, n, k, widths[0],
         sum(widths[:2]), x.stride(0), stride_wk, stride_wn, y.stride(0), r.stride(0), eps, offset, softcap or 1.0,
         scale, divide, *kv_args[2:], programs,
         HAS_BIAS=bias is not None, NORM=kind, ROUND_FIRST=round_first,
         ACT=_ACTIVATIONS["gelu_tanh" if gelu_tanh else act], GATED=up is not None, SEGMENTS=len(matrices),
         SOFTCAP=softcap is not None, RESIDUAL=residual is not None, KV_WRITE=kv is not None, ARGMAX=argmax,
         HAS_PEN=eos_penalty is not None, STORE_Y=store_y, HEAD_DIM=max(head_dim, 1), BLOCK_M=1 if m == 1 else MAX_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, ONE_CHUNK=k <= block_k, STATS_IN=stats is not None, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, ONE_CHUNK=k <= block_k, num_warps=warps,
         num_stages=2 if n >= 16384 else 4, **pdl,
     )  # fmt: skip
     if residual is not None:
