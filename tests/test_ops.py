@@ -615,6 +615,37 @@ def test_decode_linear_normalises_many_rows_over_several_chunks_on_cuda(rows):
 
 @cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_rope_attention_kernel_splits_with_a_window_on_cuda(splits):
+    """The kernel's cache slices (``splits``) with a sliding window that starts inside the slices: a slice wholly
+    before the window attends to nothing (its first tile, read before the kernel waits, is masked), and no slice
+    counts another's slots."""
+    from bettertransformer.ops import decode, decode_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, batch, slots = 8, 2, 64, 3, 300
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=gen)
+    kv = torch.randn(2, batch, kv_heads, slots, dim, generator=gen)
+    mask = torch.zeros(batch, slots)
+    mask[1, :40] = float("-inf")
+    slot, positions = torch.tensor([250]), torch.tensor([250, 210, 100])
+    rotary = decode.Rotary(1.0 / 10000 ** (torch.arange(0, dim // 2, 2) / (dim // 2)))
+    for window, softcap in ((None, None), (64, 30.0), (200, None)):
+        cache = kv.double()
+        expected = decode.rope_attention(
+            qkv.double(), cache, mask.double(), slot, positions, heads=heads, scale=dim**-0.5, rotary=rotary,
+            window=window, softcap=softcap,
+        )  # fmt: skip
+        got = decode_kernels.rope_attention(
+            qkv.cuda().half(), kv.cuda().half(), mask.cuda().half(), slot.cuda(), positions.cuda(), heads=heads,
+            scale=dim**-0.5, rotary=decode.Rotary(rotary.inv_freq.cuda()), window=window, softcap=softcap, block_s=64,
+            warps=2, splits=splits,
+        )  # fmt: skip
+        assert (got.double().cpu() - expected).abs().max().item() < 1e-2, window
+
+
+@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("heads, kv_heads, dim", [(32, 4, 64), (16, 8, 128), (8, 8, 64)])
 def test_rope_attention_over_a_long_cache_on_cuda(heads, kv_heads, dim):
     """The rotary decode attention kernel over a cache of several tiles split across programs, at one row and at

@@ -431,6 +431,36 @@ if AVAILABLE:
         return 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / width + eps)
 
     @triton.jit
+    def _cache_tile(k_row, v_row, mask_row, s0, stop, d, dm, stride_ks, stride_vs, BLOCK_S: tl.constexpr):
+        # Keys, values and mask of cache slots s0 .. s0 + BLOCK_S, those from ``stop`` on masked (zero keys and
+        # values, mask -inf): past the current slot (not written yet) or past this program's slice of the cache.
+        ss = s0 + tl.arange(0, BLOCK_S)
+        inside = ss < stop
+        k = tl.load(k_row + ss[:, None] * stride_ks + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
+        v = tl.load(v_row + ss[:, None] * stride_vs + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
+        mask = tl.load(mask_row + ss, mask=inside, other=float("-inf")).to(tl.float32)
+        return k, v, mask, ss
+
+    @triton.jit
+    def _attend_tile(m_i, l_i, acc, k, v, mask, ss, slot, q, kn, vn, window, softcap, WINDOW: tl.constexpr,
+                     SOFTCAP: tl.constexpr):  # fmt: skip
+        # One online-softmax update of a query q over a tile of the cache (keys k, values v, additive mask at slots
+        # ss); the current slot's key and value come from kn, vn (registers), not from the cache.
+        new = (ss == slot)[:, None]
+        scores = tl.sum(tl.where(new, kn[None, :], k.to(tl.float32)) * q[None, :], axis=1)
+        if SOFTCAP:
+            scores = _tanh(scores / softcap) * softcap
+        scores += mask
+        if WINDOW:
+            scores = tl.where(ss > slot - window, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        p = tl.exp(scores - m_new)
+        alpha = tl.exp(m_i - m_new)
+        acc = acc * alpha + tl.sum(p[:, None] * tl.where(new, vn[None, :], v.to(tl.float32)), axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _rope_attention_kernel(
         QKV, K, V, MASK, SLOT, POS, FREQ, QN, KN, OUT, PART_O, PART_ML,
         S, stride_qkv, q_width, k_width, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
@@ -467,6 +497,13 @@ if AVAILABLE:
             v = tl.load(v_row + ss[:, None] * stride_vs + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
             mask = tl.load(MASK + b * stride_mb + ss, mask=inside, other=float("-inf")).to(tl.float32)
         slot = tl.load(SLOT)
+        if not ONE_BLOCK:  # this program's slice of the cache, and its first tile read before the wait
+            start = split.to(tl.int64) * chunk  # int64 as the slot is: the tile loop below carries it
+            stop = tl.minimum(tl.minimum(start + chunk, S), slot + 1)
+            if WINDOW:
+                start = tl.maximum(start, tl.maximum(slot - window + 1, 0) // BLOCK_S * BLOCK_S)
+            k, v, mask, ss = _cache_tile(k_row, v_row, MASK + b * stride_mb, start, stop, d, dm, stride_ks, stride_vs,
+                                         BLOCK_S)  # fmt: skip
         _wait_for_previous(PDL)
         row = QKV + b * stride_qkv
         pos = tl.load(POS + b).to(tl.float32)
@@ -511,29 +548,14 @@ if AVAILABLE:
             m_i = -1.0e30
             l_i = 0.0
             acc = tl.zeros((BLOCK_D,), tl.float32)
-            start = split * chunk
-            stop = tl.minimum(tl.minimum(start + chunk, S), slot + 1)
-            if WINDOW:
-                start = tl.maximum(start, tl.maximum(slot - window + 1, 0) // BLOCK_S * BLOCK_S)
-            for s0 in range(start, stop, BLOCK_S):
-                ss = s0 + tl.arange(0, BLOCK_S)
-                inside = (ss < S) & (ss <= slot)  # the slots written so far
-                k = tl.load(k_row + ss[:, None] * stride_ks + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
-                v = tl.load(v_row + ss[:, None] * stride_vs + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
-                mask = tl.load(MASK + b * stride_mb + ss, mask=inside, other=float("-inf")).to(tl.float32)
-                new = (ss == slot)[:, None]
-                scores = tl.sum(tl.where(new, kn[None, :], k.to(tl.float32)) * q[None, :], axis=1)
-                if SOFTCAP:
-                    scores = _tanh(scores / softcap) * softcap
-                scores += mask
-                if WINDOW:
-                    scores = tl.where(ss > slot - window, scores, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-                p = tl.exp(scores - m_new)
-                alpha = tl.exp(m_i - m_new)
-                acc = acc * alpha + tl.sum(p[:, None] * tl.where(new, vn[None, :], v.to(tl.float32)), axis=0)
-                l_i = l_i * alpha + tl.sum(p, axis=0)
-                m_i = m_new
+            # The first tile (read before the wait; all masked when the slice holds no slot to attend), then the rest.
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, k, v, mask, ss, slot, q, kn, vn, window, softcap, WINDOW,
+                                         SOFTCAP)  # fmt: skip
+            for s0 in range(start + BLOCK_S, stop, BLOCK_S):
+                k, v, mask, ss = _cache_tile(k_row, v_row, MASK + b * stride_mb, s0, stop, d, dm, stride_ks,
+                                             stride_vs, BLOCK_S)  # fmt: skip
+                m_i, l_i, acc = _attend_tile(m_i, l_i, acc, k, v, mask, ss, slot, q, kn, vn, window, softcap, WINDOW,
+                                             SOFTCAP)  # fmt: skip
             if SPLITS > 1:
                 part = (b * tl.num_programs(1) + h) * SPLITS + split
                 tl.store(PART_O + part * BLOCK_D + d, acc)
