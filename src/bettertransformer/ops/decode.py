@@ -293,10 +293,13 @@ def rope_attention(
         # slower: TinyLlama 1,019 against 1,112 tok/s at one row, 10,434 against 11,082 at 16.)
         block_s = max(16, min(1 << (slots - 1).bit_length(), 128 if block_d <= 128 else 32))
         warps = 2 if block_d <= 64 else 4 if block_d <= 128 else 8
-        # Split the cache until there are about two programs per SM (132 on an H100/H200), each over >= 1 tile
-        # (TinyLlama, one row, 144 slots: 4.0 us in two splits, against 5.0 in one).
+        # Split the cache until there are about two programs per SM (132 on an H100/H200), each over >= 1 tile,
+        # unless it is two tiles or fewer: two splits of one tile lose more to the merge kernel than they gain (H200,
+        # one row, 148 slots in tiles of 128, whole step replayed: TinyLlama 756 us per step unsplit against 795,
+        # Qwen3 1.7B 1,240 against 1,306). Gemma 2's five tiles of 32 gain from eight splits (2,048 us per step;
+        # 2,143 in four).
         splits = 1
-        while batch * heads * splits < 256 and slots > block_s * splits and splits < 64:
+        while batch * heads * splits < 256 and slots > block_s * max(splits, 2) and splits < 64:
             splits *= 2
         return decode_kernels.rope_attention(
             qkv, kv, mask, slot, positions, heads=heads, scale=scale, rotary=rotary, qk_norm=qk_norm, window=window,
