@@ -9,7 +9,7 @@ NEWEST_TRANSFORMERS ?= $(shell $(PYTHON) -m pip index versions transformers 2>/d
 	"import sys, re; v = re.findall(r'\b5\.\d+\.\d+\b', sys.stdin.read().partition('versions:')[2]); print(v[0] if v else '5.24.0')")
 OLDEST_TRANSFORMERS ?= 5.17.0
 
-.PHONY: demo test test-newest test-oldest lint wheel-check bench-cpu bench-gpu readme-table clean FORCE
+.PHONY: demo test test-newest test-oldest kernel-check lint wheel-check bench-cpu bench-gpu readme-table clean FORCE
 
 # One virtual environment per transformers release (.venv-<version>). It records the torch it was built with, so
 # a different TORCH_SPEC (or a changed pyproject.toml) rebuilds it.
@@ -34,6 +34,18 @@ test-newest: .venv-$(NEWEST_TRANSFORMERS)/ready
 
 test-oldest: .venv-$(OLDEST_TRANSFORMERS)/ready
 	.venv-$(OLDEST_TRANSFORMERS)/bin/python -m pytest -q
+
+# Our Triton kernels without a GPU: Triton's interpreter runs them on CPU tensors with numpy, and the tests marked
+# `kernels` compare them with the float64 reference path (on a CUDA machine the same tests run on the GPU).
+TRITON_SPEC ?= triton==3.9.0
+.venv-kernels/ready: pyproject.toml .venv-kernels/torch-spec
+	$(PYTHON) -m venv .venv-kernels
+	.venv-kernels/bin/pip install -q --disable-pip-version-check "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	.venv-kernels/bin/pip install -q --disable-pip-version-check "transformers==$(NEWEST_TRANSFORMERS)" -e ".[test]"
+	touch $@
+
+kernel-check: .venv-kernels/ready
+	TRITON_INTERPRET=1 .venv-kernels/bin/python -m pytest -q -m kernels tests/test_ops.py
 
 RUFF ?= ruff==0.14.0
 MYPY ?= mypy==2.4.1

@@ -603,8 +603,9 @@ if AVAILABLE:
         tl.store(OUT + rows * stride_out + step, chosen, mask=inb)
         tl.store(TOK + rows, chosen, mask=inb)
         tl.store(POS + rows, tl.load(POS + rows, mask=inb) + 1, mask=inb)
-        tl.store(VALID + rows * S + slot, tl.full((BLOCK_B,), 1, tl.int1), mask=inb & (slot < S))
-        tl.store(MASK + rows * S + slot, tl.zeros((BLOCK_B,), MASK.dtype.element_ty), mask=inb & (slot < S))
+        live = rows < tl.where(slot < S, B, 0)  # the batch's rows, while the new slot lies in the cache
+        tl.store(VALID + rows * S + slot, tl.full((BLOCK_B,), 1, tl.int1), mask=live)
+        tl.store(MASK + rows * S + slot, tl.zeros((BLOCK_B,), MASK.dtype.element_ty), mask=live)
         tl.store(STEP, step + 1)
         tl.store(SLOT, slot)
         if HAS_BAN:

@@ -6,6 +6,8 @@ norm reads one and writes one, GELU rewrites its input in place. Statistics are 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -15,6 +17,10 @@ try:
     AVAILABLE = True
 except ImportError:  # CPU-only installs
     AVAILABLE = False
+
+# Triton's interpreter (TRITON_INTERPRET=1, read when the kernels are defined) runs the kernels on CPU tensors with
+# numpy: slow, but it checks their results without a GPU (``make kernel-check``).
+INTERPRETED = AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if AVAILABLE:
