@@ -36,16 +36,22 @@ test-oldest: .venv-$(OLDEST_TRANSFORMERS)/ready
 	.venv-$(OLDEST_TRANSFORMERS)/bin/python -m pytest -q
 
 # Our Triton kernels without a GPU: Triton's interpreter runs them on CPU tensors with numpy, and the tests marked
-# `kernels` compare them with the float64 reference path (on a CUDA machine the same tests run on the GPU).
+# `kernels` compare them with the float64 reference path (on a CUDA machine the same tests run on the GPU). The
+# variants they launch are also compiled for sm_90 by the Triton the GPU machine has (GPU_TRITON_SPEC, installed
+# apart: its interpreter is older than TRITON_SPEC's).
 TRITON_SPEC ?= triton==3.9.0
+GPU_TRITON_SPEC ?= triton==3.6.0
 .venv-kernels/ready: pyproject.toml .venv-kernels/torch-spec
 	$(PYTHON) -m venv .venv-kernels
 	.venv-kernels/bin/pip install -q --disable-pip-version-check "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	.venv-kernels/bin/pip install -q --disable-pip-version-check "transformers==$(NEWEST_TRANSFORMERS)" -e ".[test]"
+	.venv-kernels/bin/pip install -q --disable-pip-version-check --no-deps --target .venv-kernels/gpu-triton \
+		"$(GPU_TRITON_SPEC)"
 	touch $@
 
 kernel-check: .venv-kernels/ready
-	TRITON_INTERPRET=1 .venv-kernels/bin/python -m pytest -q -m kernels tests/test_ops.py
+	TRITON_INTERPRET=1 BT_COMPILE_TRITON=$(CURDIR)/.venv-kernels/gpu-triton \
+		.venv-kernels/bin/python -m pytest -q -m kernels tests/test_ops.py
 
 RUFF ?= ruff==0.14.0
 MYPY ?= mypy==2.4.1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -703,3 +705,59 @@ def test_rope_attention_over_a_long_cache(heads, kv_heads, dim):
             got, cache = run(KERNELS, torch.float16, window, softcap, qk_norm, rows)
             assert (cache - expected_cache).abs().max().item() < 1e-2
             assert (got - expected).abs().max().item() < 1e-2
+
+
+_TRITON_TYPES = {
+    torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64", torch.int32: "*i32",
+    torch.bool: "*i1",
+}  # fmt: skip
+
+
+def _triton_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return _TRITON_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i64" if abs(value) >= 2**31 else "i32"
+    return "fp32"
+
+
+@pytest.mark.kernels
+@pytest.mark.skipif(not triton_kernels.INTERPRETED, reason="without the interpreter the kernels compile as they run")
+def test_decode_kernels_compile_for_hopper(monkeypatch):
+    """The decode-kernel variants the tests above launch under the interpreter also compile for an H100/H200
+    (sm_90), with the Triton the GPU machine has when ``make kernel-check`` provides it (``BT_COMPILE_TRITON``). The
+    interpreter runs the kernels as Python and misses what only the compiler checks (a loop-carried value whose type
+    changes in the loop)."""
+    from bettertransformer.ops import decode_kernels
+
+    launches = {}
+    launch = decode_kernels.launch
+
+    def record(kernel, grid, *args, **kwargs):
+        names = kernel.fn.__code__.co_varnames[: kernel.fn.__code__.co_argcount]
+        constexprs = {k: v for k, v in kwargs.items() if k in names}
+        runtime = [name for name in names if name not in constexprs]
+        entry = dict(
+            kernel=kernel.fn.__name__, signature={n: _triton_type(a) for n, a in zip(runtime, args, strict=True)},
+            constexprs=constexprs, options={k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")},
+        )  # fmt: skip
+        launches[json.dumps(entry, sort_keys=True)] = entry
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(decode_kernels, "launch", record)
+    for batch in (1, 4):
+        _run_llama_decode_ops(KERNELS, torch.float16, batch)
+        _run_decode_ops(KERNELS, torch.float16, batch)
+    test_rope_attention_kernel_splits_with_a_window(2)
+    test_decode_linear_normalises_many_rows_over_several_chunks(16)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if os.environ.get("BT_COMPILE_TRITON"):  # the GPU machine's Triton, installed apart
+        env["PYTHONPATH"] = os.pathsep.join([os.environ["BT_COMPILE_TRITON"], env.get("PYTHONPATH", "")])
+    script = os.path.join(os.path.dirname(__file__), "compile_for_gpu.py")
+    done = subprocess.run(
+        [sys.executable, script], input=json.dumps(list(launches.values())), text=True, env=env, capture_output=True
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"compiled {len(launches)} variants" in done.stdout
