@@ -281,8 +281,6 @@ def test_varlen_backend_with_dropout_on_cuda(causal):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_kernels_match_torch(dtype):
     """LayerNorm + residual and GELU against fp32 PyTorch: within one unit in the last place of the output dtype."""
-    from bettertransformer.ops import triton_kernels
-
     assert triton_kernels.AVAILABLE
     ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7  # relative spacing of the dtype's numbers
     x, r = (torch.randn(1000, 768, device=KERNELS, dtype=dtype) for _ in range(2))

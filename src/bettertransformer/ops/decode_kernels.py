@@ -120,6 +120,18 @@ if AVAILABLE:
         return tl.where(inside, y, 0.0)
 
     @triton.jit
+    def _normalize_whole(x, nw, nb, inside, K, eps, offset, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr, DTYPE,
+                         ROWS: tl.constexpr):  # fmt: skip
+        # ``_normalize`` of ROWS rows held whole (all K columns) in x (fp32), their statistics computed from x: mean 0
+        # unless NORM == 1 (LayerNorm), variance about the mean.
+        mean = tl.zeros((ROWS,), tl.float32)
+        if NORM == 1:
+            mean = tl.sum(x, axis=1) / K
+        d = tl.where(inside, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
+        return _normalize(x, nw, nb, mean, rstd, inside, offset, NORM, ROUND_FIRST, DTYPE)
+
+    @triton.jit
     def _input_chunk(x_ptrs, NW, NB, rows, cols, M, K, mean, rstd, offset, NORM: tl.constexpr,
                      ROUND_FIRST: tl.constexpr, DTYPE):  # fmt: skip
         # Rows of X (at x_ptrs) at columns cols in fp32, normalised when NORM.
@@ -225,14 +237,9 @@ if AVAILABLE:
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if ONE_CHUNK:
             x = tl.load(x_ptrs, mask=inside, other=0.0)
-            if NORM != 0:  # statistics in fp32 from the row in registers, variance about the mean
-                xf = x.to(tl.float32)
-                mean = tl.zeros((BLOCK_M,), tl.float32)
-                if NORM == 1:
-                    mean = tl.sum(xf, axis=1) / K
-                d = tl.where(inside, xf - mean[:, None], 0.0)
-                rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
-                x = _normalize(xf, nw, nb, mean, rstd, inside, norm_offset, NORM, ROUND_FIRST, dtype)
+            if NORM != 0:  # statistics from the rows in registers
+                x = _normalize_whole(x.to(tl.float32), nw, nb, inside, K, eps, norm_offset, NORM, ROUND_FIRST, dtype,
+                                     BLOCK_M)  # fmt: skip
             x = x.to(dtype)
             acc = _accumulate(acc, x, w, BLOCK_M)
             if GATED:
@@ -352,8 +359,8 @@ if AVAILABLE:
     @triton.jit
     def _norm_rows_kernel(X, NW, NB, Y, K, stride_xm, eps, offset, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr,
                           BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-        # One row of X per program, normalised as ``_linear_kernel``'s prologue normalises it (statistics in fp32,
-        # mean 0 unless NORM == 1 (LayerNorm), variance about the mean), into Y (contiguous) in Y's dtype.
+        # One row of X per program, normalised as ``_linear_kernel``'s prologue normalises a row it holds whole, into
+        # Y (contiguous) in Y's dtype.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = (cols < K)[None, :]
@@ -363,12 +370,7 @@ if AVAILABLE:
             nb = tl.load(NB + cols, mask=cols < K, other=0.0).to(tl.float32)
         _wait_for_previous(PDL)
         x = tl.load(X + row * stride_xm + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        mean = tl.zeros((1,), tl.float32)
-        if NORM == 1:
-            mean = tl.sum(x, axis=1) / K
-        d = tl.where(inside, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
-        y = _normalize(x, nw, nb, mean, rstd, inside, offset, NORM, ROUND_FIRST, Y.dtype.element_ty)
+        y = _normalize_whole(x, nw, nb, inside, K, eps, offset, NORM, ROUND_FIRST, Y.dtype.element_ty, 1)
         tl.store(Y + row * K + cols[None, :], y.to(Y.dtype.element_ty), mask=inside)
 
     @triton.jit
