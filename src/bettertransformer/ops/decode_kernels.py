@@ -493,11 +493,7 @@ if AVAILABLE:
         k_row = K + b * stride_kb + kv_h * stride_kh
         v_row = V + b * stride_vb + kv_h * stride_vh
         if ONE_BLOCK:
-            ss = tl.arange(0, BLOCK_S)
-            inside = ss < S
-            k = tl.load(k_row + ss[:, None] * stride_ks + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
-            v = tl.load(v_row + ss[:, None] * stride_vs + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
-            mask = tl.load(MASK + b * stride_mb + ss, mask=inside, other=float("-inf")).to(tl.float32)
+            k, v, mask, ss = _cache_tile(k_row, v_row, MASK + b * stride_mb, 0, S, d, dm, stride_ks, stride_vs, BLOCK_S)
         slot = tl.load(SLOT)
         if not ONE_BLOCK:  # this program's slice of the cache, and its first tile read before the wait
             start = split.to(tl.int64) * chunk  # int64 as the slot is: the tile loop below carries it
