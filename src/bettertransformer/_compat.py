@@ -100,10 +100,17 @@ def is_distributed_tensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def is_fsdp_module(module: Any) -> bool:
-    """A module wrapped by FSDP2's ``fully_shard`` (its parameters are gathered by hooks around each forward)."""
+def fsdp_module_type() -> type | None:
+    """The class every module wrapped by FSDP2's ``fully_shard`` is an instance of (its parameters are gathered by
+    hooks around each forward); None for a torch built without distributed."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - a torch built without distributed
-        return False
-    return isinstance(module, FSDPModule)
+        return None
+    return FSDPModule
+
+
+def is_fsdp_module(module: Any) -> bool:
+    """A module wrapped by FSDP2's ``fully_shard``."""
+    kind = fsdp_module_type()
+    return kind is not None and isinstance(module, kind)
