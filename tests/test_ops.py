@@ -705,6 +705,49 @@ def test_rope_attention_over_a_long_cache(heads, kv_heads, dim):
             assert (got - expected).abs().max().item() < 1e-2
 
 
+@kernels
+@pytest.mark.kernels
+@pytest.mark.parametrize("heads, kv_heads, dim, rot, interleaved, qk", [
+    (8, 2, 64, 32, False, None), (4, 4, 32, 32, True, "head"), (6, 2, 64, 64, False, "whole"),
+])  # fmt: skip
+def test_rope_into_cache_kernel(heads, kv_heads, dim, rot, interleaved, qk):
+    """A prompt's packed tokens (two left-padded rows) turned by the rotary embedding (grouped heads, partial and
+    interleaved rotary, q/k norms per head and over the whole projection) and their keys/values written into the
+    cache at their rows and columns, by the prefill's kernel against the float64 reference path."""
+    from bettertransformer.ops import decode
+
+    gen = torch.Generator().manual_seed(0)
+    batch, slots, width = 2, 12, (heads + 2 * kv_heads) * dim
+    rows, columns = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1]), torch.tensor([3, 4, 5, 0, 1, 2, 3, 4, 5])
+    positions = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 5]) + 1000  # angles far past 2 pi
+    qkv = torch.randn(rows.shape[0], width, generator=gen) * 2
+    kv = torch.randn(2, batch, kv_heads, slots, dim, generator=gen)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rot // 2) / (rot // 2))
+    norm_width = {"head": (dim, dim), "whole": (heads * dim, kv_heads * dim)}.get(qk, (0, 0))
+    weights = [torch.rand(n, generator=gen) + 0.5 for n in norm_width]
+
+    def run(device, dtype):
+        def to(t):
+            return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+        norms = None if qk is None else (*(decode.RMSNorm(to(w), 1e-6) for w in weights), qk == "head")
+        cache = to(kv.clone())
+        q, k, v = decode.rope_into_cache(
+            to(qkv), cache, to(rows), to(columns), to(positions), heads=heads,
+            rotary=decode.Rotary(inv_freq.to(device), 1.0, interleaved), qk_norm=norms,
+        )  # fmt: skip
+        return [t.double().cpu() for t in (q, k, v, cache)]
+
+    expected = run("cpu", torch.float64)
+    got = run(KERNELS, torch.float16)
+    for name, a, b in zip("q k v cache".split(), got, expected, strict=True):
+        assert a.shape == b.shape, name
+        assert (a - b).abs().max().item() < 2e-2, name
+    untouched = torch.ones(batch, slots, dtype=torch.bool)
+    untouched[rows, columns] = False
+    assert torch.equal(got[3].transpose(2, 3)[:, untouched], kv.half().double().transpose(2, 3)[:, untouched])
+
+
 _TRITON_TYPES = {
     torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64", torch.int32: "*i32",
     torch.bool: "*i1",
@@ -749,6 +792,7 @@ def test_decode_kernels_compile_for_hopper(monkeypatch):
         _run_llama_decode_ops(KERNELS, torch.float16, batch)
         _run_decode_ops(KERNELS, torch.float16, batch)
     test_rope_attention_kernel_splits_with_a_window(2)
+    test_rope_into_cache_kernel(6, 2, 64, 64, False, "whole")
     test_decode_linear_normalises_many_rows_over_several_chunks(16)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if os.environ.get("BT_COMPILE_TRITON"):  # the GPU machine's Triton, installed apart

@@ -56,6 +56,8 @@ def rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
 
 def _normed(x: torch.Tensor, norm: Norm | RMSNorm | None) -> torch.Tensor:
     if isinstance(norm, RMSNorm):
+        if use_triton(x) and decode_kernels.AVAILABLE and x.dim() == 2 and x.stride(-1) == 1:
+            return decode_kernels.norm_rows(x, norm)  # one kernel for PyTorch's seven
         return rms_norm(x, norm)
     if norm is not None:
         return F.layer_norm(x, (x.shape[-1],), norm[0], norm[1], norm[2])
@@ -261,6 +263,30 @@ def split_qkv(
     q = rotary_embedding(q.reshape(rows, heads, dim), positions, rotary)
     k = rotary_embedding(k.reshape(rows, kv_heads, dim), positions, rotary)
     return q, k, v.reshape(rows, kv_heads, dim)
+
+
+def rope_into_cache(
+    qkv: torch.Tensor,
+    kv: torch.Tensor,
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    heads: int,
+    rotary: Rotary,
+    qk_norm: tuple[RMSNorm, RMSNorm, bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A prompt's packed tokens from their QKV product (T, (H + 2 Hkv) D): ``split_qkv`` at ``positions`` (T,),
+    their keys and values written into ``kv`` (2, B, Hkv, S, D) at (``rows``, ``columns``) (T,). Returns q (T, H, D),
+    k, v (T, Hkv, D)."""
+    if use_triton(qkv) and decode_kernels.AVAILABLE and qkv.stride(-1) == 1:
+        return decode_kernels.rope_into_cache(
+            qkv, kv, rows, columns, positions, heads=heads, rotary=rotary, qk_norm=qk_norm
+        )  # fmt: skip
+    q, k, v = split_qkv(qkv, heads, kv.shape[2], kv.shape[4], positions, rotary, qk_norm)
+    kv[0][rows, :, columns] = k
+    kv[1][rows, :, columns] = v
+    return q, k, v
 
 
 def rope_attention(

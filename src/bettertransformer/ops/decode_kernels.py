@@ -408,7 +408,18 @@ if AVAILABLE:
             sign = tl.where(d < half, -1.0, 1.0)
         c = (_cos(angle) * rope_scale).to(DTYPE).to(tl.float32)
         s = (_sin(angle) * rope_scale).to(DTYPE).to(tl.float32)
-        return tl.where(rot, x * c + sign * xp * s, x).to(DTYPE).to(tl.float32)
+        # x * cos + rotate_half(x) * sin, each operation rounded to DTYPE as stock's tensor operations are
+        turned = (x * c).to(DTYPE).to(tl.float32) + (sign * xp * s).to(DTYPE).to(tl.float32)
+        return tl.where(rot, turned, x).to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _partners(d, ROT: tl.constexpr, INTERLEAVED: tl.constexpr):
+        # The feature each feature d of a head turns with: d +- ROT / 2 (rotate-half), d ^ 1 (INTERLEAVED); itself
+        # past ROT.
+        half: tl.constexpr = ROT // 2
+        if INTERLEAVED:
+            return tl.where(d < ROT, d ^ 1, d)
+        return tl.where(d < ROT, tl.where(d < half, d + half, d - half), d)
 
     @triton.jit
     def _qk_norm(x, xp, d, partner, dm, NW, rstd, offset, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr, DTYPE):
@@ -484,11 +495,7 @@ if AVAILABLE:
         kv_h = h // GROUP
         d = tl.arange(0, BLOCK_D)
         dm = d < D
-        half: tl.constexpr = ROT // 2
-        if INTERLEAVED:
-            partner = tl.where(d < ROT, d ^ 1, d)
-        else:
-            partner = tl.where(d < ROT, tl.where(d < half, d + half, d - half), d)
+        partner = _partners(d, ROT, INTERLEAVED)
         dtype = K.dtype.element_ty
         k_row = K + b * stride_kb + kv_h * stride_kh
         v_row = V + b * stride_vb + kv_h * stride_vh
@@ -562,6 +569,58 @@ if AVAILABLE:
                 return
             out = acc / l_i
         tl.store(OUT + b * stride_ob + h * D + d, out.to(OUT.dtype.element_ty), mask=dm)
+
+    @triton.jit
+    def _rope_cache_kernel(
+        QKV, Q, K_OUT, V_OUT, K, V, ROWS, COLUMNS, POS, FREQ, QN, KN,
+        stride_qkv, q_width, k_width, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, rope_scale,
+        eps, norm_offset,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, ROT: tl.constexpr,
+        INTERLEAVED: tl.constexpr, QK_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ROUND_FIRST: tl.constexpr,
+        PDL: tl.constexpr,
+    ):  # fmt: skip
+        # Program (t, j): head j of token t's query (j < HEADS) or key and value (head j - HEADS) from the raw QKV
+        # product (T, q | k | v), as ``_rope_attention_kernel`` takes a new token's: the q/k norm, the rotary
+        # embedding at POS[t]. Writes q, k, v (T, heads, D) contiguous, and the key and value into the cache at
+        # (ROWS[t], head, COLUMNS[t]): a prompt's packed tokens before their attention.
+        t = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        partner = _partners(d, ROT, INTERLEAVED)
+        dtype = K.dtype.element_ty
+        _wait_for_previous(PDL)
+        row = QKV + t * stride_qkv
+        pos = tl.load(POS + t).to(tl.float32)
+        is_q = j < HEADS
+        h = tl.where(is_q, j, j - HEADS)
+        start = tl.where(is_q, h * D, q_width + h * D)
+        x = tl.load(row + start + d, mask=dm, other=0.0).to(tl.float32)
+        xp = tl.load(row + start + partner, mask=dm, other=0.0).to(tl.float32)
+        weights = KN
+        if is_q:
+            weights = QN
+        rstd = 1.0
+        if QK_NORM == 1:
+            rstd = _head_rstd(row, start, D, eps, BLOCK_D)
+        elif QK_NORM == 2:  # over the whole projection, its weights too
+            if is_q:
+                rstd = _head_rstd(row, 0, q_width, eps, NORM_BLOCK)
+            else:
+                rstd = _head_rstd(row, q_width, k_width, eps, NORM_BLOCK)
+            weights += h * D
+        x, xp = _qk_norm(x, xp, d, partner, dm, weights, rstd, norm_offset, QK_NORM, ROUND_FIRST, dtype)
+        x = _rotate(x, xp, d, pos, FREQ, rope_scale, ROT, INTERLEAVED, dtype).to(dtype)
+        if is_q:
+            tl.store(Q + (t * HEADS + h) * D + d, x, mask=dm)
+        else:
+            v = tl.load(row + q_width + k_width + h * D + d, mask=dm, other=0.0)
+            tl.store(K_OUT + (t * KV_HEADS + h) * D + d, x, mask=dm)
+            tl.store(V_OUT + (t * KV_HEADS + h) * D + d, v, mask=dm)
+            b = tl.load(ROWS + t)
+            column = tl.load(COLUMNS + t)
+            tl.store(K + b * stride_kb + h * stride_kh + column * stride_ks + d, x, mask=dm)
+            tl.store(V + b * stride_vb + h * stride_vh + column * stride_vs + d, v.to(dtype), mask=dm)
 
     @triton.jit
     def _combine_splits_kernel(PART_O, PART_ML, OUT, stride_ob, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -798,11 +857,7 @@ def linear(
     store_y = residual is None and not argmax
     y = x.new_empty((m, split if kv is not None else n) if store_y else (1,), dtype=out_dtype or x.dtype)
     r = residual if residual is not None else y
-    if isinstance(norm, RMSNorm):
-        nw, nb, eps, offset, kind, round_first = norm.weight, norm.weight, norm.eps, norm.offset, 2, norm.round_first
-    else:
-        nw, nb, eps = norm if norm is not None else (x, x, 0.0)
-        offset, kind, round_first = 0.0, 0 if norm is None else 1, False
+    kind, nw, nb, eps, offset, round_first = _norm_args(norm, x)
     kv_args = (
         (kv, slot, split, kv.shape[2] * head_dim, *kv.stride()[:4]) if kv is not None else (y, y, 0, 1, 0, 0, 0, 0)
     )
@@ -818,16 +873,11 @@ def linear(
         for t in (weight, bias, second[0], second[1], third[0], third[1])
     ]  # fmt: skip
     pdl = _pdl(x)
-    if kind != 0 and m > 1 and k > block_k:
+    if norm is not None and m > 1 and k > block_k:
         # Several rows normalised over several chunks: normalised by a small kernel first, the product then plain.
         # Each program normalising its 16 rows chunk by chunk inside the product's loop was more than twice as slow
         # (TinyLlama's q|k|v at 16 rows: 16.1 us, with statistics from a kernel before; 8.0 now, H200).
-        normed = x.new_empty(m, k, dtype=weight.dtype)
-        launch(_norm_rows_kernel, (m,),
-            x, nw, nb, normed, k, x.stride(0), eps, offset, NORM=kind, ROUND_FIRST=round_first,
-            BLOCK=triton.next_power_of_2(k), **pdl,
-        )  # fmt: skip
-        x, kind = normed, 0
+        x, kind = norm_rows(x, norm, weight.dtype), 0
     launch(_linear_kernel, (programs,),
         x, *pointers, y, r, nw, nb, eos_penalty if eos_penalty is not None else x,
         kv_args[0], kv_args[1], partial_values, partial_index, m, n, k, widths[0],
@@ -943,6 +993,63 @@ def rope_attention(
             part_o, part_ml, out, out.stride(0), D=dim, BLOCK_D=block_d, SPLITS=splits, **pdl
         )  # fmt: skip
     return out
+
+
+def rope_into_cache(
+    qkv: torch.Tensor,
+    kv: torch.Tensor,
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    heads: int,
+    rotary: Rotary,
+    qk_norm: tuple[RMSNorm, RMSNorm, bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed tokens of prompts, from their raw QKV product ``qkv`` (T, (H + 2 Hkv) D), rows contiguous: q/k
+    norm and rotary embedding at ``positions`` (T,), as ``rope_attention`` treats a new token; keys and values
+    written into ``kv`` (2, B, Hkv, S, D) at (``rows``, ``columns``) (T,). Returns q (T, H, D), k, v (T, Hkv, D)."""
+    tokens = qkv.shape[0]
+    kv_heads, dim = kv.shape[2], kv.shape[4]
+    q = qkv.new_empty(tokens, heads, dim)
+    k_out, v_out = (qkv.new_empty(tokens, kv_heads, dim) for _ in range(2))
+    q_norm, k_norm, per_head = qk_norm if qk_norm is not None else (None, None, True)
+    norm = q_norm or RMSNorm(qkv, 0.0)
+    k, v = kv[0], kv[1]
+    launch(_rope_cache_kernel, (tokens, heads + kv_heads),
+        qkv, q, k_out, v_out, k, v, rows, columns, positions, rotary.inv_freq, norm.weight, (k_norm or norm).weight,
+        qkv.stride(0), heads * dim, kv_heads * dim, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), rotary.scale, norm.eps, norm.offset, HEADS=heads, KV_HEADS=kv_heads, D=dim,
+        BLOCK_D=triton.next_power_of_2(dim), ROT=2 * rotary.inv_freq.shape[0], INTERLEAVED=rotary.interleaved,
+        QK_NORM=0 if qk_norm is None else 1 if per_head else 2,
+        NORM_BLOCK=triton.next_power_of_2(max(heads, kv_heads) * dim), ROUND_FIRST=norm.round_first, **_pdl(qkv),
+    )  # fmt: skip
+    return q, k_out, v_out
+
+
+def _norm_args(
+    norm: Norm | RMSNorm | None, x: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor, float, float, bool]:
+    """(NORM, weight, bias, eps, offset, ROUND_FIRST) of the kernels' norm arguments (NORM 0: none, 1: LayerNorm,
+    2: RMSNorm); ``x`` fills the pointers a norm lacks."""
+    if isinstance(norm, RMSNorm):
+        return 2, norm.weight, norm.weight, norm.eps, norm.offset, norm.round_first
+    if norm is None:
+        return 0, x, x, 0.0, 0.0, False
+    return 1, norm[0], norm[1], norm[2], 0.0, False
+
+
+def norm_rows(x: torch.Tensor, norm: Norm | RMSNorm, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """norm(x) for rows x (M, K) whose last dimension is contiguous, as ``linear``'s prologue normalises them, in a
+    new (M, K) tensor (of x's dtype unless ``dtype``): one kernel where PyTorch's RMSNorm takes seven."""
+    rows, width = x.shape
+    kind, nw, nb, eps, offset, round_first = _norm_args(norm, x)
+    y = x.new_empty(rows, width, dtype=dtype)
+    launch(_norm_rows_kernel, (rows,),
+        x, nw, nb, y, width, x.stride(0), eps, offset, NORM=kind, ROUND_FIRST=round_first,
+        BLOCK=triton.next_power_of_2(width), **_pdl(x),
+    )  # fmt: skip
+    return y
 
 
 def advance(chosen: torch.Tensor, buffers: StepBuffers) -> None:

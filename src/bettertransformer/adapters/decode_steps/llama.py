@@ -334,11 +334,10 @@ class LlamaDecodeStep(FusedStep):
         tokens = x.shape[0]
         for layer, kv in zip(self.layers, state.kv, strict=True):
             qkv = layer.qkv_product(x, kernels=False)
-            q, k, v = decode.split_qkv(
-                qkv, layer.heads, layer.kv_heads, layer.head_dim, where, layer.rope(), layer.qk_norm()
+            q, k, v = decode.rope_into_cache(
+                qkv, kv, packing.rows, packing.columns, where, heads=layer.heads, rotary=layer.rope(),
+                qk_norm=layer.qk_norm(),
             )  # fmt: skip
-            kv[0][packing.rows, :, packing.columns] = k
-            kv[1][packing.rows, :, packing.columns] = v
             a = packed_attention(
                 q, k, v, packing.info, scale=layer.scaling, causal=True, window=layer.window, softcap=layer.softcap
             )  # fmt: skip
