@@ -705,6 +705,31 @@ def test_rope_attention_over_a_long_cache(heads, kv_heads, dim):
             assert (got - expected).abs().max().item() < 1e-2
 
 
+def test_decode_attention_keeps_cudnn_out_of_sdpa(monkeypatch):
+    """The decode step's SDPA fallback (rows x slots past our kernel's range) runs with cuDNN's backend off: inside
+    the replayed step it was not repeatable (GPT-2 b16 on an H200; BENCHMARKS.md). The result is the reference's."""
+    from bettertransformer.ops import decode
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    gen = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(3, 4, 16, generator=gen), torch.randn(2, 3, 2, 40, 16, generator=gen)
+    mask = torch.zeros(3, 40)
+    mask[1, :7] = float("-inf")
+    out = decode.attention(q, kv, mask, 0.25, torch.tensor([39]))
+    assert seen == [False] and torch.backends.cuda.cudnn_sdp_enabled()  # off inside the call only
+    grouped = q.view(3, 2, 2, 16)
+    scores = (grouped @ kv[0].transpose(-1, -2)) * 0.25 + mask[:, None, None, :]
+    expected = (scores.softmax(-1) @ kv[1]).reshape(3, 4, 16)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 @kernels
 @pytest.mark.kernels
 @pytest.mark.parametrize("heads, kv_heads, dim, rot, interleaved, qk", [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import decode_kernels
 from .decode_kernels import Norm, Part, RMSNorm, Rotary
@@ -22,6 +23,10 @@ __all__ = ["Norm", "Part", "RMSNorm", "Rotary"]
 # (H200, GPT-2 heads: ours 3.6 vs 4.6 us at 1 x 128, 5.0 vs 6.9 at 1 x 256, 6.6 vs 7.3 at 16 x 128, but 10.2 vs
 # 7.7 at 16 x 256; see BENCHMARKS.md).
 MAX_TRITON_ROW_SLOTS = 2048
+# Beyond it SDPA without its cuDNN backend: inside the replayed step cuDNN's attention was not repeatable (GPT-2,
+# b16 of 64-token prompts, H200, torch 2.11: greedy tokens of identical calls differed in 1 of 16 rows in some
+# calls; repeatable with cuDNN's backend off or with our kernel). The backends kept are.
+_REPEATABLE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _kernel_rows(x: torch.Tensor) -> bool:
@@ -215,7 +220,8 @@ def attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: floa
         return decode_kernels.decode_attention(q, kv[0], kv[1], mask, slot, scale, block_s=block_s, warps=warps)
     batch, heads, dim = q.shape
     grouped = q.reshape(batch, kv.shape[2], heads // kv.shape[2], dim)  # query heads sharing a key/value head
-    out = F.scaled_dot_product_attention(grouped, kv[0], kv[1], attn_mask=mask[:, None, None, :], scale=scale)
+    with sdpa_kernel(_REPEATABLE_SDPA):
+        out = F.scaled_dot_product_attention(grouped, kv[0], kv[1], attn_mask=mask[:, None, None, :], scale=scale)
     return out.reshape(batch, heads, dim)
 
 
