@@ -337,6 +337,15 @@ def test_gpt2_generates_through_the_fused_decode_step(fast_loop_on_cpu, monkeypa
     model.transformer.h[0].mlp.c_fc = torch.nn.Sequential(model.transformer.h[0].mlp.c_fc)
     model.generate(ids, **kwargs)
     assert call_counts(model)["stock generate"] == 1 and call_counts(model)["fast generate"] == 2
+    # Swapped back, the fused step runs again; a weight moved off the device after that (the module tree unchanged)
+    # is still seen at the next call.
+    model.transformer.h[0].mlp.c_fc = model.transformer.h[0].mlp.c_fc[0]
+    assert torch.equal(model.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+    assert call_counts(model)["fast generate"] == 3
+    (patch,) = model._bettertransformer_state.patches
+    model.transformer.h[1].mlp.c_proj.to("meta")
+    plan = patch.generation._plan((ids,), kwargs)
+    assert isinstance(plan, str) and "split across devices" in plan
 
 
 # Model type -> the fused decode step family that runs it.
