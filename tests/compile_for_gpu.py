@@ -1,8 +1,9 @@
 """Compile decode-kernel variants for a Hopper GPU (sm_90) without one: Triton's compiler, not its interpreter.
 
 Reads a JSON list of launches on stdin, each ``{"kernel": name in ops.decode_kernels, "signature": {argument: Triton
-type}, "constexprs": {argument: value}, "options": {num_warps, ...}}``, and compiles each to a cubin; exits nonzero
-on the first that fails. Run by ``test_ops.test_decode_kernels_compile_for_hopper`` in a process without
+type}, "constexprs": {argument: value}, "divisible": [arguments that are multiples of 16], "options": {num_warps,
+...}}``, and compiles each to a cubin, specialised as Triton's launcher would; exits nonzero on the first that
+fails. Run by ``test_ops.test_decode_kernels_compile_for_hopper`` in a process without
 ``TRITON_INTERPRET``, so the kernels are defined as compilable functions.
 """
 
@@ -24,7 +25,8 @@ def main() -> None:
         kernel = getattr(decode_kernels, launch["kernel"])
         constexprs = {(kernel.arg_names.index(name),): value for name, value in launch["constexprs"].items()}
         signature = {**launch["signature"], **dict.fromkeys(launch["constexprs"], "constexpr")}
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in launch["divisible"]}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch["options"])
     print(f"compiled {len(launches)} variants with triton {triton.__version__}")
 

@@ -789,6 +789,14 @@ def _triton_type(value) -> str:
     return "fp32"
 
 
+def _divisible_by_16(value) -> bool:
+    """What Triton's launcher marks ``tt.divisibility = 16``: a tensor whose address, or an integer that, is a
+    multiple of 16 (it specialises integers equal to 1 into constants)."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+
+
 @pytest.mark.kernels
 @pytest.mark.skipif(not triton_kernels.INTERPRETED, reason="without the interpreter the kernels compile as they run")
 def test_decode_kernels_compile_for_hopper(monkeypatch):
@@ -802,12 +810,17 @@ def test_decode_kernels_compile_for_hopper(monkeypatch):
     launch = decode_kernels.launch
 
     def record(kernel, grid, *args, **kwargs):
+        # Each launch as Triton's launcher specialises it on the GPU: integers equal to 1 become constants, and
+        # addresses and integers that are multiples of 16 are marked so (the compiler vectorises on that).
         names = kernel.fn.__code__.co_varnames[: kernel.fn.__code__.co_argcount]
         constexprs = {k: v for k, v in kwargs.items() if k in names}
-        runtime = [name for name in names if name not in constexprs]
+        runtime = dict(zip([name for name in names if name not in constexprs], args, strict=True))
+        ones = {n: 1 for n, a in runtime.items() if type(a) is int and a == 1}
+        runtime = {n: a for n, a in runtime.items() if n not in ones}
         entry = dict(
-            kernel=kernel.fn.__name__, signature={n: _triton_type(a) for n, a in zip(runtime, args, strict=True)},
-            constexprs=constexprs, options={k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")},
+            kernel=kernel.fn.__name__, signature={n: _triton_type(a) for n, a in runtime.items()},
+            constexprs={**constexprs, **ones}, divisible=sorted(n for n, a in runtime.items() if _divisible_by_16(a)),
+            options={k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")},
         )  # fmt: skip
         launches[json.dumps(entry, sort_keys=True)] = entry
         return launch(kernel, grid, *args, **kwargs)
