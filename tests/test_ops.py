@@ -119,6 +119,33 @@ def test_packed_attention_backends_match_reference(backend, lengths):
     torch.testing.assert_close(out.double(), _reference_attention(q, k, v, lengths, 0.3), atol=1e-5, rtol=1e-5)
 
 
+def test_loop_backend_batches_consecutive_sequences_of_one_length(monkeypatch):
+    """The CPU's loop backend runs each run of consecutive equal lengths as one batched call, with each sequence's
+    result exactly what a call of its own gives (windowed and causal too)."""
+    torch.manual_seed(0)
+    lengths = [6, 6, 6, 4, 0, 4, 6, 1]
+    seq = max(lengths)
+    info = pack_info(_mask(lengths, seq), len(lengths), seq, torch.device("cpu"))
+    q, k, v = (torch.randn(sum(lengths), 4, 8) for _ in range(3))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(q.shape[0]) or sdpa(q, *a, **kw)
+    )
+    for options in (dict(), dict(causal=True, window=3)):
+        calls.clear()
+        out = packed_attention(q, k, v, info, scale=0.3, backend="loop", **options)
+        assert calls == [3, 2, 1, 1]  # the runs 6 6 6 | 4 (0) 4 | 6 | 1: an empty sequence does not break a run
+        start = 0
+        for n in lengths:  # each sequence alone, as the backend ran it before
+            alone = pack_info(torch.ones(1, n, dtype=torch.long), 1, n, torch.device("cpu")) if n else None
+            if n:
+                one = packed_attention(q[start : start + n], k[start : start + n], v[start : start + n], alone,
+                                       scale=0.3, backend="loop", **options)  # fmt: skip
+                assert torch.equal(out[start : start + n], one)
+            start += n
+
+
 @pytest.mark.parametrize("backend", ["dense", "loop"])
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])

@@ -121,6 +121,23 @@ def test_batches_follow_a_token_budget(fast_model):
     assert max(len(b) for b in batches) == 8 * 8  # short sentences travel in large batches, up to 8x batch_size
 
 
+def test_cpu_batches_are_ordered_by_token_count():
+    """On the CPU a batch's rows go longest first by token count (stable), with its indices alongside, so that
+    sentences of one length sit side by side (the packed attention then batches them); features that are not all
+    per-row tensors stay as they are."""
+    from bettertransformer.adapters.sentence_encode import _by_token_count
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    ids = torch.arange(16).view(4, 4) * mask
+    features, order = _by_token_count({"input_ids": ids, "attention_mask": mask, "note": "kept"}, [10, 11, 12, 13])
+    assert order == [11, 13, 10, 12]  # 4, 3, then the two of 2 tokens in their order
+    assert torch.equal(features["attention_mask"], mask[[1, 3, 0, 2]])
+    assert torch.equal(features["input_ids"], ids[[1, 3, 0, 2]]) and features["note"] == "kept"
+    with_list = {"input_ids": ids, "attention_mask": mask, "texts": ["a", "b", "c", "d"]}  # a per-row list
+    assert _by_token_count(with_list, [10, 11, 12, 13]) == (with_list, [10, 11, 12, 13])
+    assert _by_token_count({"input_ids": ids}, [10, 11, 12, 13]) == ({"input_ids": ids}, [10, 11, 12, 13])
+
+
 def test_reverse_restores_stock_encode(model):
     fast = BetterTransformer.transform(copy.deepcopy(model))
     assert "encode" in vars(fast)

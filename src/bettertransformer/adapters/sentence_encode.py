@@ -97,6 +97,29 @@ class RustTokenizer:
         return reference
 
 
+def _by_token_count(features: dict[str, Any], batch: list[int]) -> tuple[dict[str, Any], list[int]]:
+    """The batch's rows ordered by their token counts, longest first (stable), with its indices in that order; as
+    they were unless the features are (rows, ...) tensors and a 2-D attention mask only. Sentences of one token
+    count then lie side by side, and the packed attention on the CPU runs each such run as one batched call
+    (``ops.attention``'s loop backend) instead of one call per sentence."""
+    mask = features.get("attention_mask")
+    rows = len(batch)
+    tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor)}
+    per_row = any(isinstance(v, (list, tuple)) and len(v) == rows for v in features.values())  # would stay put
+    if (
+        not isinstance(mask, torch.Tensor)
+        or mask.dim() != 2
+        or per_row
+        or any(v.shape[:1] != (rows,) for v in tensors.values())
+    ):
+        return features, batch
+    order = torch.sort(-mask.sum(1), stable=True).indices
+    if bool((order == torch.arange(rows)).all()):
+        return features, batch
+    moved = {k: v.index_select(0, order) for k, v in tensors.items()}
+    return {**features, **moved}, [batch[i] for i in order.tolist()]
+
+
 def is_sentence_transformer(model: nn.Module) -> bool:
     """Whether ``model`` is a sentence-transformers ``SentenceTransformer`` (checked by class name and methods, so
     that sentence-transformers need not be imported)."""
@@ -234,19 +257,23 @@ class FastEncode:
 
         rust = self._rust_tokenizer([texts[i] for i in batches[0]]) if len(batches) > 1 else None
 
-        def tokenize(batch: list[int]) -> dict[str, Any]:
+        def tokenize(batch: list[int]) -> tuple[dict[str, Any], list[int]]:
+            """The batch's features, and its indices in the order of their rows."""
             if rust is not None and batch is batches[0]:
                 features = rust[1]  # sentence-transformers' own output for the first batch (the check's)
             elif rust is not None:
                 features = {**rust[1], **rust[0]([texts[i] for i in batch])}  # plus its non-tensor entries
             else:
                 features = model.preprocess([texts[i] for i in batch])
+            if device.type == "cpu":
+                features, batch = _by_token_count(features, batch)
             if device.type == "cuda":  # pinned, so the copy up does not wait for the device's queue
                 features = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-            return features
+            return features, batch
 
         from tqdm.auto import tqdm
 
+        rows: list[list[int]] = []  # each batch's indices in the order of its rows
         with self._lock, ThreadPoolExecutor(1, thread_name_prefix="bettertransformer-tokenize") as pool:
             pending: collections.deque[Future] = collections.deque()
             ahead = iter(batches)
@@ -255,8 +282,9 @@ class FastEncode:
                 if len(pending) > _PREFETCH:
                     break
             with tqdm(total=len(texts), desc="Batches", disable=not progress) as bar, torch.inference_mode():
-                for batch in batches:
-                    features = pending.popleft().result()
+                for _ in range(len(batches)):
+                    features, batch = pending.popleft().result()
+                    rows.append(batch)
                     following = next(ahead, None)
                     if following is not None:
                         pending.append(pool.submit(tokenize, following))
@@ -274,7 +302,7 @@ class FastEncode:
                         embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
                     chunks.append(embeddings)
                     bar.update(len(batch))
-        order = torch.tensor([i for batch in batches for i in batch], device=device)
+        order = torch.tensor([i for batch in rows for i in batch], device=device)
         stacked = torch.cat(chunks) if chunks else torch.empty(0, device=device)
         embeddings = torch.empty_like(stacked).index_copy_(0, order, stacked) if chunks else stacked
         if to_tensor:

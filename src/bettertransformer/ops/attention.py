@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -194,15 +195,18 @@ def _loop(c: _Call) -> torch.Tensor:
         return out.transpose(1, 2).reshape(q.shape)
     outs = []
     start = 0
-    for length in info.host_lengths.tolist():
-        if length:
-            end = start + length
-            # (1, H, L, D) views of one sequence; SDPA without a mask takes its fastest kernel.
-            qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            mask = _allowed(length, q.device, c.causal, c.window) if c.window is not None else None
-            out = attention(qs, ks, vs, mask, scale=c.scale, causal=c.causal and mask is None, softcap=c.softcap)
-            outs.append(out[0].transpose(0, 1))
-            start = end
+    # Consecutive sequences of one length go through one batched call: a batch sorted by length (as
+    # sentence-transformers' encode sorts it) then takes a few calls per layer instead of one per sentence.
+    # (Empty sequences hold no tokens: they do not break a run.)
+    for length, run in itertools.groupby(n for n in info.host_lengths.tolist() if n):
+        count = len(list(run))
+        end = start + count * length
+        # (n, H, L, D) views of n sequences of L tokens; SDPA without a mask takes its fastest kernel.
+        qs, ks, vs = (t[start:end].view(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        mask = _allowed(length, q.device, c.causal, c.window) if c.window is not None else None
+        out = attention(qs, ks, vs, mask, scale=c.scale, causal=c.causal and mask is None, softcap=c.softcap)
+        outs.append(out.transpose(1, 2).reshape(count * length, *out.shape[1:2], out.shape[-1]))
+        start = end
     return torch.cat(outs) if outs else q.new_empty(q.shape)
 
 
