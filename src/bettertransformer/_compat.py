@@ -108,9 +108,3 @@ def fsdp_module_type() -> type | None:
     except ImportError:  # pragma: no cover - a torch built without distributed
         return None
     return FSDPModule
-
-
-def is_fsdp_module(module: Any) -> bool:
-    """A module wrapped by FSDP2's ``fully_shard``."""
-    kind = fsdp_module_type()
-    return kind is not None and isinstance(module, kind)

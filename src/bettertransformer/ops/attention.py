@@ -205,7 +205,7 @@ def _loop(c: _Call) -> torch.Tensor:
         qs, ks, vs = (t[start:end].view(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         mask = _allowed(length, q.device, c.causal, c.window) if c.window is not None else None
         out = attention(qs, ks, vs, mask, scale=c.scale, causal=c.causal and mask is None, softcap=c.softcap)
-        outs.append(out.transpose(1, 2).reshape(count * length, *out.shape[1:2], out.shape[-1]))
+        outs.append(out.transpose(1, 2).flatten(0, 1))  # (n L, H, D)
         start = end
     return torch.cat(outs) if outs else q.new_empty(q.shape)
 

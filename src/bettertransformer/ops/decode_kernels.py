@@ -444,6 +444,21 @@ if AVAILABLE:
         return 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / width + eps)
 
     @triton.jit
+    def _qk_statistics(ROW, start, first, width, NW, h, eps, D: tl.constexpr, QK_NORM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, NORM_BLOCK: tl.constexpr):  # fmt: skip
+        # (1 / rms, weights) of the q or k norm of head h, at ROW[start : start + D] of its projection ROW[first :
+        # first + width]: over the head (QK_NORM 1, weights NW), or over the whole projection (QK_NORM 2, the head's
+        # slice of NW); (1, NW) without a norm.
+        rstd = 1.0
+        weights = NW
+        if QK_NORM == 1:
+            rstd = _head_rstd(ROW, start, D, eps, BLOCK_D)
+        elif QK_NORM == 2:
+            rstd = _head_rstd(ROW, first, width, eps, NORM_BLOCK)
+            weights = NW + h * D
+        return rstd, weights
+
+    @triton.jit
     def _cache_tile(k_row, v_row, mask_row, s0, stop, d, dm, stride_ks, stride_vs, BLOCK_S: tl.constexpr):
         # Keys, values and mask of cache slots s0 .. s0 + BLOCK_S, those from ``stop`` on masked (zero keys and
         # values, mask -inf): past the current slot (not written yet) or past this program's slice of the cache.
@@ -519,18 +534,9 @@ if AVAILABLE:
         kn = tl.load(k_at + d, mask=dm, other=0.0).to(tl.float32)
         kp = tl.load(k_at + partner, mask=dm, other=0.0).to(tl.float32)
         vn = tl.load(row + q_width + k_width + kv_h * D + d, mask=dm, other=0.0)
-        q_rstd = 1.0
-        k_rstd = 1.0
-        q_norm = QN
-        k_norm = KN
-        if QK_NORM == 1:
-            q_rstd = _head_rstd(row, h * D, D, eps, BLOCK_D)
-            k_rstd = _head_rstd(row, q_width + kv_h * D, D, eps, BLOCK_D)
-        elif QK_NORM == 2:
-            q_rstd = _head_rstd(row, 0, q_width, eps, NORM_BLOCK)
-            k_rstd = _head_rstd(row, q_width, k_width, eps, NORM_BLOCK)
-            q_norm = QN + h * D
-            k_norm = KN + kv_h * D
+        q_rstd, q_norm = _qk_statistics(row, h * D, 0, q_width, QN, h, eps, D, QK_NORM, BLOCK_D, NORM_BLOCK)
+        k_rstd, k_norm = _qk_statistics(row, q_width + kv_h * D, q_width, k_width, KN, kv_h, eps, D, QK_NORM, BLOCK_D,
+                                        NORM_BLOCK)  # fmt: skip
         q, qp = _qk_norm(q, qp, d, partner, dm, q_norm, q_rstd, norm_offset, QK_NORM, ROUND_FIRST, dtype)
         kn, kp = _qk_norm(kn, kp, d, partner, dm, k_norm, k_rstd, norm_offset, QK_NORM, ROUND_FIRST, dtype)
         q = _rotate(q, qp, d, pos, FREQ, rope_scale, ROT, INTERLEAVED, dtype) * scale
@@ -597,18 +603,12 @@ if AVAILABLE:
         start = tl.where(is_q, h * D, q_width + h * D)
         x = tl.load(row + start + d, mask=dm, other=0.0).to(tl.float32)
         xp = tl.load(row + start + partner, mask=dm, other=0.0).to(tl.float32)
-        weights = KN
+        norm_weights = KN
         if is_q:
-            weights = QN
-        rstd = 1.0
-        if QK_NORM == 1:
-            rstd = _head_rstd(row, start, D, eps, BLOCK_D)
-        elif QK_NORM == 2:  # over the whole projection, its weights too
-            if is_q:
-                rstd = _head_rstd(row, 0, q_width, eps, NORM_BLOCK)
-            else:
-                rstd = _head_rstd(row, q_width, k_width, eps, NORM_BLOCK)
-            weights += h * D
+            norm_weights = QN
+        first = tl.where(is_q, 0, q_width)  # where this head's projection starts in the row, and its width
+        rstd, weights = _qk_statistics(row, start, first, tl.where(is_q, q_width, k_width), norm_weights, h, eps, D,
+                                       QK_NORM, BLOCK_D, NORM_BLOCK)  # fmt: skip
         x, xp = _qk_norm(x, xp, d, partner, dm, weights, rstd, norm_offset, QK_NORM, ROUND_FIRST, dtype)
         x = _rotate(x, xp, d, pos, FREQ, rope_scale, ROT, INTERLEAVED, dtype).to(dtype)
         if is_q:
@@ -967,9 +967,7 @@ def rope_attention(
     kv_heads, slots, dim = kv.shape[2], kv.shape[3], kv.shape[4]
     out = qkv.new_empty(batch, heads * dim)
     q_width, k_width = heads * dim, kv_heads * dim
-    q_norm, k_norm, per_head = qk_norm if qk_norm is not None else (None, None, True)
-    mode = 0 if qk_norm is None else 1 if per_head else 2
-    norm = q_norm or RMSNorm(qkv, 0.0)
+    mode, norm, k_weight = _qk_norm_args(qk_norm, qkv)
     k, v = kv[0], kv[1]
     block_d = triton.next_power_of_2(dim)
     one_block = slots <= block_s
@@ -979,7 +977,7 @@ def rope_attention(
     part_ml = qkv.new_empty(batch * heads * splits * 2, dtype=torch.float32) if splits > 1 else out
     pdl = _pdl(qkv)
     launch(_rope_attention_kernel, (batch, heads, splits),
-        qkv, k, v, mask, slot, positions, rotary.inv_freq, norm.weight, (k_norm or norm).weight, out, part_o,
+        qkv, k, v, mask, slot, positions, rotary.inv_freq, norm.weight, k_weight, out, part_o,
         part_ml, slots, qkv.stride(0), q_width, k_width, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), mask.stride(0), out.stride(0), scale, rotary.scale, norm.eps, norm.offset,
         window or 0, softcap or 1.0, chunk, GROUP=heads // kv_heads, D=dim, BLOCK_D=block_d,
@@ -993,6 +991,18 @@ def rope_attention(
             part_o, part_ml, out, out.stride(0), D=dim, BLOCK_D=block_d, SPLITS=splits, **pdl
         )  # fmt: skip
     return out
+
+
+def _qk_norm_args(
+    qk_norm: tuple[RMSNorm, RMSNorm, bool] | None, like: torch.Tensor
+) -> tuple[int, RMSNorm, torch.Tensor]:
+    """(QK_NORM, the q norm, the k norm's weight) of the rotary kernels' arguments from ``qk_norm`` (q norm, k norm,
+    per head): QK_NORM 0 none, 1 per head, 2 over the whole projection; without norms a stand-in over ``like``."""
+    if qk_norm is None:
+        norm = RMSNorm(like, 0.0)
+        return 0, norm, norm.weight
+    q_norm, k_norm, per_head = qk_norm
+    return 1 if per_head else 2, q_norm, k_norm.weight
 
 
 def rope_into_cache(
@@ -1013,16 +1023,14 @@ def rope_into_cache(
     kv_heads, dim = kv.shape[2], kv.shape[4]
     q = qkv.new_empty(tokens, heads, dim)
     k_out, v_out = (qkv.new_empty(tokens, kv_heads, dim) for _ in range(2))
-    q_norm, k_norm, per_head = qk_norm if qk_norm is not None else (None, None, True)
-    norm = q_norm or RMSNorm(qkv, 0.0)
+    mode, norm, k_weight = _qk_norm_args(qk_norm, qkv)
     k, v = kv[0], kv[1]
     launch(_rope_cache_kernel, (tokens, heads + kv_heads),
-        qkv, q, k_out, v_out, k, v, rows, columns, positions, rotary.inv_freq, norm.weight, (k_norm or norm).weight,
+        qkv, q, k_out, v_out, k, v, rows, columns, positions, rotary.inv_freq, norm.weight, k_weight,
         qkv.stride(0), heads * dim, kv_heads * dim, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), rotary.scale, norm.eps, norm.offset, HEADS=heads, KV_HEADS=kv_heads, D=dim,
         BLOCK_D=triton.next_power_of_2(dim), ROT=2 * rotary.inv_freq.shape[0], INTERLEAVED=rotary.interleaved,
-        QK_NORM=0 if qk_norm is None else 1 if per_head else 2,
-        NORM_BLOCK=triton.next_power_of_2(max(heads, kv_heads) * dim), ROUND_FIRST=norm.round_first, **_pdl(qkv),
+        QK_NORM=mode, NORM_BLOCK=triton.next_power_of_2(max(heads, kv_heads) * dim), ROUND_FIRST=norm.round_first, **_pdl(qkv),
     )  # fmt: skip
     return q, k_out, v_out
 
