@@ -762,11 +762,13 @@ def test_decode_attention_keeps_cudnn_out_of_sdpa(monkeypatch):
 @pytest.mark.parametrize("heads, kv_heads, dim, rot, interleaved, qk", [
     (8, 2, 64, 32, False, None), (4, 4, 32, 32, True, "head"), (6, 2, 64, 64, False, "whole"),
 ])  # fmt: skip
-def test_rope_into_cache_kernel(heads, kv_heads, dim, rot, interleaved, qk):
+def test_rope_into_cache_kernel(heads, kv_heads, dim, rot, interleaved, qk, monkeypatch):
     """A prompt's packed tokens (two left-padded rows) turned by the rotary embedding (grouped heads, partial and
     interleaved rotary, q/k norms per head and over the whole projection) and their keys/values written into the
     cache at their rows and columns, by the prefill's kernel against the float64 reference path."""
-    from bettertransformer.ops import decode
+    from bettertransformer.ops import decode, decode_kernels
+
+    launches = _count_launches(monkeypatch, decode_kernels, "rope_into_cache")
 
     gen = torch.Generator().manual_seed(0)
     batch, slots, width = 2, 12, (heads + 2 * kv_heads) * dim
@@ -791,13 +793,37 @@ def test_rope_into_cache_kernel(heads, kv_heads, dim, rot, interleaved, qk):
         return [t.double().cpu() for t in (q, k, v, cache)]
 
     expected = run("cpu", torch.float64)
+    assert launches == {"rope_into_cache": 0}
     got = run(KERNELS, torch.float16)
+    assert launches == {"rope_into_cache": 1}  # the kernel ran, not the reference path
     for name, a, b in zip("q k v cache".split(), got, expected, strict=True):
         assert a.shape == b.shape, name
         assert (a - b).abs().max().item() < 2e-2, name
     untouched = torch.ones(batch, slots, dtype=torch.bool)
     untouched[rows, columns] = False
     assert torch.equal(got[3].transpose(2, 3)[:, untouched], kv.half().double().transpose(2, 3)[:, untouched])
+
+
+@kernels
+@pytest.mark.kernels
+def test_rms_norm_before_a_cublas_product_runs_as_one_kernel(monkeypatch):
+    """An RMSNorm before a product our kernels do not take (``kernels=False``, as the prefill's; or more than 16
+    rows) is normalised by ``norm_rows``' kernel, as the stock module's operations would: Llama's form and Gemma's
+    (offset 1, multiplied in fp32)."""
+    from bettertransformer.ops import decode, decode_kernels
+
+    launches = _count_launches(monkeypatch, decode_kernels, "norm_rows")
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(20, 96, generator=gen) * 3, torch.randn(40, 96, generator=gen) / 10
+    scale = torch.rand(96, generator=gen) + 0.5
+    for offset, round_first in ((0.0, True), (1.0, False)):
+        norm = decode.RMSNorm(scale.to(KERNELS).half(), 1e-6, offset, round_first)
+        got = decode.linear(x.to(KERNELS).half(), weight.to(KERNELS).half(), None, transposed=True, norm=norm,
+                            kernels=False)  # fmt: skip
+        reference = decode.RMSNorm(scale.double(), 1e-6, offset, round_first)
+        expected = decode.rms_norm(x.double(), reference) @ weight.double().t()
+        assert (got.double().cpu() - expected).abs().max().item() < 2e-2
+    assert launches == {"norm_rows": 2}
 
 
 _TRITON_TYPES = {
@@ -857,7 +883,8 @@ def test_decode_kernels_compile_for_hopper(monkeypatch):
         _run_llama_decode_ops(KERNELS, torch.float16, batch)
         _run_decode_ops(KERNELS, torch.float16, batch)
     test_rope_attention_kernel_splits_with_a_window(2)
-    test_rope_into_cache_kernel(6, 2, 64, 64, False, "whole")
+    test_rope_into_cache_kernel(6, 2, 64, 64, False, "whole", monkeypatch)
+    test_rms_norm_before_a_cublas_product_runs_as_one_kernel(monkeypatch)
     test_decode_linear_normalises_many_rows_over_several_chunks(16)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if os.environ.get("BT_COMPILE_TRITON"):  # the GPU machine's Triton, installed apart
