@@ -98,6 +98,7 @@ class GPT2DecodeStep(FusedStep):
         self.head: Any = head.get_output_embeddings()
         self.base, self.layout = base, layout
         self.module_ids = [id(m) for m in self._modules(head)]
+        self.no_rotation = decode.Rotary(torch.zeros(1, device=self.embed.weight.device)[:0])  # no features turn
         problem = next((p for p in (layer.unsupported() for layer in self.layers) if p), None)
         if problem is None and not _affine_layer_norm(self.final_norm):
             problem = "a final norm that is not an nn.LayerNorm with weight and bias"
@@ -157,11 +158,12 @@ class GPT2DecodeStep(FusedStep):
 
         def attend(layer: _Layer, kv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             qkv = layer.qkv
-            q = decode.qkv_into_cache(
-                x, qkv.weight, qkv.bias, transposed=qkv.transposed, kv=kv, slot=state.slot, heads=layer.heads,
-                norm=layer.norm1,
+            # The rotary decoders' attention without a rotation (NoPE): it writes the new key/value, attends over
+            # the slots written so far and splits a long cache across programs.
+            return decode.rope_attention(
+                qkv(x, norm=layer.norm1), kv, state.mask, state.slot, positions[:, 0], heads=layer.heads,
+                scale=layer.scaling, rotary=self.no_rotation,
             )  # fmt: skip
-            return decode.attention(q, kv, state.mask, layer.scaling, state.slot)  # (B, H, D)
 
         return self._layers(x, state, attend)
 
