@@ -20,7 +20,7 @@ from bettertransformer.ops import decode_kernels
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     launches: dict[str, float] = {}
-    kernels = [decode_kernels._linear_kernel, decode_kernels._decode_attention_kernel, decode_kernels._embed_kernel]
+    kernels = [decode_kernels._linear_kernel, decode_kernels._rope_attention_kernel, decode_kernels._embed_kernel]
     kernels += [decode_kernels._advance_kernel, decode_kernels._argmax_rows_kernel]
     for kernel in kernels:
         original = kernel.run

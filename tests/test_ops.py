@@ -356,8 +356,10 @@ def _run_decode_ops(device, dtype, batch=3):
 
     kv, mask, x, weight, bias = _decode_inputs(device, dtype, batch=batch)
     slot = torch.tensor([5], device=device)
-    q = decode.qkv_into_cache(x, weight, bias, transposed=False, kv=kv, slot=slot, heads=4)
-    att = decode.attention(q, kv, mask, 0.25, slot)
+    # GPT-2's attention: the rotary decode attention without rotation, over the QKV product
+    positions, no_rotation = torch.full((batch,), 5, device=device), decode.Rotary(torch.zeros(1, device=device)[:0])
+    qkv = decode.linear(x, weight, bias, transposed=False)
+    att = decode.rope_attention(qkv, kv, mask, slot, positions, heads=4, scale=0.25, rotary=no_rotation)
     fc = decode.linear(x, weight, bias, transposed=False, gelu_tanh=True)
     lin = decode.linear(x, weight.t().contiguous(), None, transposed=True, out_dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
@@ -372,20 +374,20 @@ def _run_decode_ops(device, dtype, batch=3):
     )
     normed = decode.linear(x + 3, weight, bias, transposed=False, norm=norm)  # LayerNorm prologue
     residual = decode.linear(x, weight[:, :64], bias[:64], transposed=False, residual=x.clone() * 2)  # in place
-    kv2 = torch.zeros_like(kv)
-    q2 = decode.qkv_into_cache(x + 3, weight, bias, transposed=False, kv=kv2, slot=slot, heads=4, norm=norm)
-    return [q, att, fc, lin, emb, kv, normed, residual, q2, kv2]
+    return [qkv, att, fc, lin, emb, kv, normed, residual]
 
 
 def test_decode_ops_reference_path():
-    q, att, fc, lin, emb, kv, normed, residual, q2, kv2 = _run_decode_ops("cpu", torch.float64)
+    qkv_out, att, fc, lin, emb, kv, normed, residual = _run_decode_ops("cpu", torch.float64)
     _, mask, x, weight, bias = _decode_inputs("cpu", torch.float64)
     qkv = x @ weight + bias
-    torch.testing.assert_close(q, qkv[:, :64].view(3, 4, 16))
+    torch.testing.assert_close(qkv_out, qkv)
     torch.testing.assert_close(kv[0, :, :, 5], qkv[:, 64:96].view(3, 2, 16))  # keys written at the slot
     torch.testing.assert_close(kv[1, :, :, 5], qkv[:, 96:].view(3, 2, 16))
-    expected = _reference_attention_decode(q, kv, mask, 0.25)
-    torch.testing.assert_close(att, expected)
+    written = mask.clone()
+    written[:, 6:] = float("-inf")  # the slots after this token's are not written yet: never attended
+    expected = _reference_attention_decode(qkv[:, :64].view(3, 4, 16), kv, written, 0.25)
+    torch.testing.assert_close(att, expected.reshape(3, 64))
     torch.testing.assert_close(fc, F.gelu(qkv, approximate="tanh"))
     assert lin.dtype == torch.float32
     torch.testing.assert_close(residual, 2 * x + qkv[:, :64])
@@ -394,8 +396,6 @@ def test_decode_ops_reference_path():
     w, b = torch.rand(64, generator=gen).double() + 0.5, torch.randn(64, generator=gen).double()
     expected = F.layer_norm(x + 3, (64,), w, b, 1e-5) @ weight + bias
     torch.testing.assert_close(normed, expected)
-    torch.testing.assert_close(q2, expected[:, :64].view(3, 4, 16))
-    torch.testing.assert_close(kv2[1, :, :, 5], expected[:, 96:].view(3, 2, 16))
 
 
 def _reference_attention_decode(q, kv, mask, scale):
@@ -411,9 +411,9 @@ def _reference_attention_decode(q, kv, mask, scale):
 def test_decode_kernels_match_the_reference_path(batch, monkeypatch):
     from bettertransformer.ops import decode_kernels
 
-    launches = _count_launches(monkeypatch, decode_kernels, "linear", "decode_attention", "embed")
+    launches = _count_launches(monkeypatch, decode_kernels, "linear", "rope_attention", "embed")
     got = _run_decode_ops(KERNELS, torch.float16, batch)
-    assert launches == {"linear": 6, "decode_attention": 1, "embed": 1}  # the kernels ran, not the reference path
+    assert launches == {"linear": 5, "rope_attention": 1, "embed": 1}  # the kernels ran, not the reference path
     expected = _run_decode_ops("cpu", torch.float64, batch)
     for i, (a, b) in enumerate(zip(got, expected, strict=True)):
         error = (a.double().cpu() - b).abs().max().item()
@@ -730,31 +730,6 @@ def test_rope_attention_over_a_long_cache(heads, kv_heads, dim):
             got, cache = run(KERNELS, torch.float16, window, softcap, qk_norm, rows)
             assert (cache - expected_cache).abs().max().item() < 1e-2
             assert (got - expected).abs().max().item() < 1e-2
-
-
-def test_decode_attention_keeps_cudnn_out_of_sdpa(monkeypatch):
-    """The decode step's SDPA fallback (rows x slots past our kernel's range) runs with cuDNN's backend off: inside
-    the replayed step it was not repeatable (GPT-2 b16 on an H200; BENCHMARKS.md). The result is the reference's."""
-    from bettertransformer.ops import decode
-
-    seen = []
-    sdpa = F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    gen = torch.Generator().manual_seed(0)
-    q, kv = torch.randn(3, 4, 16, generator=gen), torch.randn(2, 3, 2, 40, 16, generator=gen)
-    mask = torch.zeros(3, 40)
-    mask[1, :7] = float("-inf")
-    out = decode.attention(q, kv, mask, 0.25, torch.tensor([39]))
-    assert seen == [False] and torch.backends.cuda.cudnn_sdp_enabled()  # off inside the call only
-    grouped = q.view(3, 2, 2, 16)
-    scores = (grouped @ kv[0].transpose(-1, -2)) * 0.25 + mask[:, None, None, :]
-    expected = (scores.softmax(-1) @ kv[1]).reshape(3, 4, 16)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @kernels

@@ -2,15 +2,15 @@
 
 At decode time a matrix product is a stream over the weight and every launch costs microseconds, so these fuse
 what a layer-by-layer forward splits: the LayerNorm before a matrix product and the bias, GELU and residual add
-after it, the key/value write into the QKV projection, the greedy choice of the next token into the LM head, the
-token and position embeddings into one gather (``decode_kernels``).
+after it, the q/k norms, rotary embedding and key/value write into the attention over the cache (every fused step's
+attention, GPT-2's without rotation), the greedy choice of the next token into the LM head, the token and position
+embeddings into one gather (``decode_kernels``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import decode_kernels
 from .decode_kernels import Norm, Part, RMSNorm, Rotary
@@ -18,15 +18,6 @@ from .attention import attention as padded_attention
 from .dispatch import use_triton
 
 __all__ = ["Norm", "Part", "RMSNorm", "Rotary"]
-
-# Decode attention runs our kernel while rows x cache slots stays under this; beyond it SDPA's kernels were faster
-# (H200, GPT-2 heads: ours 3.6 vs 4.6 us at 1 x 128, 5.0 vs 6.9 at 1 x 256, 6.6 vs 7.3 at 16 x 128, but 10.2 vs
-# 7.7 at 16 x 256; see BENCHMARKS.md).
-MAX_TRITON_ROW_SLOTS = 2048
-# Beyond it SDPA without its cuDNN backend: inside the replayed step cuDNN's attention was not repeatable (GPT-2,
-# b16 of 64-token prompts, H200, torch 2.11: greedy tokens of identical calls differed in 1 of 16 rows in some
-# calls; repeatable with cuDNN's backend off or with our kernel). The backends kept are.
-_REPEATABLE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _kernel_rows(x: torch.Tensor) -> bool:
@@ -180,49 +171,6 @@ def greedy_head(
         )  # fmt: skip
     scores = _softcapped(_scaled(_reference(x, weight, bias, transposed, norm), 1.0, divide), softcap).float()
     return (scores if eos_penalty is None else scores + eos_penalty).argmax(-1)
-
-
-def qkv_into_cache(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    transposed: bool,
-    kv: torch.Tensor,
-    slot: torch.Tensor,
-    heads: int,
-    norm: Norm | None = None,
-) -> torch.Tensor:
-    """The fused QKV projection of one token per row (of norm(x) when ``norm`` is given): returns q (B, H, D);
-    writes k and v into ``kv`` (2, B, Hkv, S, D) at ``slot`` (1,). Columns are laid out q | k | v, heads
-    contiguous within each."""
-    batch = x.shape[0]
-    head_dim = kv.shape[-1]
-    width = heads * head_dim
-    if _kernel_rows(x):
-        q = decode_kernels.linear(
-            x, weight, bias, transposed=transposed, norm=norm, kv=kv, slot=slot, split=width, head_dim=head_dim
-        )
-        return q.view(batch, heads, head_dim)
-    qkv = _reference(x, weight, bias, transposed, norm)
-    new = qkv[:, width:].view(batch, 2, kv.shape[2], 1, head_dim).transpose(0, 1)  # (2, B, Hkv, 1, D)
-    kv.index_copy_(3, slot, new)
-    return qkv[:, :width].view(batch, heads, head_dim)
-
-
-def attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: float, slot: torch.Tensor) -> torch.Tensor:
-    """q (B, H, D) over the cache kv (2, B, Hkv, S, D) with an additive mask (B, S) -> (B, H, D). ``slot`` (1,) is
-    the slot of the token being decoded, whose key/value this step's QKV projection has just written."""
-    slots = kv.shape[3]
-    if use_triton(q) and q.shape[0] * slots <= MAX_TRITON_ROW_SLOTS and q.shape[-1] in (16, 32, 64, 128):
-        block_s = min(256, max(16, 1 << (slots - 1).bit_length()))
-        warps = 8 if block_s * q.shape[-1] >= 8192 else 4
-        return decode_kernels.decode_attention(q, kv[0], kv[1], mask, slot, scale, block_s=block_s, warps=warps)
-    batch, heads, dim = q.shape
-    grouped = q.reshape(batch, kv.shape[2], heads // kv.shape[2], dim)  # query heads sharing a key/value head
-    with sdpa_kernel(_REPEATABLE_SDPA):
-        out = F.scaled_dot_product_attention(grouped, kv[0], kv[1], attn_mask=mask[:, None, None, :], scale=scale)
-    return out.reshape(batch, heads, dim)
 
 
 def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:

@@ -4,8 +4,9 @@ At batch 1 a decode step is a chain of small kernels, each waiting on the one be
 kernels times how long each one waits, not the bytes moved, so these kernels cut both:
 
 - The matrix product takes the LayerNorm before it as a prologue (each program normalises the few input rows itself)
-  and the residual add after it as an epilogue. A GPT-2 layer is then five kernels: LN+QKV (writing keys/values into
-  the cache), attention, output projection + residual, LN+FFN-in+GELU, FFN-out + residual.
+  and the residual add after it as an epilogue. A GPT-2 layer is then five kernels: LN+QKV, attention (writing the
+  new key/value into the cache; the rotary kernel without rotation), output projection + residual,
+  LN+FFN-in+GELU, FFN-out + residual.
 - On Hopper and newer every kernel here is launched with programmatic dependent launch (PDL): it may start while the
   kernel before it still runs, read its slab of the weights, and only then wait (``gdc_wait``) for that kernel's
   results. A kernel lets its successor start (``gdc_launch_dependents``) only after its own wait, so at most two
@@ -166,15 +167,13 @@ if AVAILABLE:
 
     @triton.jit
     def _linear_kernel(
-        X, W, B, W2, B2, W3, B3, Y, R, NW, NB, PEN, KV, SLOT, PV, PI,
+        X, W, B, W2, B2, W3, B3, Y, R, NW, NB, PEN, PV, PI,
         M, N, K, n1, n2, stride_xm, stride_wk, stride_wn, stride_ym, stride_rm, eps, norm_offset, softcap, out_scale,
-        out_divide,
-        split, kv_width, stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, stride_pm,
+        out_divide, stride_pm,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr, ACT: tl.constexpr,
         GATED: tl.constexpr, SEGMENTS: tl.constexpr, SOFTCAP: tl.constexpr, RESIDUAL: tl.constexpr,
-        KV_WRITE: tl.constexpr, ARGMAX: tl.constexpr, HAS_PEN: tl.constexpr, STORE_Y: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        ONE_CHUNK: tl.constexpr, PDL: tl.constexpr,
+        ARGMAX: tl.constexpr, HAS_PEN: tl.constexpr, STORE_Y: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         # act(norm(X) @ W + B) for M <= BLOCK_M rows; one program streams a BLOCK_N-wide slab of W, its first
         # BLOCK_K rows (all of it when ONE_CHUNK: K <= BLOCK_K) before waiting on the previous kernel. The product is
@@ -189,9 +188,8 @@ if AVAILABLE:
         # Then y * out_scale / out_divide (Granite's residual and logit multipliers), each rounded as stock's are
         # (exact when they are 1).
         # SOFTCAP: softcap * tanh(y / softcap), rounded after each operation as a stock LM head's dtype ops are.
-        # RESIDUAL: R += that, in place (each program owns its columns). KV_WRITE: columns >= split are keys then
-        # values, written into the cache at slot SLOT instead of Y. ARGMAX: the max of each row's (product + PEN)
-        # over the program's columns and its first index, into PV, PI (M, programs).
+        # RESIDUAL: R += that, in place (each program owns its columns). ARGMAX: the max of each row's (product +
+        # PEN) over the program's columns and its first index, into PV, PI (M, programs).
         pid = tl.program_id(0)
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.arange(0, BLOCK_M)
@@ -303,21 +301,7 @@ if AVAILABLE:
             first_max = tl.argmax(scores, axis=1, tie_break_left=True)
             tl.store(PV + rows * stride_pm + pid, best, mask=rows < M)
             tl.store(PI + rows * stride_pm + pid, pid * BLOCK_N + first_max, mask=rows < M)
-        if KV_WRITE:
-            to_y = cols < split
-            tl.store(
-                Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=valid & to_y[None, :]
-            )
-            c = tl.where(to_y, 0, cols - split)
-            which = c // kv_width
-            head = (c % kv_width) // HEAD_DIM
-            d = c % HEAD_DIM
-            slot = tl.load(SLOT)
-            dest = KV + which * stride_kv_which + head * stride_kv_h + slot * stride_kv_s + d
-            tl.store(
-                dest[None, :] + rows[:, None] * stride_kv_b, acc.to(KV.dtype.element_ty), mask=valid & ~to_y[None, :]
-            )
-        elif STORE_Y:
+        if STORE_Y:
             tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=valid)
 
     @triton.jit
@@ -670,63 +654,6 @@ if AVAILABLE:
                 for e in tl.static_range(NUM_EOS):
                     tl.store(PENALTY + tl.load(EOS + e), 0.0)
 
-    @triton.jit
-    def _attention_scores(q, k, mask):
-        return tl.sum(k.to(tl.float32) * q[None, :], axis=1) + mask.to(tl.float32)
-
-    @triton.jit
-    def _decode_attention_kernel(
-        Q, K, V, MASK, SLOT, OUT, S, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
-        stride_vs, stride_mb, stride_ob, stride_oh, scale, GROUP: tl.constexpr, D: tl.constexpr,
-        BLOCK_S: tl.constexpr, ONE_BLOCK: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        # One query token per (row, head) over S cached keys, with an additive (B, S) mask; online softmax.
-        # ONE_BLOCK (S <= BLOCK_S): the cache is read before the wait. Only the slot SLOT was written by the kernel
-        # before (this token's key/value); the other slots and the mask date from earlier steps. That slot is read
-        # again after the wait.
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        kv_h = h // GROUP
-        d = tl.arange(0, D)
-        k_row = K + b * stride_kb + kv_h * stride_kh
-        v_row = V + b * stride_vb + kv_h * stride_vh
-        if ONE_BLOCK:
-            ss = tl.arange(0, BLOCK_S)
-            inside = ss < S
-            k = tl.load(k_row + ss[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
-            v = tl.load(v_row + ss[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
-            mask = tl.load(MASK + b * stride_mb + ss, mask=inside, other=float("-inf"))
-            slot = tl.load(SLOT)
-            _wait_for_previous(PDL)
-            q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
-            new = (ss == slot)[:, None]
-            k = tl.where(new, tl.load(k_row + slot * stride_ks + d)[None, :], k)
-            v = tl.where(new, tl.load(v_row + slot * stride_vs + d)[None, :], v)
-            scores = _attention_scores(q, k, mask)
-            p = tl.exp(scores - tl.max(scores, axis=0))
-            out = tl.sum(p[:, None] * v.to(tl.float32), axis=0) / tl.sum(p, axis=0)
-        else:
-            _wait_for_previous(PDL)
-            q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
-            m_i = -1.0e30
-            l_i = 0.0
-            acc = tl.zeros((D,), tl.float32)
-            for s0 in range(0, S, BLOCK_S):
-                ss = s0 + tl.arange(0, BLOCK_S)
-                inside = ss < S
-                k = tl.load(k_row + ss[:, None] * stride_ks + d[None, :], mask=inside[:, None], other=0.0)
-                v = tl.load(v_row + ss[:, None] * stride_vs + d[None, :], mask=inside[:, None], other=0.0)
-                mask = tl.load(MASK + b * stride_mb + ss, mask=inside, other=float("-inf"))
-                scores = _attention_scores(q, k, mask)
-                m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-                p = tl.exp(scores - m_new)
-                alpha = tl.exp(m_i - m_new)
-                acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-                l_i = l_i * alpha + tl.sum(p, axis=0)
-                m_i = m_new
-            out = acc / l_i
-        tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
-
 
 MAX_ROWS = 16  # rows one linear kernel takes (one tensor-core tile)
 Norm = tuple[torch.Tensor, torch.Tensor, float]  # LayerNorm (weight, bias, eps)
@@ -814,10 +741,6 @@ def linear(
     scale: float = 1.0,
     divide: float = 1.0,
     out_dtype: torch.dtype | None = None,
-    kv: torch.Tensor | None = None,
-    slot: torch.Tensor | None = None,
-    split: int = 0,
-    head_dim: int = 0,
     eos_penalty: torch.Tensor | None = None,
     argmax: bool = False,
     config: tuple[int, int, int] | None = None,
@@ -832,8 +755,6 @@ def linear(
     - ``scale``, ``divide``: result * scale / divide (Granite's multipliers), each operation rounded to x's dtype.
     - ``softcap``: softcap * tanh(result / softcap) (Gemma 2's final logits), each operation rounded to x's dtype.
     - ``residual`` (M, N): ``residual += result`` in place; returns ``residual``.
-    - ``kv`` (2, M, Hkv, S, head_dim) and ``slot`` (1,): only the first ``split`` columns are returned; the rest,
-      keys then values, are written into ``kv`` at that slot.
     - ``argmax``: returns the (M,) int64 first index of each row's maximum of (result + ``eos_penalty``).
     """
     m, k = x.shape
@@ -855,12 +776,9 @@ def linear(
         raise ValueError("either every matrix of one product has a bias or none has")
     programs = triton.cdiv(n, block_n)
     store_y = residual is None and not argmax
-    y = x.new_empty((m, split if kv is not None else n) if store_y else (1,), dtype=out_dtype or x.dtype)
+    y = x.new_empty((m, n) if store_y else (1,), dtype=out_dtype or x.dtype)
     r = residual if residual is not None else y
     kind, nw, nb, eps, offset, round_first = _norm_args(norm, x)
-    kv_args = (
-        (kv, slot, split, kv.shape[2] * head_dim, *kv.stride()[:4]) if kv is not None else (y, y, 0, 1, 0, 0, 0, 0)
-    )
     if argmax:
         partial_values = x.new_empty(m, programs, dtype=torch.float32)
         partial_index = x.new_empty(m, programs, dtype=torch.int32)
@@ -880,13 +798,13 @@ def linear(
         x, kind = norm_rows(x, norm, weight.dtype), 0
     launch(_linear_kernel, (programs,),
         x, *pointers, y, r, nw, nb, eos_penalty if eos_penalty is not None else x,
-        kv_args[0], kv_args[1], partial_values, partial_index, m, n, k, widths[0],
+        partial_values, partial_index, m, n, k, widths[0],
         sum(widths[:2]), x.stride(0), stride_wk, stride_wn, y.stride(0), r.stride(0), eps, offset, softcap or 1.0,
-        scale, divide, *kv_args[2:], programs,
+        scale, divide, programs,
         HAS_BIAS=bias is not None, NORM=kind, ROUND_FIRST=round_first,
         ACT=_ACTIVATIONS["gelu_tanh" if gelu_tanh else act], GATED=up is not None, SEGMENTS=len(matrices),
-        SOFTCAP=softcap is not None, RESIDUAL=residual is not None, KV_WRITE=kv is not None, ARGMAX=argmax,
-        HAS_PEN=eos_penalty is not None, STORE_Y=store_y, HEAD_DIM=max(head_dim, 1), BLOCK_M=1 if m == 1 else MAX_ROWS,
+        SOFTCAP=softcap is not None, RESIDUAL=residual is not None, ARGMAX=argmax,
+        HAS_PEN=eos_penalty is not None, STORE_Y=store_y, BLOCK_M=1 if m == 1 else MAX_ROWS,
         BLOCK_N=block_n, BLOCK_K=block_k, ONE_CHUNK=k <= block_k, num_warps=warps,
         num_stages=2 if n >= 16384 else 4, **pdl,
     )  # fmt: skip
@@ -1070,27 +988,3 @@ def advance(chosen: torch.Tensor, buffers: StepBuffers) -> None:
         b.eos_penalty if b.eos_penalty is not None else b.mask, b.ban_steps, batch, b.out.stride(0), b.valid.shape[1],
         NUM_EOS=b.eos.numel(), HAS_BAN=has_ban, BLOCK_B=max(16, triton.next_power_of_2(batch)), **_pdl(b.mask),
     )  # fmt: skip
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    slot: torch.Tensor,
-    scale: float,
-    block_s: int = 64,
-    warps: int = 4,
-) -> torch.Tensor:
-    """Attention of one new token per row: q (B, H, D) over k, v (B, Hkv, S, D) (last dim contiguous) with an
-    additive mask (B, S). ``slot`` (1,): the cache slot of this token, whose key/value the kernel before wrote.
-    Returns (B, H, D)."""
-    batch, heads, dim = q.shape
-    out = torch.empty_like(q)
-    slots = k.shape[2]
-    launch(_decode_attention_kernel, (batch, heads),
-        q, k, v, mask, slot, out, slots, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), mask.stride(0), out.stride(0), out.stride(1), scale,
-        GROUP=heads // k.shape[1], D=dim, BLOCK_S=block_s, ONE_BLOCK=slots <= block_s, num_warps=warps, **_pdl(q),
-    )  # fmt: skip
-    return out
