@@ -453,6 +453,28 @@ def test_rotary_frequencies_that_change_at_run_time_take_the_generic_step(fast_l
     assert counts["fast generate"] == 1 and counts["generic steps"] == 1 and counts["fused steps"] == 0
 
 
+def test_generic_steps_attend_with_cudnn_sdpa_off(fast_loop_on_cpu, monkeypatch):
+    """A generic step's attention runs with SDPA's repeatable backends only: on an H200 (torch 2.11), with cuDNN's
+    on, 10 identical batch-16 generate calls of a GPT-NeoX-shaped model gave 9 different outputs; with it off, one."""
+    from bettertransformer.adapters import decode_state
+
+    states = []
+    original = decode_state.attention
+
+    def spy(*args, **kwargs):
+        states.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decode_state, "attention", spy)
+    stock = make_decoder("gpt_neox")
+    model = BetterTransformer.transform(stock, keep_original_model=True)
+    ids, mask = left_padded_batch(stock.config.vocab_size, LENGTHS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+    assert call_counts(model)["generic steps"] == 1
+    assert states and not any(states) and torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_save_pretrained_writes_a_stock_checkpoint(tmp_path):
     stock = make_decoder("llama")
     model = BetterTransformer.transform(stock, keep_original_model=True)

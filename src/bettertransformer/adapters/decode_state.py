@@ -12,7 +12,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..ops.attention import attention
+from torch.nn.attention import sdpa_kernel
+
+from ..ops.attention import REPEATABLE_SDPA, attention
 from ..ops.step_buffers import StepBuffers
 
 
@@ -157,12 +159,14 @@ class DecodeState:
             mask = (mask + relative).to(query.dtype)  # (B, H, 1, S)
         if bias is not None:
             mask = mask + bias.to(query.dtype)  # (B, H, 1, S)
-        if mask.shape[1] != 1:  # a bias per head (ALiBi, T5's and ProphetNet's relative positions)
-            return attention(query, kv[0], kv[1], mask, scale=scale, softcap=softcap)
-        kv_heads = kv.shape[2]
-        # Grouped-query heads of one key/value head become the query rows of one attention call (no repeated keys).
-        grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-        out = attention(grouped, kv[0], kv[1], mask, scale=scale, softcap=softcap)
+        with sdpa_kernel(REPEATABLE_SDPA):  # as the fused steps' attention: repeatable from call to call
+            if mask.shape[1] != 1:  # a bias per head (ALiBi, T5's and ProphetNet's relative positions)
+                return attention(query, kv[0], kv[1], mask, scale=scale, softcap=softcap)
+            kv_heads = kv.shape[2]
+            # Grouped-query heads of one key/value head become the query rows of one attention call (no repeated
+            # keys).
+            grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+            out = attention(grouped, kv[0], kv[1], mask, scale=scale, softcap=softcap)
         return out.reshape(batch, heads, 1, dim)
 
     def attend_beside(

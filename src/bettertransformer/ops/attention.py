@@ -24,10 +24,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from ..switches import SWITCHES
 from . import triton_kernels
 from .padding import PackInfo, dense_layout, from_dense, to_dense
+
+# SDPA's backends whose results repeat from call to call inside a replayed CUDA graph: cuDNN's did not (H200, torch
+# 2.11, 64-token prompts left-padded by 4i, 128 new tokens: GPT-2 b16, 1 of 16 rows differed in some identical calls;
+# a GPT-NeoX-shaped model's generic steps b16, 9 different outputs of 10 identical calls, one with cuDNN's off).
+# Decode-time attention runs with these only.
+REPEATABLE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @functools.cache
