@@ -333,7 +333,7 @@ class LlamaDecodeStep(FusedStep):
         where = positions.reshape(-1)[packing.flat]
         tokens = x.shape[0]
         for layer, kv in zip(self.layers, state.kv, strict=True):
-            qkv = layer.qkv_product(x, kernels=False)
+            qkv = layer.qkv_product(x)  # our kernels up to 16 tokens (as a step's), cuBLAS beyond
             q, k, v = decode.rope_into_cache(
                 qkv, kv, packing.rows, packing.columns, where, heads=layer.heads, rotary=layer.rope(),
                 qk_norm=layer.qk_norm(),
@@ -341,8 +341,8 @@ class LlamaDecodeStep(FusedStep):
             a = packed_attention(
                 q, k, v, packing.info, scale=layer.scaling, causal=True, window=layer.window, softcap=layer.softcap
             )  # fmt: skip
-            layer.residual(layer.o, a.reshape(tokens, -1), x, "post_attention", kernels=False)
-            layer.mlp(x, kernels=False)
+            layer.residual(layer.o, a.reshape(tokens, -1), x, "post_attention", kernels=True)
+            layer.mlp(x)
         return self._logits(x[packing.last], kernels=False)
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
