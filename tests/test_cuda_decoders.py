@@ -110,8 +110,11 @@ def test_padded_forward_in_half_precision_is_finite_and_stock_like(name, dtype):
             assert our_error <= 3 * stock_error + 1e-3, (what, our_error, stock_error)
 
 
-def test_packed_rows_training_on_cuda_bf16():
-    stock = make_decoder("llama", dtype=torch.bfloat16).cuda().train()
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma2"])
+def test_packed_rows_training_on_cuda_bf16(name):
+    """Packed rows in bf16 (flash attention with grouped-query heads, PyTorch's fused RMSNorm in each stock form)
+    against the sequences run one by one through stock."""
+    stock = make_decoder(name, dtype=torch.bfloat16).cuda().train()
     model = BetterTransformer.transform(stock, keep_original_model=True).train()
     lengths = [30, 7, 19]
     sequences = [torch.randint(3, stock.config.vocab_size, (1, n), device="cuda") for n in lengths]

@@ -212,7 +212,7 @@ def test_softcap_matches_eager():
     assert call_counts(model)["fast"] == 1
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2", "gpt_neo-local", "falcon"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2", "gpt_neo-local", "falcon", "qwen3", "gemma2", "olmo2"])
 def test_packed_rows_train_like_separate_sequences(name):
     """One row holding three sequences, position_ids restarting at 0 (DataCollatorWithFlattening)."""
     stock = make_decoder(name).train()
@@ -231,6 +231,32 @@ def test_packed_rows_train_like_separate_sequences(name):
     assert call_counts(model)["fast"] == 1
     for (pname, p), q in zip(stock.named_parameters(), model.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=5e-5), pname
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "olmo2"])
+def test_training_norms_run_the_fused_op(name, monkeypatch):
+    """With a gradient needed, every RMSNorm runs PyTorch's fused RMSNorm op (one kernel forward on CUDA; its
+    composite on the CPU): each of the model's norms once a forward, in each stock form; without one, none does."""
+    from bettertransformer.adapters import decoder
+
+    ran = []
+
+    def counted(*args, **kwargs):
+        out = fused(*args, **kwargs)
+        ran.append(out is not None)
+        return out
+
+    fused = decoder.rms_norm_with_grad
+    monkeypatch.setattr(decoder, "rms_norm_with_grad", counted)
+    stock = make_decoder(name).train()
+    model = BetterTransformer.transform(stock, keep_original_model=True).train()
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    ids = torch.randint(3, stock.config.vocab_size, (2, 9))
+    model(ids).logits.sum().backward()
+    assert len(ran) == len(norms) > 0 and all(ran)
+    with torch.no_grad():
+        model(ids)
+    assert len(ran) == len(norms)
 
 
 def test_padded_training_gradients_match_stock():

@@ -11,6 +11,8 @@ One mechanism serves every such model type, whatever its layers look like (``cal
   prefill) runs once on its real tokens only, packed into one row; the hidden states and the keys/values are
   then laid back out in the padded layout the decode steps expect. A row of sequences packed with restarting
   ``position_ids`` (transformers' ``DataCollatorWithFlattening``) gets attention within each sequence only.
+- RMSNorms of the forms the fused step knows run through PyTorch's fused RMSNorm op whenever a gradient is needed
+  (training): one kernel forward for the stock composition's seven.
 - The language-model head's ``generate`` runs the static-cache loop of ``generation.py``, with the model's fused
   decode step when the registry names one (``decode_steps/``).
 
@@ -27,12 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._compat import register_attention, set_attention
+from .._compat import is_distributed_tensor, register_attention, set_attention
+from ..ops.fused import rms_norm_with_grad
 from ..ops.padding import PackInfo, gather_rows, pack_info, unpack
 from .attention import ATTENTION_NAME, attention_function, mask_function
 from .attention_modules import ModuleAttention, route
 from .call_state import carry_call_state, current_decoder_call, decoder_call, drop_carried_call_state
 from .decode_steps import DecodeStep
+from .decode_steps.llama import rms_norm_form
 from .generation import FastGenerate
 from .patching import Calls, InstanceForward, LogOnce, bind_arguments, check_requires
 
@@ -51,6 +55,24 @@ def _segments(position_ids: torch.Tensor) -> torch.Tensor:
     starts[1:] = row[1:] - row[:-1] != 1
     bounds = torch.nonzero(starts).squeeze(1).cpu()
     return torch.diff(bounds, append=torch.tensor([row.numel()])).to(torch.int32)
+
+
+def _norm_with_grad(module: Any, offset: float, round_first: bool, stock: Callable, *args: Any, **kwargs: Any) -> Any:
+    """An RMSNorm module's forward: PyTorch's fused op when a gradient is needed, else (or where the op does not
+    fit: other arguments, distributed tensors) the stock forward."""
+    x = args[0] if len(args) == 1 and not kwargs else None
+    weight = module.weight
+    if (
+        isinstance(x, torch.Tensor)
+        and torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+        and not (is_distributed_tensor(x) or is_distributed_tensor(weight))
+    ):
+        eps: Any = getattr(module, "variance_epsilon", getattr(module, "eps", None))  # present (rms_norm_form)
+        out = rms_norm_with_grad(x, weight, float(eps), offset, round_first)
+        if out is not None:
+            return out
+    return stock(*args, **kwargs)
 
 
 class CausalDecoder:
@@ -125,6 +147,10 @@ class CausalDecoder:
                 "in this transformers release, so bettertransformer cannot speed it up"
             )
         self._patches.append(InstanceForward(self.base, self.forward))
+        for module in self.base.modules():
+            form = rms_norm_form(module)
+            if form is not None:
+                self._patches.append(InstanceForward(module, functools.partial(_norm_with_grad, module, *form)))
         # Layers that checkpoint (transformers gives them a ``gradient_checkpointing`` flag), the base model included.
         self._checkpointed = [m for m in self.base.modules() if hasattr(m, "gradient_checkpointing")]
         if self.generation is not None:

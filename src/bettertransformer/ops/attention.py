@@ -5,7 +5,7 @@ Four ways to compute the same function, picked per call:
 
 - ``triton``: our Triton kernel on the packed tokens, CUDA, fp16/bf16, power-of-two head sizes, inference
   (no gradient), bidirectional only. Faster than ``varlen`` on short and mixed-length rows (see BENCHMARKS.md).
-- ``varlen``: flash attention on the packed tokens (``torch.nn.attention.varlen``; with dropout, PyTorch's flash
+- ``varlen``: flash attention on the packed tokens (``torch.nn.attention.varlen``; in training, PyTorch's flash
   kernels called directly), CUDA, fp16/bf16, no bias. Computes only real-token pairs.
 - ``dense``: lay the packed tokens out left-aligned in a ``(B, max_len)`` grid and call SDPA with a key mask
   (and an optional additive bias). Works everywhere, supports dropout and bias; pads to the longest row only.
@@ -48,12 +48,15 @@ def _varlen_kernel() -> tuple[Any, frozenset[str]]:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-class _FlashVarlenDropout(torch.autograd.Function):
-    """Flash attention on packed tokens with dropout on the attention weights (training).
+class _FlashVarlen(torch.autograd.Function):
+    """Flash attention on packed tokens for training, with optional dropout on the attention weights.
 
-    ``varlen_attn`` takes no dropout; PyTorch's flash kernels do (SDPA's flash backend runs them on padded rows).
-    Called here on the packed rows, with the flash backward; the dropout draws come from the CUDA generator's Philox
-    stream, as SDPA's do. q: (T, Hq, D); k, v: (T, Hkv, D) with Hkv = Hq."""
+    PyTorch's flash kernels called directly on the packed rows, with the flash backward. ``varlen_attn`` takes no
+    dropout, and its autograd runs through ``torch.library`` in Python (~0.5 ms of host time a layer's backward, in
+    a training step that waits on the host) and, in some releases, takes no grouped-query heads (its key/value
+    heads repeated, their gradients summed back). The flash kernels take grouped-query heads as they are. The dropout
+    draws come from the CUDA generator's Philox stream, as SDPA's do. q: (T, Hq, D); k, v: (T, Hkv, D), Hkv
+    dividing Hq."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu, max_len: int, dropout_p: float, causal: bool, scale: float, window: tuple[int, int]):
@@ -102,7 +105,7 @@ def pick_backend(
             and not (torch.is_grad_enabled() and q.requires_grad)
         ):
             return "triton"
-        # Dropout (training) takes PyTorch's flash kernels on the packed rows too (``_FlashVarlenDropout``).
+        # Training (with dropout or not) calls PyTorch's flash kernels on the packed rows directly (``_FlashVarlen``).
         flash = bias is None and q.dtype in (torch.float16, torch.bfloat16)
         if (
             flash
@@ -172,13 +175,9 @@ def _varlen(c: _Call) -> torch.Tensor:
     extra: dict[str, Any] = {}
     reach = c.window - 1 if c.window is not None else -1  # flash's windows are inclusive
     window = (reach, 0) if c.causal else (reach, reach)
-    if c.dropout_p:
-        if c.gqa:
-            k, v = (t.repeat_interleave(c.q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    if c.dropout_p or (torch.is_grad_enabled() and any(t.requires_grad for t in (c.q, k, v))):
         info = c.info
-        return _FlashVarlenDropout.apply(
-            c.q, k, v, info.cu_seqlens, info.max_len, c.dropout_p, c.causal, c.scale, window
-        )
+        return _FlashVarlen.apply(c.q, k, v, info.cu_seqlens, info.max_len, c.dropout_p, c.causal, c.scale, window)
     if c.causal or c.window is not None:
         extra["window_size"] = window
     if c.gqa and "enable_gqa" in params:

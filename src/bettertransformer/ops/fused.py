@@ -1,7 +1,8 @@
 """Small fused pieces of a transformer layer, with a plain PyTorch version as the reference.
 
 On CUDA in fp16/bf16, when no gradient is needed, the Triton kernels of ``triton_kernels`` run instead: they
-read and write each activation once. Everywhere else (CPU, fp32, training) the PyTorch composition runs.
+read and write each activation once. Everywhere else (CPU, fp32, training) the PyTorch composition runs, but for
+decoders' RMSNorms in training, which take PyTorch's fused op (``rms_norm_with_grad``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if weight.dtype in (torch.float16, torch.bfloat16):
         h = h.to(weight.dtype)
     return weight * h
+
+
+# PyTorch's RMSNorm op with a fused CUDA kernel and backward (torch 2.8+), or None.
+_FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)
+
+
+def rms_norm_with_grad(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, round_first: bool = True
+) -> torch.Tensor | None:
+    """A decoder's RMSNorm for training, through PyTorch's fused op (one kernel forward and a fused backward on
+    CUDA, where the stock module's composition is seven kernels forward and more backward). None where that op is
+    absent or the form does not fit (the caller runs the stock module).
+
+    The two stock forms: ``weight * round(x * r)`` (Llama's, ``round_first``; fused only when x and the weight share
+    a dtype, and then rounded once, not twice: the same up to one unit in the last place in fp16/bf16, equal in
+    fp32) and ``round(x * r * (offset + weight))`` computed in fp32 (Gemma's, OLMo 2's), where r = rsqrt(mean(x^2) +
+    eps) in fp32."""
+    op = _FUSED_RMS_NORM
+    if op is None:
+        return None
+    shape = [x.shape[-1]]
+    if round_first:
+        if offset or weight.dtype != x.dtype:
+            return None
+        return op(x, shape, weight, eps)[0]
+    scale = weight.float() + offset if offset else weight.float()
+    return op(x.float(), shape, scale, eps)[0].to(x.dtype)
 
 
 def conv1d_gemm(

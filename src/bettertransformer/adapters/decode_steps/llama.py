@@ -99,6 +99,15 @@ GLM4_LAYOUT = LlamaLayout(
 )  # fmt: skip
 
 
+def rms_norm_form(module: Any) -> tuple[float, bool] | None:
+    """(offset, round_first) of an RMSNorm whose form the fused step knows (``decode.RMSNorm``), with a weight and
+    an epsilon; None for any other module."""
+    form = _RMS_NORMS.get(type(module).__name__)
+    if form is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    return form if getattr(module, "variance_epsilon", getattr(module, "eps", None)) is not None else None
+
+
 def _rms_norm(module: Any) -> decode.RMSNorm:
     offset, round_first = _RMS_NORMS[type(module).__name__]
     eps: Any = getattr(module, "variance_epsilon", getattr(module, "eps", None))
