@@ -34,6 +34,13 @@ def assert_close_at(
         )
 
 
+def assert_grads_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: float = 1e-5) -> None:
+    """``actual`` within ``rel`` of ``expected``'s scale (its largest magnitude, at least ``rel``): a plain absolute
+    tolerance on small gradients would pass one that is 0.1% off."""
+    error = (actual - expected).abs().max().item()
+    assert error <= rel * max(expected.abs().max().item(), rel), (what, error, expected.abs().max().item())
+
+
 def assert_finite_where_expected(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
     """``actual`` is finite wherever ``expected`` is, padded positions included.
 

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 from decoder_zoo import ALL, EOS, PAD, decoder_config, left_padded_batch, make_decoder, supported
-from helpers import assert_close_at
+from helpers import assert_close_at, assert_grads_close
 from transformers import DynamicCache
 
 from bettertransformer import BetterTransformer, call_counts, is_transformed
@@ -230,7 +230,7 @@ def test_packed_rows_train_like_separate_sequences(name):
     assert_close_at(packed, separate, None, atol=2e-5)
     assert call_counts(model)["fast"] == 1
     for (pname, p), q in zip(stock.named_parameters(), model.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, atol=5e-5), pname
+        assert_grads_close(q.grad, p.grad, pname)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "olmo2"])
@@ -267,7 +267,7 @@ def test_padded_training_gradients_match_stock():
     for m in (stock, model):
         m(ids, attention_mask=mask, labels=labels).loss.backward()
     for (pname, p), q in zip(stock.named_parameters(), model.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, atol=1e-6), pname
+        assert_grads_close(q.grad, p.grad, pname)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -289,7 +289,7 @@ def test_gradient_checkpointing_on_packed_rows_gives_stock_gradients(reentrant):
     (separate * weights).sum().backward()
     assert call_counts(model)["fast"] >= 1
     for (pname, p), q in zip(stock.named_parameters(), model.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, atol=5e-5), pname
+        assert_grads_close(q.grad, p.grad, pname)
     BetterTransformer.reverse(model)  # the layers get transformers' own checkpoint function back
     functions = [vars(m).get("_gradient_checkpointing_func") for m in model.modules()]
     assert any(functions) and not any(type(f).__name__ == "CarriedCheckpoint" for f in functions)

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from helpers import assert_close_at, max_error_at
+from helpers import assert_close_at, assert_grads_close, max_error_at
 from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
@@ -227,8 +227,8 @@ def test_train_mode_gradients_match_stock(model_type, checkpointing, monkeypatch
     assert len(checkpointed) == (fast.config.num_hidden_layers if checkpointing else 0)
     torch.testing.assert_close(loss_f, loss_s, atol=1e-6, rtol=1e-5)
     assert grads_f.keys() == grads_s.keys()
-    for name in grads_s:
-        torch.testing.assert_close(grads_f[name], grads_s[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    for name, expected in grads_s.items():
+        assert_grads_close(grads_f[name], expected, name)
 
 
 def test_train_mode_with_dropout_runs_fast_and_drops():
