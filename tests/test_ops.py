@@ -231,6 +231,34 @@ def test_triton_attention_backend_matches_reference(head_dim):
     assert (out.double().cpu() - ref).abs().max().item() < 2e-3
 
 
+@pytest.mark.parametrize(("offset", "round_first"), [(0.0, True), (1.0, False), (0.0, False)])
+def test_rms_norm_with_grad_matches_the_stock_forms(offset, round_first):
+    """PyTorch's fused RMSNorm op in the stock modules' three forms (Llama's, Gemma's, OLMo 2's): output and
+    gradients of the stock composition in fp32; in bf16 within its rounding (2^-7 of each value); None where the
+    form does not fit (Llama's with a weight of another dtype)."""
+    from bettertransformer.ops.decode import RMSNorm, rms_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 32, dtype=torch.float64).float().requires_grad_()
+    weight = (torch.randn(32) * 0.5).requires_grad_()
+    out = fused.rms_norm_with_grad(x, weight, 1e-6, offset, round_first)
+    expected = rms_norm(x, RMSNorm(weight, 1e-6, offset, round_first))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(out)
+    for a, b in zip(
+        torch.autograd.grad(out, (x, weight), g), torch.autograd.grad(expected, (x, weight), g), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    xb, wb = x.detach().bfloat16(), weight.detach().bfloat16()
+    low = fused.rms_norm_with_grad(xb, wb, 1e-6, offset, round_first)
+    stock = rms_norm(xb, RMSNorm(wb, 1e-6, offset, round_first))
+    assert low.dtype == stock.dtype == torch.bfloat16
+    ulp = 2.0**-7 * stock.float().abs().clamp(min=2.0**-126)
+    assert ((low.float() - stock.float()).abs() <= ulp * 1.01).all()
+    mixed = fused.rms_norm_with_grad(xb, weight.detach(), 1e-6, offset, round_first)
+    assert (mixed is None) == round_first
+
+
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
