@@ -8,8 +8,10 @@
 - ``compile``: ``torch.compile`` of stock and transformed BERT-base, inference on the canonical batch (64 rows of
   ``randint(16, 513)``, fp16) and the ``bert`` training step; each error is printed, not raised.
 - ``--profile``: the transformed BERT step's longest CUDA kernels.
+- ``--breakdown``: for ``bert`` and ``llama``, stock and transformed: host time of the forward, backward and
+  optimizer, the step's wall time, its GPU time and kernel launches (``step_breakdown``).
 
-Run: ``PYTHONPATH=src python benchmarks/train_gpu.py [--only bert llama compile] [--profile] [--out DIR]``
+Run: ``PYTHONPATH=src python benchmarks/train_gpu.py [--only bert llama compile] [--profile] [--breakdown] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -78,6 +80,60 @@ def train_steps(model, batches, steps: int, warmup: int = 3) -> tuple[list[float
     return times, losses, _gib()
 
 
+def step_breakdown(model, batches, steps: int = 12) -> dict:
+    """Where a training step's time goes: host milliseconds of the forward, the backward and the optimizer (each
+    step starts synchronised, as ``train_steps``'s do), the step's wall time (medians), and, from a profile of
+    ``len(batches)`` steps, the GPU's busy milliseconds and kernel launches per step. A step whose wall time is the
+    sum of its host phases waits on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=torch.cuda.is_available())
+    cuda = next(model.parameters()).is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step(batch, phases=None):
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        sync()
+        if phases is not None:
+            phases.append((t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t0))
+
+    for batch in batches:
+        step(batch)
+    phases: list = []
+    for i in range(steps):
+        step(batches[i % len(batches)], phases)
+    medians = [1e3 * statistics.median(p) for p in zip(*phases, strict=True)]
+    out = dict(zip(("forward_host_ms", "backward_host_ms", "optimizer_host_ms", "wall_ms"), medians, strict=True))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch)
+    events = prof.key_averages()
+    launches = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+    out["gpu_ms"] = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / len(batches)
+    out["launches"] = sum(e.count for e in events if e.key in launches) / len(batches)
+    return out
+
+
+def _print_breakdown(what: str, name: str, row: dict) -> None:
+    print(
+        f"{what} {name:20s} host: forward {row['forward_host_ms']:.1f} ms, backward {row['backward_host_ms']:.1f}, "
+        f"optimizer {row['optimizer_host_ms']:.1f}; wall {row['wall_ms']:.1f} ms; GPU {row['gpu_ms']:.1f} ms, "
+        f"{row['launches']:.0f} launches a step",
+        flush=True,
+    )
+
+
 def bench_bert(args, results: dict) -> None:
     config = BertConfig(num_labels=2)
     torch.manual_seed(0)
@@ -92,6 +148,12 @@ def bench_bert(args, results: dict) -> None:
         rows[name] = dict(ms=statistics.median(times), peak_gib=peak, losses=losses[:8])
         print(f"bert {name:18s} {rows[name]['ms']:7.1f} ms/step  peak {peak:5.2f} GiB  losses {losses[:4]}", flush=True)
     print("bert fast calls", call_counts(fast))
+    if args.breakdown:
+        for name, model in (("stock", stock), ("transformed", fast)):
+            state = copy.deepcopy(model.state_dict())
+            rows[f"{name} breakdown"] = step_breakdown(model, batches)
+            model.load_state_dict(state)
+            _print_breakdown("bert", name, rows[f"{name} breakdown"])
     results["bert"] = rows
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -159,6 +221,12 @@ def bench_llama(args, results: dict) -> None:
             flush=True,
         )
     print("llama fast calls", call_counts(fast))
+    if args.breakdown:
+        for name, model, make in (("stock, padded", stock, padded), ("transformed, packed", fast, flattened)):
+            state = copy.deepcopy(model.state_dict())
+            rows[f"{name} breakdown"] = step_breakdown(model, [make(g) for g in groups])
+            model.load_state_dict(state)
+            _print_breakdown("llama", name, rows[f"{name} breakdown"])
     results["llama"] = rows
 
 
@@ -238,6 +306,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=["bert", "llama", "compile"], choices=["bert", "llama", "compile"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="host time per phase, wall, GPU time and launches per step"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results: dict = dict(
