@@ -57,9 +57,11 @@ def _segments(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.diff(bounds, append=torch.tensor([row.numel()])).to(torch.int32)
 
 
-def _norm_with_grad(module: Any, offset: float, round_first: bool, stock: Callable, *args: Any, **kwargs: Any) -> Any:
-    """An RMSNorm module's forward: PyTorch's fused op when a gradient is needed, else (or where the op does not
-    fit: other arguments, distributed tensors) the stock forward."""
+def _norm_with_grad(
+    module: Any, offset: float, round_first: bool, eps: float, stock: Callable, *args: Any, **kwargs: Any
+) -> Any:
+    """An RMSNorm module's forward (its form from ``rms_norm_form``): PyTorch's fused op when a gradient is needed,
+    else (or where the op does not fit: other arguments, distributed tensors) the stock forward."""
     x = args[0] if len(args) == 1 and not kwargs else None
     weight = module.weight
     if (
@@ -68,8 +70,7 @@ def _norm_with_grad(module: Any, offset: float, round_first: bool, stock: Callab
         and (x.requires_grad or weight.requires_grad)
         and not (is_distributed_tensor(x) or is_distributed_tensor(weight))
     ):
-        eps: Any = getattr(module, "variance_epsilon", getattr(module, "eps", None))  # present (rms_norm_form)
-        out = rms_norm_with_grad(x, weight, float(eps), offset, round_first)
+        out = rms_norm_with_grad(x, weight, eps, offset, round_first)
         if out is not None:
             return out
     return stock(*args, **kwargs)

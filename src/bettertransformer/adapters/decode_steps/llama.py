@@ -99,19 +99,24 @@ GLM4_LAYOUT = LlamaLayout(
 )  # fmt: skip
 
 
-def rms_norm_form(module: Any) -> tuple[float, bool] | None:
-    """(offset, round_first) of an RMSNorm whose form the fused step knows (``decode.RMSNorm``), with a weight and
-    an epsilon; None for any other module."""
+def _epsilon(module: Any) -> Any:
+    """An RMSNorm module's epsilon (``variance_epsilon`` or ``eps``, by model family), or None."""
+    return getattr(module, "variance_epsilon", getattr(module, "eps", None))
+
+
+def rms_norm_form(module: Any) -> tuple[float, bool, float] | None:
+    """(offset, round_first, eps) of an RMSNorm whose form the fused step knows (``decode.RMSNorm``), with a weight
+    and an epsilon; None for any other module."""
     form = _RMS_NORMS.get(type(module).__name__)
-    if form is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+    eps = _epsilon(module)
+    if form is None or not isinstance(getattr(module, "weight", None), torch.Tensor) or eps is None:
         return None
-    return form if getattr(module, "variance_epsilon", getattr(module, "eps", None)) is not None else None
+    return (*form, float(eps))
 
 
 def _rms_norm(module: Any) -> decode.RMSNorm:
     offset, round_first = _RMS_NORMS[type(module).__name__]
-    eps: Any = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    return decode.RMSNorm(module.weight, float(eps), offset, round_first)
+    return decode.RMSNorm(module.weight, float(_epsilon(module)), offset, round_first)
 
 
 def _is_layer_norm(module: Any) -> bool:
@@ -134,7 +139,7 @@ def _check_norm(module: Any, where: str, layer_norm: bool = False) -> None:
     name = type(module).__name__
     if name not in _RMS_NORMS or not isinstance(getattr(module, "weight", None), torch.Tensor):
         raise NotImplementedError(f"a {where} norm the fused step does not know ({name})")
-    if getattr(module, "variance_epsilon", getattr(module, "eps", None)) is None:
+    if _epsilon(module) is None:
         raise NotImplementedError(f"a {where} norm without an epsilon ({name})")
 
 
