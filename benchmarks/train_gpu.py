@@ -1,7 +1,9 @@
 """Training on a GPU, stock against transformed, side by side in one process (issue 16).
 
 - ``bert``: BERT-base sequence classification, batch 32 of ``torch.manual_seed(0); torch.randint(16, 513, (32,))``
-  tokens right-padded to the longest, bf16 autocast, AdamW: milliseconds per step (median), peak memory, losses.
+  tokens right-padded to the longest, bf16 autocast, AdamW: milliseconds per step (median), peak memory, losses;
+  stock, transformed (captured training graphs) and transformed with eager layers (``training_graphs=0``).
+  ``--bert-longest N``: rows of ``randint(16, N + 1)`` tokens instead (short-text classification).
 - ``llama``: a Llama-shaped ~1B config (TinyLlama's shapes), causal-LM fine-tuning, bf16 autocast, AdamW: stock on
   padded batches (``DataCollatorWithPadding``-style) against transformed on packed rows (``DataCollatorWithFlattening``),
   the same examples in the same order; real tokens per second and peak memory.
@@ -35,6 +37,7 @@ from transformers import (
 )
 
 from bettertransformer import BetterTransformer, call_counts
+from bettertransformer.switches import switched
 
 
 def _peak_reset() -> None:
@@ -47,9 +50,9 @@ def _gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def bert_batch(batch: int = 32, seed: int = 0, vocab: int = 30522) -> dict:
+def bert_batch(batch: int = 32, seed: int = 0, vocab: int = 30522, longest: int = 512) -> dict:
     torch.manual_seed(seed)
-    lengths = torch.randint(16, 513, (batch,))
+    lengths = torch.randint(16, longest + 1, (batch,))
     width = int(lengths.max())
     ids = torch.randint(1000, vocab, (batch, width))
     mask = (torch.arange(width)[None] < lengths[:, None]).long()
@@ -127,7 +130,7 @@ def step_breakdown(model, batches, steps: int = 12) -> dict:
 
 def _print_breakdown(what: str, name: str, row: dict) -> None:
     print(
-        f"{what} {name:20s} host: forward {row['forward_host_ms']:.1f} ms, backward {row['backward_host_ms']:.1f}, "
+        f"{what} {name:26s} host: forward {row['forward_host_ms']:.1f} ms, backward {row['backward_host_ms']:.1f}, "
         f"optimizer {row['optimizer_host_ms']:.1f}; wall {row['wall_ms']:.1f} ms; GPU {row['gpu_ms']:.1f} ms, "
         f"{row['launches']:.0f} launches a step",
         flush=True,
@@ -139,19 +142,22 @@ def bench_bert(args, results: dict) -> None:
     torch.manual_seed(0)
     stock = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").cuda()
     fast = BetterTransformer.transform(copy.deepcopy(stock))
-    batches = [bert_batch(seed=s) for s in range(4)]
+    batches = [bert_batch(seed=s, longest=args.bert_longest) for s in range(4)]
     rows = {}
-    for name, model in (("stock", stock), ("transformed", fast), ("stock again", stock), ("transformed again", fast)):
+    runs = [("stock", stock, 0), ("transformed", fast, 8), ("transformed, eager layers", fast, 0)]
+    for name, model, graphs in runs + [(f"{name} again", model, graphs) for name, model, graphs in runs]:
         state = copy.deepcopy(model.state_dict())
-        times, losses, peak = train_steps(model, batches, args.steps)
+        with switched(training_graphs=graphs):
+            times, losses, peak = train_steps(model, batches, args.steps)
         model.load_state_dict(state)  # every run starts from the same weights
         rows[name] = dict(ms=statistics.median(times), peak_gib=peak, losses=losses[:8])
-        print(f"bert {name:18s} {rows[name]['ms']:7.1f} ms/step  peak {peak:5.2f} GiB  losses {losses[:4]}", flush=True)
+        print(f"bert {name:31s} {rows[name]['ms']:7.1f} ms/step  peak {peak:5.2f} GiB  losses {losses[:4]}", flush=True)
     print("bert fast calls", call_counts(fast))
     if args.breakdown:
-        for name, model in (("stock", stock), ("transformed", fast)):
+        for name, model, graphs in runs:
             state = copy.deepcopy(model.state_dict())
-            rows[f"{name} breakdown"] = step_breakdown(model, batches)
+            with switched(training_graphs=graphs):
+                rows[f"{name} breakdown"] = step_breakdown(model, batches)
             model.load_state_dict(state)
             _print_breakdown("bert", name, rows[f"{name} breakdown"])
     results["bert"] = rows
@@ -305,6 +311,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", default=["bert", "llama", "compile"], choices=["bert", "llama", "compile"])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--bert-longest", type=int, default=512, help="BERT rows hold randint(16, this + 1) tokens")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--breakdown", action="store_true", help="host time per phase, wall, GPU time and launches per step"

@@ -131,7 +131,8 @@ def call_counts(model: nn.Module) -> dict[str, int]:
     "fast" / "stock": base-model forwards (encoders: padding-free or stock; decoders: a padding-free prefill or
     packed rows, or the stock forward). "fast generate" / "stock generate": ``generate`` calls of a decoder that ran
     the static-cache loop or transformers' own generate. "fast encode" / "stock encode": ``encode`` calls of a
-    sentence-transformers model that ran ours or its own.
+    sentence-transformers model that ran ours or its own. "graphed training": encoder training forwards whose layers
+    replayed captured CUDA graphs (``SWITCHES.training_graphs``), counted among the "fast" ones.
     """
     state = _state_of(model, "no calls to count")
     total: Counter[str] = Counter()

@@ -40,6 +40,9 @@ class Switches:
                        step) ``generate`` keeps; the least recently used is dropped beyond it.
     max_graph_bytes:   per transformed model, the most bytes of key/value buffers those runners may hold
                        together (the least recently used go first; the runner in use is always kept).
+    training_graphs:   per transformed encoder, how many padded shapes of its layer stack's training forward and
+                       backward are kept as captured CUDA graphs (``adapters.graphed_stack``; the least recently
+                       used is dropped beyond it); 0 runs training eagerly.
     """
 
     triton: bool = True
@@ -50,6 +53,7 @@ class Switches:
     generate_devices: frozenset[str] = frozenset({"cuda", "cpu"})
     max_graphs: int = 16
     max_graph_bytes: int = 4 << 30
+    training_graphs: int = 8
 
 
 SWITCHES = Switches()

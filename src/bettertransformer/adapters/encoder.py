@@ -32,8 +32,10 @@ from ..ops.dispatch import use_triton
 from ..ops.fused import add_layer_norm, conv1d_gemm, linear_gelu, rms_norm
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
 from ..ops.rotary import rotate_pairs
+from ..switches import SWITCHES
 from .attention import ATTENTION_NAME, attention_function, mask_function
 from .attention_modules import ModuleAttention
+from .graphed_stack import GraphedStack
 from .call_state import EncoderCall, current_encoder_call, current_host_mask, encoder_call, update_encoder_call
 from .patching import (
     Calls,
@@ -473,6 +475,47 @@ def warn_left_padding(log: LogOnce, model_name: str) -> None:
     )  # fmt: skip
 
 
+class _Stack:
+    """The packed layers run one after another, and their captured training graphs (None where the layers'
+    parameters are not plain tensors on one device: sharded, quantized or spread over GPUs)."""
+
+    def __init__(self, layers: list[PackedLayer]):
+        self.layers = layers
+        modules = [packed.layer for packed in layers]
+        params = [p for m in modules for p in m.parameters()]
+        devices = {p.device for p in params}
+        plain = all(type(p) is nn.Parameter for p in params) and len(devices) == 1
+        head_dim = layers[0].head_dim
+        plain = plain and head_dim % 8 == 0 and head_dim <= 256  # flash attention's range
+        # Only plain nn.Linear projections: another module's forward (PEFT LoRA, quantized) may branch on state a
+        # graph would bake in (adapters disabled or merged).
+        plain = plain and all(all(packed.plain.values()) for packed in layers)
+        self.device = devices.pop() if len(devices) == 1 else None
+        self.graphs = (
+            GraphedStack(self.run, modules) if plain and type(layers[0]).__call__ is PackedLayer.__call__ else None
+        )
+        self.dropouts = [
+            m for module in modules for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)
+        ]
+
+    def run(self, x: torch.Tensor, info: PackInfo) -> torch.Tensor:
+        for packed in self.layers:
+            x = packed(x, info, None, None)
+        return x
+
+    def trains(self) -> bool:
+        """Some layer parameter takes a gradient."""
+        assert self.graphs is not None
+        return any(p.requires_grad for p in self.graphs.params)
+
+    def checkpointed(self) -> bool:
+        return any(getattr(packed.layer, "gradient_checkpointing", False) for packed in self.layers)
+
+    def state(self) -> tuple:
+        """What the captured graphs bake in besides shapes: the dropouts' modes and rates."""
+        return tuple((m.training, m.p) for m in self.dropouts)
+
+
 class PackedEncoder:
     """The padding-free forward of one base model's encoder."""
 
@@ -493,6 +536,7 @@ class PackedEncoder:
         self.pre = resolve(self.encoder, layout.pre) if layout.pre else None
         self.final_norm = resolve(self.encoder, layout.final_norm) if layout.final_norm else None
         self._previous_attention: Any = None
+        self._stack: _Stack | None = None
         self._switched = False
         self.calls = Calls()
         self.log = LogOnce()
@@ -595,6 +639,7 @@ class PackedEncoder:
             config._attn_implementation = self._previous_attention
         for layer in self.layers:
             layer.clear_cache()
+        self._stack = None
 
     def base_forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward, with this call's padding mask held for the encoder while it runs.
@@ -734,6 +779,17 @@ class PackedEncoder:
         bias = self._relative_bias(info) if self.layout.relative_bias is not None else None
         rotary = self.layout.rotary(self.encoder, _columns(info)) if self.layout.rotary is not None else None
         mid = None if self.layout.mid_positions is None else self.layout.mid_positions(self.encoder, kwargs or {})
+        graphed = self._graphed(x, info, bias, rotary, mid)
+        x = graphed if graphed is not None else self._layer_loop(x, info, bias, rotary, mid)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        out = unpack(x, info)  # (B, S, hidden), zeros at padding
+        return self.output_type(last_hidden_state=out) if return_dict else (out,)
+
+    def _layer_loop(
+        self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None, mid: Any
+    ) -> torch.Tensor:
+        """The packed layers one after another, eagerly."""
         for i, packed in enumerate(self.layers):
             layer = packed.layer
             device = packed.device
@@ -750,10 +806,34 @@ class PackedEncoder:
                 x = _clamp_fp16(x, self.layout.clamp_fp16)
             if mid is not None and i < mid.shape[0]:
                 x = _add_by_column(x, mid[i].to(x.device), info)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        out = unpack(x, info)  # (B, S, hidden), zeros at padding
-        return self.output_type(last_hidden_state=out) if return_dict else (out,)
+        return x
+
+    def _graphed(self, x: torch.Tensor, info: PackInfo, bias: Any, rotary: Any, mid: Any) -> torch.Tensor | None:
+        """The layers' output from the stack's captured training graphs (``graphed_stack``), or None where they do
+        not apply: not a CUDA training call with flash attention, or layers with extras (biases, rotations, mid-stack
+        additions, gradient checkpointing, parameters that are not plain tensors on this GPU)."""
+        limit = SWITCHES.training_graphs
+        if not limit or not x.is_cuda or not torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
+            return None
+        if bias is not None or rotary is not None or mid is not None or self.layout.clamp_fp16 is not None:
+            return None
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
+        if dtype not in (torch.float16, torch.bfloat16) or SWITCHES.attention_backend not in (None, "varlen"):
+            return None
+        stack = self._stack
+        if stack is None or stack.layers is not self.layers:
+            stack = self._stack = _Stack(self.layers)
+        if stack.graphs is None or stack.device != x.device or stack.checkpointed():
+            return None
+        if not (x.requires_grad or stack.trains()):
+            return None
+        if stack.graphs.busy():
+            self.log("graphs busy", "a second forward before the first one's backward: run eagerly")
+            return None
+        out = stack.graphs(x, info, limit, stack.state())
+        self.calls.add("graphed training")
+        return out
 
     def _run_layers(self, stock: Callable, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
         """The first layer's forward in a ``loop`` layout: every layer, packed, when exact (the other layers then

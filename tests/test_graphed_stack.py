@@ -1,0 +1,166 @@
+"""Captured training graphs of a packed encoder stack (``adapters.graphed_stack``): the padding to a graph's shapes
+changes no real token's output or gradient (any device); on a GPU, graphed training steps equal eager ones."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+
+from bettertransformer import BetterTransformer, call_counts
+from bettertransformer.adapters.encoder import PackedEncoder, _Stack
+from bettertransformer.adapters.graphed_stack import MIN_TOKENS, ROW_STEP, Padded, run_padded, token_bucket
+from bettertransformer.ops.padding import pack, pack_info
+from bettertransformer.registry import BERT
+from bettertransformer.switches import switched
+
+from helpers import assert_grads_close
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128)
+
+
+def test_token_buckets_waste_at_most_an_eighth():
+    for tokens in [1, 7, 127, 128, 129, 500, 4095, 4096, 4097, 8450, 100_003]:
+        bucket = token_bucket(tokens)
+        assert bucket >= tokens
+        assert bucket - tokens <= max(MIN_TOKENS, tokens / 8), tokens
+    assert token_bucket(8450) == token_bucket(8500)  # nearby counts share a graph
+
+
+def test_padded_layout_depends_on_batch_size_and_bucket_only():
+    rng = random.Random(0)
+    shapes: dict[tuple[int, int], int] = {}
+    for _ in range(2000):
+        batch = rng.randint(1, 40)
+        lengths = torch.tensor([rng.randint(0, 300) for _ in range(batch)])
+        padded = Padded.of(lengths)
+        assert int(padded.lengths.sum()) == padded.tokens == token_bucket(int(lengths.sum()))
+        assert padded.lengths.numel() == padded.rows and (padded.rows + 1) % ROW_STEP == 0
+        assert torch.equal(padded.lengths[:batch], lengths)  # real rows first, as they were
+        assert int(padded.lengths.max()) <= padded.max_len
+        assert shapes.setdefault((batch, padded.tokens), padded.rows) == padded.rows
+
+
+def _packed_batch(hidden: int, lengths: list[int]):
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    info = pack_info(mask, len(lengths), max(lengths), torch.device("cpu"))
+    x = pack(torch.randn(len(lengths), max(lengths), hidden), info).requires_grad_()
+    return x, info
+
+
+@pytest.mark.parametrize("lengths", [[5, 17, 1, 30], [64, 64], [3, 0, 9]])
+def test_padding_to_a_graph_shape_changes_no_output_or_gradient(lengths):
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
+    stack = _Stack(PackedEncoder(base, BERT).layers)
+    x, info = _packed_batch(base.config.hidden_size, lengths)
+    params = [p for p in base.encoder.parameters()]
+    weight = torch.randn(x.shape)  # a loss that reads every output element differently
+    results = []
+    for run in (stack.run, lambda x, info: run_padded(stack.run, x, info)):
+        out = run(x, info)
+        grads = torch.autograd.grad((out * weight).sum(), [x, *params])
+        results.append((out, grads))
+    (out, grads), (padded_out, padded_grads) = results
+    torch.testing.assert_close(padded_out, out, rtol=1e-5, atol=1e-5)
+    for name, actual, expected in zip(["x"] + [n for n, _ in base.encoder.named_parameters()], padded_grads, grads):
+        assert_grads_close(actual, expected, name)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _classifier(dropout: float = 0.0):
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=1000,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, num_labels=2,
+    )  # fmt: skip
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").cuda()
+
+
+def _batch(seed: int, rows: int = 8):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 200, (rows,), generator=gen)
+    mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long()
+    ids = torch.randint(5, 1000, mask.shape, generator=gen) * mask
+    labels = torch.randint(0, 2, (rows,), generator=gen)
+    return {k: v.cuda() for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
+
+
+def _steps(model, batches, graphs: int):
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses, grads = [], []
+    with switched(training_graphs=graphs):
+        for batch in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    return losses, grads
+
+
+@cuda
+@pytest.mark.cuda
+def test_graphed_training_steps_equal_eager_ones():
+    stock = _classifier()
+    eager, graphed = (BetterTransformer.transform(copy.deepcopy(stock)) for _ in range(2))
+    batches = [_batch(seed) for seed in (0, 1, 0, 2, 1)]  # shapes come back: graphs are replayed, not recaptured
+    eager_losses, eager_grads = _steps(eager, batches, graphs=0)
+    graphed_losses, graphed_grads = _steps(graphed, batches, graphs=8)
+    assert call_counts(graphed)["graphed training"] == len(batches)
+    assert call_counts(eager).get("graphed training", 0) == 0
+    torch.testing.assert_close(graphed_losses, eager_losses, rtol=2e-2, atol=2e-2)
+    for step, (actual, expected) in enumerate(zip(graphed_grads, eager_grads)):
+        assert actual.keys() == expected.keys()
+        for name in expected:
+            assert_grads_close(actual[name], expected[name], f"step {step} {name}", rel=3e-2)
+    reversed_model = BetterTransformer.reverse(graphed)
+    for (name, p), (_, q) in zip(
+        reversed_model.named_parameters(), BetterTransformer.reverse(eager).named_parameters()
+    ):
+        torch.testing.assert_close(p, q, rtol=5e-2, atol=5e-3, msg=name)
+
+
+@cuda
+@pytest.mark.cuda
+def test_second_forward_before_backward_runs_eagerly_and_stays_right():
+    """Two forwards then one backward (contrastive losses do this): the second must not overwrite the first's
+    captured activations."""
+    stock = _classifier()
+    model, reference = (BetterTransformer.transform(copy.deepcopy(stock)).train() for _ in range(2))
+    first, second = _batch(0), _batch(1)
+
+    def grads_of(m, graphs):
+        with switched(training_graphs=graphs), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(**first).loss + m(**second).loss
+        loss.backward()
+        out = {n: p.grad.clone() for n, p in m.named_parameters()}
+        m.zero_grad(set_to_none=True)
+        return out
+
+    grads_of(model, 8)  # capture
+    graphed, eager = grads_of(model, 8), grads_of(reference, 0)
+    assert call_counts(model)["graphed training"] == 2  # one per step: the other forwards ran eagerly
+    for name in eager:
+        assert_grads_close(graphed[name], eager[name], name, rel=3e-2)
+
+
+@cuda
+@pytest.mark.cuda
+def test_backward_after_an_overwriting_forward_raises():
+    model = BetterTransformer.transform(_classifier()).train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**_batch(0)).loss
+    loss.backward(retain_graph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(**_batch(0)).loss.backward()
+    with pytest.raises(RuntimeError, match="overwritten"):
+        loss.backward()
