@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertMod
 
 from bettertransformer import BetterTransformer, call_counts
 from bettertransformer.adapters.encoder import PackedEncoder, _Stack
-from bettertransformer.adapters.graphed_stack import MIN_TOKENS, ROW_STEP, Padded, run_padded, token_bucket
+from bettertransformer.adapters.graphed_stack import MIN_TOKENS, _capturing, ROW_STEP, Padded, run_padded, token_bucket
 from bettertransformer.ops.padding import pack, pack_info
 from bettertransformer.registry import BERT
 from bettertransformer.switches import switched
@@ -68,6 +69,26 @@ def test_padding_to_a_graph_shape_changes_no_output_or_gradient(lengths):
     torch.testing.assert_close(padded_out, out, rtol=1e-5, atol=1e-5)
     for name, actual, expected in zip(["x"] + [n for n, _ in base.encoder.named_parameters()], padded_grads, grads):
         assert_grads_close(actual, expected, name)
+
+
+def test_captured_layers_products_compute_what_autocast_computes():
+    """While captured, the layers take ``half_linear`` (a backward written for the GPU): the same outputs and
+    gradients as the eager layers under autocast, to bf16 rounding."""
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
+    stack = _Stack(PackedEncoder(base, BERT).layers)
+    x, info = _packed_batch(base.config.hidden_size, [5, 17, 1, 30])
+    params = list(base.encoder.parameters())
+    weight = torch.randn(x.shape)
+    results = []
+    for capture in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16), _capturing(torch.bfloat16) if capture else nullcontext():
+            out = stack.run(x, info)
+        results.append((out, torch.autograd.grad((out.float() * weight).sum(), [x, *params])))
+    (out, grads), (captured, captured_grads) = results
+    torch.testing.assert_close(captured, out, rtol=2e-2, atol=2e-2)
+    for actual, expected in zip(captured_grads, grads, strict=True):
+        assert_grads_close(actual, expected, "gradient", rel=3e-2)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

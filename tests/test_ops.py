@@ -231,6 +231,29 @@ def test_triton_attention_backend_matches_reference(head_dim):
     assert (out.double().cpu() - ref).abs().max().item() < 2e-3
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_half_linear_computes_what_autocast_computes(bias):
+    """The captured training stack's product: output and gradients as autocast's F.linear gives them (CPU, bf16:
+    both round the weight gradient to bf16 here; on CUDA ours keeps it in fp32)."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 24, requires_grad=True)
+    weight = torch.randn(16, 24, requires_grad=True)
+    b = torch.randn(16, requires_grad=True) if bias else None
+    grad = torch.randn(37, 16, dtype=torch.bfloat16)
+    results = []
+    for run in (lambda: F.linear(x, weight, b), lambda: fused.half_linear(x, weight, b, torch.bfloat16)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = run()
+        inputs = [x, weight] + ([b] if bias else [])
+        results.append((y, torch.autograd.grad(y, inputs, grad)))
+    (y, grads), (ours, our_grads) = results
+    assert ours.dtype == y.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, y)
+    for actual, expected in zip(our_grads, grads, strict=True):
+        assert actual.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize(("offset", "round_first"), [(0.0, True), (1.0, False), (0.0, False)])
 def test_rms_norm_with_grad_matches_the_stock_forms(offset, round_first):
     """PyTorch's fused RMSNorm op in the stock modules' three forms (Llama's, Gemma's, OLMo 2's): output and

@@ -29,13 +29,13 @@ from torch.utils.checkpoint import checkpoint
 from .._compat import output_capture_active, register_attention, set_attention
 from ..ops.attention import packed_attention
 from ..ops.dispatch import use_triton
-from ..ops.fused import add_layer_norm, conv1d_gemm, linear_gelu, rms_norm
+from ..ops.fused import add_layer_norm, conv1d_gemm, half_linear, linear_gelu, rms_norm
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
 from ..ops.rotary import rotate_pairs
 from ..switches import SWITCHES
 from .attention import ATTENTION_NAME, attention_function, mask_function
 from .attention_modules import ModuleAttention
-from .graphed_stack import GraphedStack
+from .graphed_stack import GraphedStack, capture_dtype
 from .call_state import EncoderCall, current_encoder_call, current_host_mask, encoder_call, update_encoder_call
 from .patching import (
     Calls,
@@ -325,7 +325,9 @@ class PackedLayer:
         tokens = x.shape[0]
         if self.fused_qkv:
             weight, b = self.qkv_parameters()
-            qkv = F.linear(x, weight, b).view(tokens, 3, self.num_heads, self.head_dim)
+            half = capture_dtype()
+            qkv = F.linear(x, weight, b) if half is None else half_linear(x, weight, b, half)
+            qkv = qkv.view(tokens, 3, self.num_heads, self.head_dim)
             q, k, v = qkv.unbind(1)  # (T, H, D) each
         else:
             q, k, v = (m(x).view(tokens, self.num_heads, self.head_dim) for m in (self.q, self.k, self.v))
@@ -342,16 +344,24 @@ class PackedLayer:
         return a if self.attn_scale is None else self.attn_scale(a)
 
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The projection ``name`` of x (T, in): F.linear with a plain module's parameters, else its own forward."""
+        """The projection ``name`` of x (T, in): F.linear with a plain module's parameters (``half_linear`` while a
+        training stack is captured), else the module's own forward."""
         module = getattr(self, name)
-        return F.linear(x, module.weight, module.bias) if self.plain[name] else module(x)
+        if not self.plain[name]:
+            return module(x)
+        half = capture_dtype()
+        return (
+            F.linear(x, module.weight, module.bias)
+            if half is None
+            else half_linear(x, module.weight, module.bias, half)
+        )
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         """dropout(ffn_out(act(ffn_in(x)))), or the feed-forward module run whole; scaled by ``ffn_scale``."""
         if self.ffn is not None:
             h = self.ffn(x)
         else:
-            if self.exact_gelu and self.plain["ffn_in"]:
+            if self.exact_gelu and self.plain["ffn_in"] and capture_dtype() is None:
                 h = linear_gelu(x, self.ffn_in.weight, self.ffn_in.bias)
             else:
                 h = self.act(self._linear("ffn_in", x))

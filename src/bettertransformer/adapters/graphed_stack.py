@@ -17,6 +17,8 @@ later replay overwrote raises instead of returning wrong gradients.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,26 @@ LENGTH_STEP = 128  # the longest sequence a graph admits grows in steps of this 
 MIN_TOKENS = 128
 
 Stack = Callable[[torch.Tensor, PackInfo], torch.Tensor]
+
+# While a stack is warmed up and captured: the half dtype its products run in. The layers then take the products
+# whose backward is written for the GPU (``ops.fused.half_linear``): their Python costs nothing once captured.
+_CAPTURING: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar(
+    "bettertransformer_capturing", default=None
+)
+
+
+def capture_dtype() -> torch.dtype | None:
+    """The half dtype of the products of a stack being captured, else None."""
+    return _CAPTURING.get()
+
+
+@contextlib.contextmanager
+def _capturing(dtype: torch.dtype):
+    token = _CAPTURING.set(dtype)
+    try:
+        yield
+    finally:
+        _CAPTURING.reset(token)
 
 
 BUCKET_BITS = 4  # 2**BUCKET_BITS token buckets per doubling
@@ -144,9 +166,12 @@ class _Graphs:
         inputs = ([self.static_x] if self.wants_x else []) + self.grad_params
         enabled, dtype = autocast
 
+        half = dtype if enabled else x.dtype
+
         def forward() -> torch.Tensor:
             with torch.enable_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
-                return stack(self.static_x, info)
+                with _capturing(half):
+                    return stack(self.static_x, info)
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
