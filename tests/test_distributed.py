@@ -42,6 +42,13 @@ def test_ddp_training_gives_the_losses_of_one_process():
 
 
 @distributed
+@two_gpus
+def test_ddp_training_with_captured_encoder_graphs_gives_the_losses_of_one_process():
+    out = _torchrun("ddp-graphed")
+    assert "ddp: max difference" in out
+
+
+@distributed
 def test_fsdp2_training_of_a_packed_decoder_gives_the_losses_of_one_process():
     out = _torchrun("fsdp2")
     assert "fsdp2: max difference" in out

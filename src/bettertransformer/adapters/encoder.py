@@ -790,7 +790,10 @@ class PackedEncoder:
         rotary = self.layout.rotary(self.encoder, _columns(info)) if self.layout.rotary is not None else None
         mid = None if self.layout.mid_positions is None else self.layout.mid_positions(self.encoder, kwargs or {})
         graphed = self._graphed(x, info, bias, rotary, mid)
-        x = graphed if graphed is not None else self._layer_loop(x, info, bias, rotary, mid)
+        if graphed is not None:
+            x = graphed
+        else:
+            x, info = self._layer_loop(x, info, bias, rotary, mid)
         if self.final_norm is not None:
             x = self.final_norm(x)
         out = unpack(x, info)  # (B, S, hidden), zeros at padding
@@ -798,8 +801,8 @@ class PackedEncoder:
 
     def _layer_loop(
         self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None, mid: Any
-    ) -> torch.Tensor:
-        """The packed layers one after another, eagerly."""
+    ) -> tuple[torch.Tensor, PackInfo]:
+        """The packed layers one after another, eagerly; the output and its layout, on the last layer's device."""
         for i, packed in enumerate(self.layers):
             layer = packed.layer
             device = packed.device
@@ -816,7 +819,7 @@ class PackedEncoder:
                 x = _clamp_fp16(x, self.layout.clamp_fp16)
             if mid is not None and i < mid.shape[0]:
                 x = _add_by_column(x, mid[i].to(x.device), info)
-        return x
+        return x, info
 
     def _graphed(self, x: torch.Tensor, info: PackInfo, bias: Any, rotary: Any, mid: Any) -> torch.Tensor | None:
         """The layers' output from the stack's captured training graphs (``graphed_stack``), or None where they do
@@ -842,6 +845,9 @@ class PackedEncoder:
             self.log("graphs busy", "a second forward before the first one's backward: run eagerly")
             return None
         out = stack.graphs(x, info, limit, stack.state())
+        if out is None:  # the capture failed (logged): this stack trains eagerly from now on
+            stack.graphs = None
+            return None
         self.calls.add("graphed training")
         return out
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import contextvars
 import weakref
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from ..ops.padding import PackInfo
+
+logger = logging.getLogger("bettertransformer")
 
 DUMMY_LENGTH = 64  # tokens per dummy sequence (their attention is a 64 x 64 block each)
 ROW_STEP = 16  # row-offset capacity grows in steps of this many sequences
@@ -137,6 +140,27 @@ def run_padded(stack: Stack, x: torch.Tensor, info: PackInfo) -> torch.Tensor:
     return stack(full, padded.info(padded.offsets().to(x.device)))[:tokens]
 
 
+@contextlib.contextmanager
+def _aliased(slots: Sequence[tuple[nn.Module, str]]):
+    """Each parameter in ``slots`` replaced, for the block, by a new leaf on the same storage (what a captured graph
+    reads is the parameter itself), whose gradient node is made on the capturing stream: differentiating the
+    parameters' own leaves joins their gradient nodes' stream, the default one when DDP keeps them (a capture
+    error). Yields the aliases in slot order."""
+    made: dict[int, nn.Parameter] = {}
+    saved = []
+    try:
+        for module, name in slots:
+            param = module._parameters[name]
+            assert param is not None
+            alias = made.setdefault(id(param), nn.Parameter(param.detach(), requires_grad=param.requires_grad))
+            saved.append((module, name, param))
+            module._parameters[name] = alias
+        yield [made[id(param)] for _, _, param in saved]
+    finally:
+        for module, name, param in saved:
+            module._parameters[name] = param
+
+
 class _InFlight:
     """Held by the autograd node of a replayed forward: alive while its backward may still come."""
 
@@ -147,6 +171,7 @@ class _Graphs:
     def __init__(
         self,
         stack: Stack,
+        slots: Sequence[tuple[nn.Module, str]],
         params: Sequence[torch.Tensor],
         x: torch.Tensor,
         padded: Padded,
@@ -163,7 +188,6 @@ class _Graphs:
         self.static_x.requires_grad_(self.wants_x)
         self.cu = padded.offsets().to(device)
         info = padded.info(self.cu)
-        inputs = ([self.static_x] if self.wants_x else []) + self.grad_params
         enabled, dtype = autocast
 
         half = dtype if enabled else x.dtype
@@ -173,40 +197,42 @@ class _Graphs:
                 with _capturing(half):
                     return stack(self.static_x, info)
 
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: cuBLAS handles and workspaces, lazily loaded kernels
-                out = forward()
-                torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
-            del out
-        torch.cuda.current_stream(device).wait_stream(side)
+        with _aliased(slots) as aliases:
+            inputs = ([self.static_x] if self.wants_x else []) + [a for a in aliases if a.requires_grad]
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: cuBLAS handles and workspaces, lazily loaded kernels
+                    out = forward()
+                    torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
+                del out
+            torch.cuda.current_stream(device).wait_stream(side)
 
-        self.forward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.forward_graph, pool=pool):
-            self.static_out = forward()
-        self.static_grad = torch.zeros_like(self.static_out)
-        # The parameters' gradients are written into the stack's sinks (one flat buffer per dtype, shared by its
-        # graphs), from which each backward hands out a fresh copy.
-        self.sink_views: list[torch.Tensor] = []
-        filled = collections.Counter[torch.dtype]()
-        for p in self.grad_params:
-            start = filled[p.dtype]
-            self.sink_views.append(sinks[p.dtype][start : start + p.numel()].view_as(p))
-            filled[p.dtype] += p.numel()
-        self.backward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.backward_graph, pool=pool):
-            grads = torch.autograd.grad(self.static_out, inputs, self.static_grad, allow_unused=True)
-            self.static_grad_x = grads[0] if self.wants_x else None
-            param_grads = grads[1:] if self.wants_x else grads
-            pairs = list(zip(self.sink_views, param_grads, strict=True))
-            for view, grad in pairs:
-                if grad is None:
-                    view.zero_()
-            written = [(view, grad) for view, grad in pairs if grad is not None]
-            if written:  # one multi-tensor copy, not one copy per parameter (~200 for BERT-base: 0.66 ms)
-                torch._foreach_copy_([view for view, _ in written], [grad for _, grad in written])
-        del grads, param_grads
+            self.forward_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.forward_graph, pool=pool):
+                self.static_out = forward()
+            self.static_grad = torch.zeros_like(self.static_out)
+            # The parameters' gradients are written into the stack's sinks (one flat buffer per dtype, shared by its
+            # graphs), from which each backward hands out a fresh copy.
+            self.sink_views: list[torch.Tensor] = []
+            filled = collections.Counter[torch.dtype]()
+            for p in self.grad_params:
+                start = filled[p.dtype]
+                self.sink_views.append(sinks[p.dtype][start : start + p.numel()].view_as(p))
+                filled[p.dtype] += p.numel()
+            self.backward_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.backward_graph, pool=pool):
+                grads = torch.autograd.grad(self.static_out, inputs, self.static_grad, allow_unused=True)
+                self.static_grad_x = grads[0] if self.wants_x else None
+                param_grads = grads[1:] if self.wants_x else grads
+                pairs = list(zip(self.sink_views, param_grads, strict=True))
+                for view, grad in pairs:
+                    if grad is None:
+                        view.zero_()
+                written = [(view, grad) for view, grad in pairs if grad is not None]
+                if written:  # one multi-tensor copy, not one copy per parameter (~200 for BERT-base: 0.66 ms)
+                    torch._foreach_copy_([view for view, _ in written], [grad for _, grad in written])
+            del grads, param_grads
 
     def run_forward(self, x: torch.Tensor, padded: Padded) -> torch.Tensor:
         tokens = x.shape[0]
@@ -272,11 +298,15 @@ class GraphedStack:
 
     def __init__(self, stack: Stack, modules: Sequence[nn.Module]):
         self.stack = stack
-        seen: dict[int, torch.Tensor] = {}
+        # (module, name) of each parameter the stack reads, once each.
+        seen: dict[int, tuple[nn.Module, str]] = {}
         for module in modules:
-            for p in module.parameters():
-                seen.setdefault(id(p), p)
-        self.params = list(seen.values())
+            for owner in module.modules():
+                for name, p in owner._parameters.items():
+                    if p is not None:
+                        seen.setdefault(id(p), (owner, name))
+        self.slots = list(seen.values())
+        self.params: list[torch.Tensor] = [getattr(owner, name) for owner, name in self.slots]
         self.graphs: collections.OrderedDict[tuple, _Graphs] = collections.OrderedDict()
         self.pool: Any = None
         self.sinks: dict[torch.dtype, torch.Tensor] = {}
@@ -294,9 +324,9 @@ class GraphedStack:
         self._sink_layout = ()
         self.pool = None
 
-    def __call__(self, x: torch.Tensor, info: PackInfo, limit: int, state: tuple = ()) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, info: PackInfo, limit: int, state: tuple = ()) -> torch.Tensor | None:
         """The stack's output on ``x`` (T, hidden), replayed (captured first for a new shape, ``state`` or
-        parameter set); the caller checks ``busy`` first."""
+        parameter set); None when a capture failed (logged). The caller checks ``busy`` first."""
         padded = Padded.of(info.host_lengths)
         enabled = torch.is_autocast_enabled("cuda")
         autocast = (enabled, torch.get_autocast_dtype("cuda"))
@@ -308,11 +338,13 @@ class GraphedStack:
         graphs = self.graphs.get(key)
         if graphs is None:
             graphs = self._capture(key, x, padded, autocast, limit)
+            if graphs is None:
+                return None
         else:
             self.graphs.move_to_end(key)
         return _Replay.apply(self, graphs, padded, x, *params)
 
-    def _capture(self, key: tuple, x: torch.Tensor, padded: Padded, autocast: tuple, limit: int) -> _Graphs:
+    def _capture(self, key: tuple, x: torch.Tensor, padded: Padded, autocast: tuple, limit: int) -> _Graphs | None:
         while len(self.graphs) >= max(1, limit):
             self.graphs.popitem(last=False)
         layout = tuple((p.dtype, p.numel()) for p in self.params if p.requires_grad)
@@ -324,6 +356,12 @@ class GraphedStack:
             self._sink_layout = layout
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graphs = _Graphs(self.stack, self.params, x, padded, self.pool, self.sinks, autocast)
+        try:
+            graphs = _Graphs(self.stack, self.slots, self.params, x, padded, self.pool, self.sinks, autocast)
+        except Exception as error:  # noqa: BLE001 - the stack trains eagerly instead, and says why
+            logger.warning("capturing the encoder's training graphs failed, training eagerly: %s", error)
+            torch.cuda.synchronize(x.device)
+            self.clear()
+            return None
         self.graphs[key] = graphs
         return graphs
