@@ -185,3 +185,31 @@ def test_backward_after_an_overwriting_forward_raises():
         model(**_batch(0)).loss.backward()
     with pytest.raises(RuntimeError, match="overwritten"):
         loss.backward()
+
+
+@cuda
+@pytest.mark.cuda
+def test_a_failed_capture_trains_eagerly_and_spoils_no_later_capture(monkeypatch, caplog):
+    """A stack that cannot be captured (here: a host sync inside it) trains eagerly, says so once, and leaves the
+    process able to capture other graphs."""
+    stock = _classifier()
+    broken, healthy, eager = (BetterTransformer.transform(copy.deepcopy(stock)) for _ in range(3))
+    run = _Stack.run
+
+    def syncing(self, x, info):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()  # not allowed while capturing
+        return run(self, x, info)
+
+    monkeypatch.setattr(_Stack, "run", syncing)
+    batches = [_batch(0), _batch(1)]
+    with caplog.at_level("WARNING", logger="bettertransformer"):
+        broken_losses, _ = _steps(broken, batches, graphs=8)
+    assert "training graphs failed" in caplog.text
+    assert call_counts(broken).get("graphed training", 0) == 0
+    monkeypatch.setattr(_Stack, "run", run)
+    healthy_losses, _ = _steps(healthy, batches, graphs=8)
+    eager_losses, _ = _steps(eager, batches, graphs=0)
+    assert call_counts(healthy)["graphed training"] == len(batches)
+    torch.testing.assert_close(broken_losses, eager_losses, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(healthy_losses, eager_losses, rtol=2e-2, atol=2e-2)

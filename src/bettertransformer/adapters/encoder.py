@@ -826,7 +826,10 @@ class PackedEncoder:
         not apply: not a CUDA training call with flash attention, or layers with extras (biases, rotations, mid-stack
         additions, gradient checkpointing, parameters that are not plain tensors on this GPU)."""
         limit = SWITCHES.training_graphs
-        if not limit or not x.is_cuda or not torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
+        if not x.is_cuda:
+            self._stack = None  # the layers left the GPU: let their graphs go
+            return None
+        if not limit or not torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
             return None
         if bias is not None or rotary is not None or mid is not None or self.layout.clamp_fp16 is not None:
             return None
@@ -835,8 +838,8 @@ class PackedEncoder:
         if dtype not in (torch.float16, torch.bfloat16) or SWITCHES.attention_backend not in (None, "varlen"):
             return None
         stack = self._stack
-        if stack is None or stack.layers is not self.layers:
-            stack = self._stack = _Stack(self.layers)
+        if stack is None or stack.layers is not self.layers or stack.device not in (None, x.device):
+            stack = self._stack = _Stack(self.layers)  # new layers, or moved to another GPU
         if stack.graphs is None or stack.device != x.device or stack.checkpointed():
             return None
         if not (x.requires_grad or stack.trains()):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import gc
 import inspect
 import threading
 from collections import OrderedDict
@@ -41,6 +40,7 @@ from ..ops.sampling import Sampling, advance, next_tokens
 from ..ops.step_buffers import StepBuffers
 from ..switches import SWITCHES
 from .call_state import decoding
+from .capture import capture
 from .decode_state import DecodeState, DecodeUnsupported
 from .decode_steps import DecodeStep
 from .patching import Calls, InstanceForward, LogOnce
@@ -74,10 +74,6 @@ _ASSISTANT = frozenset(
 )  # fmt: skip
 _CHECK_EVERY = 8  # tokens between host checks for "all rows finished"
 _PREFILL_GRAPHS = 4  # prefill graphs kept per runner (least recently used dropped)
-
-# One capture at a time in this process: entering a capture synchronizes the device, which another thread's
-# capture in progress would not survive.
-_CAPTURE_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -138,8 +134,8 @@ class _Captured:
     ``result``: the last warm-up's result; ``graph`` and ``output`` (the captured call's output): None if the
     capture failed.
 
-    Python's cycle collector is paused during the capture: a collection may free an unreachable model's CUDA graph
-    (a transformed model is a reference cycle), and destroying a graph while a capture runs invalidates the capture.
+    The capture runs as ``capture.capture`` runs it (one at a time, the cycle collector paused, cleaned up on
+    failure).
     """
 
     def __init__(self, run: Callable[[], Any], warmups: int, pool: Any, log: LogOnce, what: str):
@@ -153,53 +149,13 @@ class _Captured:
                 self.result = run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with _CAPTURE_LOCK:
-            enabled = gc.isenabled()
-            gc.disable()
-            try:
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    output = run()
-            except Exception as problem:  # e.g. a host sync in the model's step (data-dependent expert routing)
-                torch.cuda.synchronize()
-                _end_failed_capture(pool)
-                log(f"capture {what}", "%s not capturable (%s); it runs eagerly", what, problem)
-                return
-            finally:
-                if enabled:
-                    gc.enable()
+        try:
+            with capture(graph, pool):
+                output = run()
+        except Exception as problem:  # e.g. a host sync in the model's step (data-dependent expert routing)
+            log(f"capture {what}", "%s not capturable (%s); it runs eagerly", what, problem)
+            return
         self.graph, self.output = graph, output
-
-
-def _end_failed_capture(pool: Any) -> None:
-    """Close the allocator's recording into ``pool`` that a failed capture left open.
-
-    A capture that fails inside its body makes ``capture_end`` raise before it tells the caching allocator that the
-    capture is over: the pool stays "being recorded to", so every later capture into it (the model's other graphs)
-    fails with "already recording to mempool_id", and the failed capture's hold on the pool is never released.
-    Ending the recording (and, only when it was still open, dropping that hold) undoes both; if the capture failed
-    before the recording began, there is nothing to end and nothing is released. (The runner also moves later
-    captures to a fresh pool: the pinned host allocator keeps its own mark on this one.)"""
-    _close_generator_capture()
-    if pool is None:
-        return
-    device = torch.cuda.current_device()
-    try:
-        torch._C._cuda_endAllocateToPool(device, pool)
-    except Exception:  # not recording to it: the capture failed before the recording began, or after it ended
-        return
-    torch._C._cuda_releasePool(device, pool)
-
-
-def _close_generator_capture() -> None:
-    """Take the device's random generator out of capture mode, where a failed capture leaves it.
-
-    ``capture_end`` raises before it tells the generator that the capture is over, and from then on every random
-    draw outside a graph (``torch.randn``, sampling in ``generate``) raises "Offset increment outside graph capture
-    encountered unexpectedly". A tiny capture that ends normally runs the generator's capture epilogue."""
-    graph = torch.cuda.CUDAGraph()
-    scratch = torch.zeros(1, device="cuda")
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        scratch.add_(1)
 
 
 def _tree(head: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.Tensor]]:
@@ -495,7 +451,7 @@ class Runner:
 
     def _new_pool(self) -> None:
         """After a failed capture, later captures of this model go to a fresh memory pool: PyTorch can leave the
-        failed capture's pool marked as being recorded to (``_end_failed_capture`` undoes that for device memory,
+        failed capture's pool marked as being recorded to (``capture._end_failed_capture`` undoes that for device memory,
         but pinned host memory keeps its mark), and a capture into a pool so marked fails."""
         self.owner.pool = self.pool = torch.cuda.graph_pool_handle()
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..ops.padding import PackInfo
+from .capture import capture
 
 logger = logging.getLogger("bettertransformer")
 
@@ -209,7 +210,7 @@ class _Graphs:
             torch.cuda.current_stream(device).wait_stream(side)
 
             self.forward_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.forward_graph, pool=pool):
+            with capture(self.forward_graph, pool):
                 self.static_out = forward()
             self.static_grad = torch.zeros_like(self.static_out)
             # The parameters' gradients are written into the stack's sinks (one flat buffer per dtype, shared by its
@@ -221,7 +222,7 @@ class _Graphs:
                 self.sink_views.append(sinks[p.dtype][start : start + p.numel()].view_as(p))
                 filled[p.dtype] += p.numel()
             self.backward_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.backward_graph, pool=pool):
+            with capture(self.backward_graph, pool):
                 grads = torch.autograd.grad(self.static_out, inputs, self.static_grad, allow_unused=True)
                 self.static_grad_x = grads[0] if self.wants_x else None
                 param_grads = grads[1:] if self.wants_x else grads
@@ -360,7 +361,6 @@ class GraphedStack:
             graphs = _Graphs(self.stack, self.slots, self.params, x, padded, self.pool, self.sinks, autocast)
         except Exception as error:  # noqa: BLE001 - the stack trains eagerly instead, and says why
             logger.warning("capturing the encoder's training graphs failed, training eagerly: %s", error)
-            torch.cuda.synchronize(x.device)
             self.clear()
             return None
         self.graphs[key] = graphs
