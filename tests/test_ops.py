@@ -231,6 +231,53 @@ def test_triton_attention_backend_matches_reference(head_dim):
     assert (out.double().cpu() - ref).abs().max().item() < 2e-3
 
 
+@kernels
+@pytest.mark.kernels
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_dropout_add_layer_norm_kernels_match_pytorch(p):
+    """The training kernels of LayerNorm(dropout(a) + x) (a bf16, the residual x and the norm fp32, as under
+    autocast) against PyTorch's composition with the same dropout mask: outputs and all four gradients. Rows not a
+    multiple of the backward's row block, a width not a power of two. (p = 0.5 scales by 2, exactly: Triton's
+    interpreter rounds fp32 to bf16 toward zero where the GPU and PyTorch round to nearest.)"""
+    rows, n, eps = 70, 48, 1e-12
+    device = KERNELS
+    torch.manual_seed(0)
+    a = torch.randn(rows, n, device=device).to(torch.bfloat16).requires_grad_()
+    x = torch.randn(rows, n, device=device, requires_grad=True)
+    w = (torch.randn(n, device=device) + 1).requires_grad_()
+    b = torch.randn(n, device=device, requires_grad=True)
+    dy = torch.randn(rows, n, device=device)
+    torch.manual_seed(1)  # the seed the call below draws: first its mask, read off a zero residual
+    _, h, *_ = triton_kernels.dropout_add_layer_norm_forward(
+        a.detach(), torch.zeros_like(x), w, b, eps, p, torch.float32
+    )
+    keep = h != 0
+    torch.manual_seed(1)
+    y = fused._DropoutAddLayerNorm.apply(a, x, w, b, eps, p, torch.float32)
+    grads = torch.autograd.grad(y, [a, x, w, b], dy)
+    dropped = torch.where(keep, a * (1 / (1 - p)), torch.zeros((), dtype=a.dtype, device=device))
+    ref = F.layer_norm(dropped + x, (n,), w, b, eps)
+    ref_grads = torch.autograd.grad(ref, [a, x, w, b], dy)
+    if p:
+        assert 0.35 < keep.float().mean().item() < 0.65
+    else:
+        assert keep.all()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(["a", "x", "weight", "bias"], grads, ref_grads, strict=True):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, rtol=1e-2 if name == "a" else 1e-4, atol=1e-4, msg=name)
+
+
+@kernels
+@pytest.mark.kernels
+def test_dropout_add_layer_norm_draws_a_new_mask_each_call():
+    a = torch.ones(40, 64, device=KERNELS, dtype=torch.float16)
+    x = torch.zeros(40, 64, device=KERNELS)
+    w, b = torch.ones(64, device=KERNELS), torch.zeros(64, device=KERNELS)
+    masks = [triton_kernels.dropout_add_layer_norm_forward(a, x, w, b, 1e-5, 0.5, torch.float32)[1] != 0 for _ in "ab"]
+    assert not torch.equal(masks[0], masks[1])
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_half_linear_computes_what_autocast_computes(bias):
     """The captured training stack's product: output and gradients as autocast's F.linear gives them (CPU, bf16:

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from .._compat import output_capture_active, register_attention, set_attention
 from ..ops.attention import packed_attention
 from ..ops.dispatch import use_triton
-from ..ops.fused import add_layer_norm, conv1d_gemm, half_linear, linear_gelu, rms_norm
+from ..ops.fused import add_layer_norm, conv1d_gemm, dropout_add_layer_norm, half_linear, linear_gelu, rms_norm
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
 from ..ops.rotary import rotate_pairs
 from ..switches import SWITCHES
@@ -162,6 +162,11 @@ class EncoderLayout:
 _LOOPED: contextvars.ContextVar[EncoderCall | None] = contextvars.ContextVar("bettertransformer_looped", default=None)
 
 
+def _rate(dropout: nn.Module | None) -> float:
+    """The drop probability a dropout module applies now (0 in eval mode or without one)."""
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
 def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
@@ -228,6 +233,20 @@ class PackedLayer:
                 parent_path, _, attr = path.rpartition(".")
                 self._slots.append((self._resolve(parent_path) if parent_path else layer, attr, child))
         self.exact_gelu = _is_exact_gelu(self.act)
+        # A post-norm layer of the BERT form, captured for training, runs one dropout+residual+LayerNorm kernel per
+        # sublayer. Only when captured: eager training waits on the host, and Triton's launches cost more host time
+        # than the PyTorch kernels they replace (H200: eager steps 26.2-26.9 -> 29.4-31.5 ms with them).
+        self.fused_norms = (
+            not layout.pre_norm
+            and self.attn_scale is None
+            and self.ffn_scale is None
+            and self.ffn is None
+            and all(d is None or type(d) is nn.Dropout for d in (self.o_dropout, self.ffn_dropout))
+            and all(
+                isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None
+                for n in (self.ln1, self.ln2)
+            )
+        )
         self.pre_norm = layout.pre_norm
         self.causal = layout.causal
         self._heads(num_heads)
@@ -314,14 +333,20 @@ class PackedLayer:
         if self.pre_norm:
             a = x + self._attention(_layer_norm(x, self.ln1), info, bias, rotary)
             return a + self._ffn(_layer_norm(a, self.ln2))
+        if self.fused_norms and x.is_cuda and capture_dtype() is not None:
+            a = self._attention(x, info, bias, rotary, dropout=False)
+            x = dropout_add_layer_norm(a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps, _rate(self.o_dropout))
+            h = self._ffn(x, dropout=False)
+            return dropout_add_layer_norm(h, x, self.ln2.weight, self.ln2.bias, self.ln2.eps, _rate(self.ffn_dropout))
         a = self._attention(x, info, bias, rotary)
         x = add_layer_norm(a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps)
         return add_layer_norm(self._ffn(x), x, self.ln2.weight, self.ln2.bias, self.ln2.eps)
 
     def _attention(
-        self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None
+        self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None, dropout: bool = True
     ) -> torch.Tensor:
-        """dropout(o(attention(q(x), k(x), v(x)))), x: (T, hidden)."""
+        """dropout(o(attention(q(x), k(x), v(x)))) (the output's dropout left to the caller without ``dropout``),
+        x: (T, hidden)."""
         tokens = x.shape[0]
         if self.fused_qkv:
             weight, b = self.qkv_parameters()
@@ -339,7 +364,7 @@ class PackedLayer:
         p = drop.p if drop is not None and drop.training else 0.0
         ctx = packed_attention(q, k, v, info, scale=self.scale, dropout_p=p, bias=bias, causal=self.causal)  # (T, H, D)
         a = self._linear("o", ctx.reshape(tokens, -1))
-        if self.o_dropout is not None and self.o_dropout.training:
+        if dropout and self.o_dropout is not None and self.o_dropout.training:
             a = self.o_dropout(a)
         return a if self.attn_scale is None else self.attn_scale(a)
 
@@ -356,8 +381,9 @@ class PackedLayer:
             else half_linear(x, module.weight, module.bias, half)
         )
 
-    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        """dropout(ffn_out(act(ffn_in(x)))), or the feed-forward module run whole; scaled by ``ffn_scale``."""
+    def _ffn(self, x: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+        """dropout(ffn_out(act(ffn_in(x)))) (the dropout left to the caller without ``dropout``), or the
+        feed-forward module run whole; scaled by ``ffn_scale``."""
         if self.ffn is not None:
             h = self.ffn(x)
         else:
@@ -366,7 +392,7 @@ class PackedLayer:
             else:
                 h = self.act(self._linear("ffn_in", x))
             h = self._linear("ffn_out", h)
-            if self.ffn_dropout is not None and self.ffn_dropout.training:
+            if dropout and self.ffn_dropout is not None and self.ffn_dropout.training:
                 h = self.ffn_dropout(h)
         return h if self.ffn_scale is None else self.ffn_scale(h)
 

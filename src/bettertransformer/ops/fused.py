@@ -163,3 +163,56 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """F.linear(x, weight, bias) in ``dtype`` for training, as autocast to ``dtype`` computes it (``_HalfLinear``).
     x: (T, K) -> (T, N)."""
     return _HalfLinear.apply(x, weight, bias, dtype)
+
+
+class _DropoutAddLayerNorm(torch.autograd.Function):
+    """LayerNorm(dropout(a) + x) in one Triton kernel each way (``triton_kernels``), for training on CUDA."""
+
+    @staticmethod
+    def forward(ctx, a, x, weight, bias, eps, p, out_dtype):  # type: ignore[override]
+        y, h, mean, rstd, seed = triton_kernels.dropout_add_layer_norm_forward(
+            a.contiguous(), x.contiguous(), weight, bias, eps, p, out_dtype
+        )
+        ctx.save_for_backward(h, mean, rstd, weight, seed)
+        ctx.meta = (p, a.dtype, x.dtype, weight.dtype, bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        h, mean, rstd, weight, seed = ctx.saved_tensors
+        p, a_dtype, x_dtype, weight_dtype, bias_dtype = ctx.meta
+        da, dx, dw, db = triton_kernels.dropout_add_layer_norm_backward(
+            dy, h, mean, rstd, weight, seed, p, a_dtype, x_dtype
+        )
+        return da, dx, dw.to(weight_dtype), db.to(bias_dtype), None, None, None
+
+
+def dropout_add_layer_norm(
+    a: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    p: float,
+) -> torch.Tensor:
+    """LayerNorm(dropout(a, p) + x) over the last dimension, for training (a post-norm layer's sublayer output ``a``
+    and residual ``x``, (T, N)): the residual add computed in the promoted dtype of the two, LayerNorm in fp32 under
+    autocast, as the stock modules compute them. On CUDA with our kernels, one Triton kernel forward (dropout's mask
+    drawn in the kernel from a seed on the device, not stored) and one backward (which draws the mask again) replace
+    the five to eight of PyTorch's; elsewhere the PyTorch composition runs."""
+    autocast = torch.is_autocast_enabled(a.device.type)
+    if (
+        a.is_cuda
+        and SWITCHES.triton
+        and triton_kernels.AVAILABLE
+        and weight is not None
+        and bias is not None
+        and 0.0 <= p < 1.0
+        and a.dtype in (torch.float16, torch.bfloat16)
+        and a.shape == x.shape
+        and a.dim() == 2
+        and a.numel() < 2**31
+    ):
+        out_dtype = torch.float32 if autocast else torch.promote_types(a.dtype, x.dtype)
+        return _DropoutAddLayerNorm.apply(a, x, weight, bias, eps, p, out_dtype)
+    return F.layer_norm(F.dropout(a, p, training=p > 0) + x, (x.shape[-1],), weight, bias, eps)

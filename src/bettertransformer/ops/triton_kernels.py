@@ -41,6 +41,68 @@ if AVAILABLE:
         tl.store(Y + row * stride + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
+    def _dropout_add_ln_forward(
+        A, X, W, B, SEED, Y, H, MEAN, RSTD, N, eps, p, scale, DROP: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        # H = round(dropout(A)) + X in H's dtype, Y = LayerNorm(H); the row's mean and 1/std kept for the backward.
+        # Dropout keeps an element where a Philox draw from (*SEED, its flat index) is >= p; the backward redraws it.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < N
+        a = tl.load(A + row * N + cols, mask=m, other=0.0).to(tl.float32)
+        if DROP:
+            keep = tl.rand(tl.load(SEED), (row * N + cols).to(tl.int32)) >= p
+            a = tl.where(keep, (a * scale).to(A.dtype.element_ty).to(tl.float32), 0.0)
+        h = (a + tl.load(X + row * N + cols, mask=m, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + row * N + cols, h, mask=m)
+        h = h.to(tl.float32)
+        mean = tl.sum(h, axis=0) / N
+        d = tl.where(m, h - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + row * N + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _dropout_add_ln_backward(
+        DY, H, MEAN, RSTD, W, SEED, DA, DX, DW, DB, T, N, p, scale,
+        DROP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # For ROWS rows: DX = dLoss/dH (the residual's gradient), DA = dropout's backward of DX rounded to A's dtype
+        # (as the add's backward rounds it), and this block's partial sums of the weight's and bias's gradients.
+        block = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < N
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        db = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(ROWS):
+            row = (block * ROWS + i).to(tl.int64)
+            mr = m & ((cols * 0 + row) < T)
+            dy = tl.load(DY + row * N + cols, mask=mr, other=0.0).to(tl.float32)
+            h = tl.load(H + row * N + cols, mask=mr, other=0.0).to(tl.float32)
+            last = tl.minimum(row, T - 1)  # a row past the end reads the last row's statistics, masked off below
+            mean = tl.load(MEAN + last)
+            rstd = tl.load(RSTD + last)
+            xhat = tl.where(mr, (h - mean) * rstd, 0.0)
+            wdy = w * dy
+            c1 = tl.sum(xhat * wdy, axis=0) / N
+            c2 = tl.sum(wdy, axis=0) / N
+            dh = (wdy - (xhat * c1 + c2)) * rstd
+            tl.store(DX + row * N + cols, dh.to(DX.dtype.element_ty), mask=mr)
+            g = dh.to(DA.dtype.element_ty).to(tl.float32)
+            if DROP:
+                keep = tl.rand(tl.load(SEED), (row * N + cols).to(tl.int32)) >= p
+                g = tl.where(keep, g * scale, 0.0)
+            tl.store(DA + row * N + cols, g.to(DA.dtype.element_ty), mask=mr)
+            dw += dy * xhat
+            db += dy
+        tl.store(DW + block * N + cols, dw, mask=m)
+        tl.store(DB + block * N + cols, db, mask=m)
+
+    @triton.jit
     def _rms_norm_kernel(X, W, Y, stride, N, eps, BLOCK: tl.constexpr):
         # Y = W * round(X * rsqrt(mean(X^2) + eps)), statistics in fp32, rounded to Y's dtype before the scale (as
         # T5's norm rounds to the weight's dtype before multiplying).
@@ -173,6 +235,53 @@ def add_layer_norm(
             x, residual, weight, bias, y, x.stride(0), n, eps, BLOCK=block, num_warps=4 if block <= 1024 else 8
         )
     return y
+
+
+DROPOUT_LN_ROWS = 32  # rows per program of the backward: partial weight/bias gradients per 32 rows
+
+
+def dropout_add_layer_norm_forward(
+    a: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, p: float,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """y = LayerNorm(dropout(a) + x); a, x: (T, N) contiguous. Returns (y, h = dropout(a) + x, mean, 1/std, the
+    dropout's seed tensor or None)."""
+    rows, n = a.shape
+    h = torch.empty(rows, n, dtype=torch.promote_types(a.dtype, x.dtype), device=a.device)
+    y = torch.empty(rows, n, dtype=out_dtype, device=a.device)
+    mean = torch.empty(rows, dtype=torch.float32, device=a.device)
+    rstd = torch.empty_like(mean)
+    # A fresh seed from the device's generator each call: also in a replayed CUDA graph, where a Python int would be
+    # baked in (the generator's draws advance from replay to replay).
+    seed = torch.randint(0, 2**31 - 1, (1,), device=a.device) if p else None
+    if rows:
+        block = triton.next_power_of_2(n)
+        _dropout_add_ln_forward[(rows,)](
+            a, x, weight, bias, seed if seed is not None else mean, y, h, mean, rstd, n, eps, p,
+            1.0 / (1.0 - p), DROP=bool(p), BLOCK=block, num_warps=4 if block <= 1024 else 8,
+        )  # fmt: skip
+    return y, h, mean, rstd, seed
+
+
+def dropout_add_layer_norm_backward(
+    dy: torch.Tensor, h: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+    seed: torch.Tensor | None, p: float, a_dtype: torch.dtype, x_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The gradients (da, dx, dweight, dbias) of ``dropout_add_layer_norm_forward``; dweight/dbias in fp32."""
+    rows, n = h.shape
+    dy = dy.contiguous()
+    da = torch.empty(rows, n, dtype=a_dtype, device=h.device)
+    dx = torch.empty(rows, n, dtype=x_dtype, device=h.device)
+    blocks = triton.cdiv(rows, DROPOUT_LN_ROWS)
+    dw = torch.zeros(max(blocks, 1), n, dtype=torch.float32, device=h.device)
+    db = torch.zeros_like(dw)
+    if rows:
+        block = triton.next_power_of_2(n)
+        _dropout_add_ln_backward[(blocks,)](
+            dy, h, mean, rstd, weight, seed if seed is not None else mean, da, dx, dw, db, rows, n, p,
+            1.0 / (1.0 - p), DROP=bool(p), ROWS=DROPOUT_LN_ROWS, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+        )  # fmt: skip
+    return da, dx, dw.sum(0), db.sum(0)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
