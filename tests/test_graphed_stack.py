@@ -213,3 +213,27 @@ def test_a_failed_capture_trains_eagerly_and_spoils_no_later_capture(monkeypatch
     assert call_counts(healthy)["graphed training"] == len(batches)
     torch.testing.assert_close(broken_losses, eager_losses, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(healthy_losses, eager_losses, rtol=2e-2, atol=2e-2)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_replays_draw_new_dropout_masks(dropout):
+    """The same batch and weights twice through the captured stack: with dropout the replays draw new masks (the
+    seeds come from the device's generator inside the graph), without it they give the same loss."""
+    stock = _classifier(dropout)
+    stock.bert.embeddings.dropout.p = stock.dropout.p = 0.0  # only the layers' dropouts (in the graphs) draw
+    model = BetterTransformer.transform(stock).train()
+    batch = _batch(0)
+    losses = []
+    for _ in range(3):  # the first call captures; the next two replay
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert call_counts(model)["graphed training"] == 3
+    if dropout:
+        assert losses[1] != losses[2]
+    else:
+        assert losses[1] == losses[2]

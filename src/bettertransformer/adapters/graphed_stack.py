@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import contextvars
+import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
