@@ -207,3 +207,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Every check has passed (a failed one raised above). Leave without the interpreter's teardown: on the CPU a
+    # tensor-parallel run's process once aborted there ("terminate called without an active exception", a native
+    # thread still joinable at exit) after printing equal tokens, which failed the test for nothing it checks.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
