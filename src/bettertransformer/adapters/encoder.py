@@ -339,8 +339,8 @@ class PackedLayer:
             h = self._ffn(x, dropout=False)
             return dropout_add_layer_norm(h, x, self.ln2.weight, self.ln2.bias, self.ln2.eps, _rate(self.ffn_dropout))
         a = self._attention(x, info, bias, rotary)
-        x = add_layer_norm(a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps)
-        return add_layer_norm(self._ffn(x), x, self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        x = add_layer_norm(a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps, reuse_x=True)
+        return add_layer_norm(self._ffn(x), x, self.ln2.weight, self.ln2.bias, self.ln2.eps, reuse_x=True)
 
     def _attention(
         self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None, dropout: bool = True

@@ -16,11 +16,23 @@ from .dispatch import use_triton
 
 
 def add_layer_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    reuse_x: bool = False,
 ) -> torch.Tensor:
-    """LayerNorm(x + residual) over the last dimension. x, residual: (T, N)."""
+    """LayerNorm(x + residual) over the last dimension. x, residual: (T, N).
+
+    ``reuse_x``: x is the caller's own temporary (a sublayer's fresh output), which the sum may overwrite when no
+    gradient is needed: on the CPU a fresh (T, N) result costs its page faults (all-MiniLM-L6-v2 ``encode``, 2,000
+    sentences on 2 cores: 737-762 -> 761-806 sentences/s with ``linear_gelu``'s in-place GELU)."""
     if use_triton(x) and weight is not None and bias is not None and weight.dtype == x.dtype:
         return triton_kernels.add_layer_norm(x, residual, weight, bias, eps)
+    grad = torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad)
+    if reuse_x and not grad and torch.result_type(x, residual) == x.dtype and x.shape == residual.shape:
+        return F.layer_norm(x.add_(residual), (x.shape[-1],), weight, bias, eps)
     return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
 
 
@@ -119,6 +131,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     y = F.linear(x, weight, bias)
     if use_triton(y):
         return triton_kernels.gelu_(y)
+    if not (torch.is_grad_enabled() and y.requires_grad):
+        return torch.ops.aten.gelu_(y)  # in place on our own product: no fresh (T, N) buffer (see add_layer_norm)
     return F.gelu(y)
 
 
