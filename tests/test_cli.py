@@ -40,7 +40,7 @@ def test_check_fails_when_the_fast_path_is_wrong(tiny_dir, capsys, monkeypatch):
     from bettertransformer.adapters import encoder
 
     real = encoder.add_layer_norm
-    monkeypatch.setattr(encoder, "add_layer_norm", lambda *a: real(*a) + 1e-2)
+    monkeypatch.setattr(encoder, "add_layer_norm", lambda *a, **k: real(*a, **k) + 1e-2)
     assert cli.main(["check", str(tiny_dir), "--batch", "6"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and out.strip().endswith("FAILED")
