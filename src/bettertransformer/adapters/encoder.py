@@ -162,9 +162,9 @@ class EncoderLayout:
 _LOOPED: contextvars.ContextVar[EncoderCall | None] = contextvars.ContextVar("bettertransformer_looped", default=None)
 
 
-def _rate(dropout: nn.Module | None) -> float:
+def _rate(dropout: Any) -> float:
     """The drop probability a dropout module applies now (0 in eval mode or without one)."""
-    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return float(dropout.p) if dropout is not None and dropout.training else 0.0
 
 
 def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -360,8 +360,7 @@ class PackedLayer:
             sin, cos, values = rotary
             q, k = rotate_pairs(q, sin, cos), rotate_pairs(k, sin, cos)
             v = rotate_pairs(v, sin, cos) if values else v
-        drop = self.attn_dropout
-        p = drop.p if drop is not None and drop.training else 0.0
+        p = _rate(self.attn_dropout)
         ctx = packed_attention(q, k, v, info, scale=self.scale, dropout_p=p, bias=bias, causal=self.causal)  # (T, H, D)
         a = self._linear("o", ctx.reshape(tokens, -1))
         if dropout and self.o_dropout is not None and self.o_dropout.training:
@@ -520,16 +519,19 @@ class _Stack:
         modules = [packed.layer for packed in layers]
         params = [p for m in modules for p in m.parameters()]
         devices = {p.device for p in params}
-        plain = all(type(p) is nn.Parameter for p in params) and len(devices) == 1
         head_dim = layers[0].head_dim
-        plain = plain and head_dim % 8 == 0 and head_dim <= 256  # flash attention's range
-        # Only plain nn.Linear projections: another module's forward (PEFT LoRA, quantized) may branch on state a
-        # graph would bake in (adapters disabled or merged).
-        plain = plain and all(all(packed.plain.values()) for packed in layers)
-        self.device = devices.pop() if len(devices) == 1 else None
-        self.graphs = (
-            GraphedStack(self.run, modules) if plain and type(layers[0]).__call__ is PackedLayer.__call__ else None
+        capturable = (
+            all(type(p) is nn.Parameter for p in params)
+            and len(devices) == 1
+            and head_dim % 8 == 0
+            and head_dim <= 256  # flash attention's range
+            # Only plain nn.Linear projections: another module's forward (PEFT LoRA, quantized) may branch on state
+            # a graph would bake in (adapters disabled or merged).
+            and all(all(packed.plain.values()) for packed in layers)
+            and type(layers[0]).__call__ is PackedLayer.__call__
         )
+        self.device = devices.pop() if len(devices) == 1 else None
+        self.graphs = GraphedStack(self.run, modules) if capturable else None
         self.dropouts = [
             m for module in modules for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)
         ]

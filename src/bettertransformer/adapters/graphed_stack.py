@@ -71,10 +71,7 @@ def _bucket_step(tokens: int) -> int:
 def token_bucket(tokens: int) -> int:
     """The token count a graph runs for ``tokens`` real ones: the next multiple of 1/16 of the power of two below
     it (at most 1/8 more), and at least ``MIN_TOKENS``."""
-    if tokens <= MIN_TOKENS:
-        return MIN_TOKENS
-    step = _bucket_step(tokens)
-    return -(-tokens // step) * step
+    return MIN_TOKENS if tokens <= MIN_TOKENS else _round_up(tokens, _bucket_step(tokens))
 
 
 def _most_extra(bucket: int) -> int:
@@ -162,6 +159,17 @@ def _aliased(slots: Sequence[tuple[nn.Module, str]]):
             module._parameters[name] = param
 
 
+def _views(flat: dict[torch.dtype, torch.Tensor], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One view per parameter, shaped like it, into the flat buffer of its dtype, in order (the sinks' layout)."""
+    views = []
+    filled = collections.Counter[torch.dtype]()
+    for p in params:
+        start = filled[p.dtype]
+        views.append(flat[p.dtype][start : start + p.numel()].view_as(p))
+        filled[p.dtype] += p.numel()
+    return views
+
+
 class _InFlight:
     """Held by the autograd node of a replayed forward: alive while its backward may still come."""
 
@@ -215,12 +223,7 @@ class _Graphs:
             self.static_grad = torch.zeros_like(self.static_out)
             # The parameters' gradients are written into the stack's sinks (one flat buffer per dtype, shared by its
             # graphs), from which each backward hands out a fresh copy.
-            self.sink_views: list[torch.Tensor] = []
-            filled = collections.Counter[torch.dtype]()
-            for p in self.grad_params:
-                start = filled[p.dtype]
-                self.sink_views.append(sinks[p.dtype][start : start + p.numel()].view_as(p))
-                filled[p.dtype] += p.numel()
+            self.sink_views = _views(sinks, self.grad_params)
             self.backward_graph = torch.cuda.CUDAGraph()
             with capture(self.backward_graph, pool):
                 grads = torch.autograd.grad(self.static_out, inputs, self.static_grad, allow_unused=True)
@@ -251,14 +254,7 @@ class _Graphs:
         self.static_grad[tokens:].zero_()
         self.backward_graph.replay()
         grad_x = None if self.static_grad_x is None else self.static_grad_x[:tokens].clone()
-        fresh = {dtype: sink.clone() for dtype, sink in sinks.items()}
-        grads = []
-        filled = collections.Counter[torch.dtype]()
-        for p in self.grad_params:
-            start = filled[p.dtype]
-            grads.append(fresh[p.dtype][start : start + p.numel()].view_as(p))
-            filled[p.dtype] += p.numel()
-        return grad_x, grads
+        return grad_x, _views({dtype: sink.clone() for dtype, sink in sinks.items()}, self.grad_params)
 
 
 class _Replay(torch.autograd.Function):

@@ -26,8 +26,8 @@ def add_layer_norm(
     """LayerNorm(x + residual) over the last dimension. x, residual: (T, N).
 
     ``reuse_x``: x is the caller's own temporary (a sublayer's fresh output), which the sum may overwrite when no
-    gradient is needed: on the CPU a fresh (T, N) result costs its page faults (all-MiniLM-L6-v2 ``encode``, 2,000
-    sentences on 2 cores: 737-762 -> 761-806 sentences/s with ``linear_gelu``'s in-place GELU)."""
+    gradient is needed: on the CPU a fresh (T, N) result costs its page faults (with ``linear_gelu``'s in-place
+    GELU, +3% on the CPU ``encode`` of the corpus: BENCHMARKS.md)."""
     if use_triton(x) and weight is not None and bias is not None and weight.dtype == x.dtype:
         return triton_kernels.add_layer_norm(x, residual, weight, bias, eps)
     grad = torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad)
