@@ -1,5 +1,8 @@
 """Where a decode step's time goes: the kernels of one fast-generate step (run eagerly under the profiler), and
-the time of one CUDA-graph replay. Run: ``PYTHONPATH=src python benchmarks/profile_decode.py [--model gpt2|llama]``
+the time of one CUDA-graph replay. ``--model``: GPT-2, ``llama`` (TinyLlama's shapes in fp16) or a shape of
+``llama_decode_gpu.py`` (``gemma2``, ``qwen3``, ...) in its dtype. ``--no-pdl``: programmatic dependent launch off, so
+that each kernel's time excludes its wait for the one before.
+Run: ``PYTHONPATH=src:benchmarks python benchmarks/profile_decode.py [--model gpt2|llama|gemma2|...] [--batch 16]``
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from decode_step_gpu import graph_replay_us
 from decoder_gpu import build, left_padded, llama_1b
 from transformers import GPT2Config
 
+from llama_decode_gpu import shapes
+
 from bettertransformer import BetterTransformer
+from bettertransformer.switches import SWITCHES
 
 
 def main() -> None:
@@ -20,9 +26,16 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--cprofile", action="store_true", help="host-side profile of warm two-token generates")
+    parser.add_argument("--no-pdl", action="store_true", help="programmatic dependent launch off")
     args = parser.parse_args()
-    config = GPT2Config() if args.model == "gpt2" else llama_1b()
-    model = BetterTransformer.transform(build(config))
+    SWITCHES.pdl = not args.no_pdl
+    if args.model in ("gpt2", "llama"):
+        model = build(GPT2Config() if args.model == "gpt2" else llama_1b())
+    else:
+        config, dtype, attn = shapes()[args.model]
+        model = build(config, dtype, attn)
+    config = model.config
+    model = BetterTransformer.transform(model)
     ids, mask = left_padded([16] * args.batch, config.vocab_size)
     kwargs = dict(attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
     model.generate(ids, **kwargs)
