@@ -147,6 +147,10 @@ def test_graphed_training_steps_equal_eager_ones():
     for (name, p), (_, q) in zip(
         reversed_model.named_parameters(), BetterTransformer.reverse(eager).named_parameters()
     ):
+        if name.endswith("key.bias"):
+            # Softmax is blind to a key bias (it adds one constant to each query's scores): its gradient is zero
+            # but for rounding, which AdamW scales into steps of the full learning rate in either direction.
+            continue
         torch.testing.assert_close(p, q, rtol=5e-2, atol=5e-3, msg=name)
 
 

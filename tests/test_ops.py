@@ -233,13 +233,16 @@ def test_triton_attention_backend_matches_reference(head_dim):
 
 @kernels
 @pytest.mark.kernels
-@pytest.mark.parametrize("p", [0.0, 0.5])
-def test_dropout_add_layer_norm_kernels_match_pytorch(p):
+@pytest.mark.parametrize(("p", "n", "pair"), [(0.0, 48, False), (0.5, 48, False), (0.5, 300, True), (0.0, 48, True)])
+def test_dropout_add_layer_norm_kernels_match_pytorch(p, n, pair):
     """The training kernels of LayerNorm(dropout(a) + x) (a bf16, the residual x and the norm fp32, as under
     autocast) against PyTorch's composition with the same dropout mask: outputs and all four gradients. Rows not a
-    multiple of the backward's row block, a width not a power of two. (p = 0.5 scales by 2, exactly: Triton's
-    interpreter rounds fp32 to bf16 toward zero where the GPU and PyTorch round to nearest.)"""
-    rows, n, eps = 70, 48, 1e-12
+    multiple of the kernels' row tiles, widths not a power of two (300: several backward programs, the last one
+    partly past the end). ``pair``: also the output rounded to bf16 (what the next product reads), its gradient
+    summed into the output's, as autograd sums a cast's, and the gradient of a bias added into a upstream (a's
+    column sums). (p = 0.5 scales by 2, exactly: Triton's interpreter rounds
+    fp32 to bf16 toward zero where the GPU and PyTorch round to nearest.)"""
+    rows, eps = 70, 1e-12
     device = KERNELS
     torch.manual_seed(0)
     a = torch.randn(rows, n, device=device).to(torch.bfloat16).requires_grad_()
@@ -247,17 +250,29 @@ def test_dropout_add_layer_norm_kernels_match_pytorch(p):
     w = (torch.randn(n, device=device) + 1).requires_grad_()
     b = torch.randn(n, device=device, requires_grad=True)
     dy = torch.randn(rows, n, device=device)
+    dy2 = torch.randn(rows, n, device=device).to(torch.bfloat16)
+    a_bias = torch.randn(n, device=device, requires_grad=True)
     torch.manual_seed(1)  # the seed the call below draws: first its mask, read off a zero residual
-    _, h, *_ = triton_kernels.dropout_add_layer_norm_forward(
+    _, _, h, *_ = triton_kernels.dropout_add_layer_norm_forward(
         a.detach(), torch.zeros_like(x), w, b, eps, p, torch.float32
     )
     keep = h != 0
     torch.manual_seed(1)
-    y = fused._DropoutAddLayerNorm.apply(a, x, w, b, eps, p, torch.float32)
-    grads = torch.autograd.grad(y, [a, x, w, b], dy)
+    if pair:
+        y, y2 = fused._DropoutAddLayerNorm.apply(a, x, w, b, eps, p, torch.float32, torch.bfloat16, a_bias)
+        *grads, bias_grad = torch.autograd.grad([y, y2], [a, x, w, b, a_bias], [dy, dy2])
+    else:
+        y = fused._DropoutAddLayerNorm.apply(a, x, w, b, eps, p, torch.float32)
+        grads = torch.autograd.grad(y, [a, x, w, b], dy)
     dropped = torch.where(keep, a * (1 / (1 - p)), torch.zeros((), dtype=a.dtype, device=device))
     ref = F.layer_norm(dropped + x, (n,), w, b, eps)
-    ref_grads = torch.autograd.grad(ref, [a, x, w, b], dy)
+    if pair:
+        ref_grads = torch.autograd.grad([ref, ref.to(torch.bfloat16)], [a, x, w, b], [dy, dy2])
+        assert y2.dtype == torch.bfloat16
+        # y rounded (to nearest on the GPU; Triton's interpreter rounds toward zero: one bf16 unit apart at most)
+        torch.testing.assert_close(y2.float(), y.to(torch.bfloat16).float(), rtol=2**-7, atol=0)
+    else:
+        ref_grads = torch.autograd.grad(ref, [a, x, w, b], dy)
     if p:
         assert 0.35 < keep.float().mean().item() < 0.65
     else:
@@ -266,6 +281,8 @@ def test_dropout_add_layer_norm_kernels_match_pytorch(p):
     for name, got, want in zip(["a", "x", "weight", "bias"], grads, ref_grads, strict=True):
         assert got.dtype == want.dtype, name
         torch.testing.assert_close(got, want, rtol=1e-2 if name == "a" else 1e-4, atol=1e-4, msg=name)
+    if pair:
+        torch.testing.assert_close(bias_grad, grads[0].float().sum(0), rtol=1e-5, atol=1e-5)
 
 
 @kernels
@@ -274,7 +291,7 @@ def test_dropout_add_layer_norm_draws_a_new_mask_each_call():
     a = torch.ones(40, 64, device=KERNELS, dtype=torch.float16)
     x = torch.zeros(40, 64, device=KERNELS)
     w, b = torch.ones(64, device=KERNELS), torch.zeros(64, device=KERNELS)
-    masks = [triton_kernels.dropout_add_layer_norm_forward(a, x, w, b, 1e-5, 0.5, torch.float32)[1] != 0 for _ in "ab"]
+    masks = [triton_kernels.dropout_add_layer_norm_forward(a, x, w, b, 1e-5, 0.5, torch.float32)[2] != 0 for _ in "ab"]
     assert not torch.equal(masks[0], masks[1])
 
 
@@ -299,6 +316,27 @@ def test_half_linear_computes_what_autocast_computes(bias):
     for actual, expected in zip(our_grads, grads, strict=True):
         assert actual.dtype == expected.dtype == torch.float32
         torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2)
+
+
+def test_half_linear_of_stacked_weights_and_cast_copies():
+    """q, k and v given apart (with their copies in bf16 made by the caller, as a captured stack makes them): the
+    output and gradients of the concatenated matrix, each weight's and bias's gradient its own slice."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 24, requires_grad=True)
+    weights = tuple(torch.randn(8, 24, requires_grad=True) for _ in range(3))
+    biases = tuple(torch.randn(8, requires_grad=True) for _ in range(3))
+    grad = torch.randn(37, 24, dtype=torch.bfloat16)
+    inputs = [x, *weights, *biases]
+    whole = fused.half_linear(x, torch.cat(weights), torch.cat(biases), torch.bfloat16)
+    expected = torch.autograd.grad(whole, inputs, grad)
+    copies = torch.cat(weights).to(torch.bfloat16), torch.cat(biases).to(torch.bfloat16)
+    for made in ((None, None), copies):
+        stacked = fused.half_linear(x, weights, biases, torch.bfloat16, *made)
+        assert torch.equal(stacked, whole)
+        for actual, want in zip(torch.autograd.grad(stacked, inputs, grad), expected, strict=True):
+            assert actual.shape == want.shape and torch.equal(actual, want)
+    with pytest.raises(ValueError, match="a bias for every"):
+        fused.half_linear(x, weights, biases[:2], torch.bfloat16)
 
 
 @pytest.mark.parametrize(("offset", "round_first"), [(0.0, True), (1.0, False), (0.0, False)])

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from .._compat import output_capture_active, register_attention, set_attention
 from ..ops.attention import packed_attention
 from ..ops.dispatch import use_triton
-from ..ops.fused import add_layer_norm, conv1d_gemm, dropout_add_layer_norm, half_linear, linear_gelu, rms_norm
+from ..ops.fused import add_layer_norm, conv1d_gemm, dropout_add_layer_norm_pair, half_linear, linear_gelu, rms_norm
 from ..ops.padding import PackInfo, PendingPack, dense_layout, pack, pack_info, to_dense, unpack
 from ..ops.rotary import rotate_pairs
 from ..switches import SWITCHES
@@ -200,6 +200,10 @@ def _output_type(forward: Callable) -> type:
 _Rotary = tuple[torch.Tensor, torch.Tensor, bool]  # sin (T, D/2), cos (T, D/2), rotate the values too
 
 
+# A layer's projection parameters cast for a captured stack, by name: (weight, bias) copies (``_Stack``).
+Halves = dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None
+
+
 class PackedLayer:
     """One stock encoder layer, run on packed tokens with its own parameters (never copies of them)."""
 
@@ -333,27 +337,72 @@ class PackedLayer:
         if self.pre_norm:
             a = x + self._attention(_layer_norm(x, self.ln1), info, bias, rotary)
             return a + self._ffn(_layer_norm(a, self.ln2))
-        if self.fused_norms and x.is_cuda and capture_dtype() is not None:
-            a = self._attention(x, info, bias, rotary, dropout=False)
-            x = dropout_add_layer_norm(a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps, _rate(self.o_dropout))
-            h = self._ffn(x, dropout=False)
-            return dropout_add_layer_norm(h, x, self.ln2.weight, self.ln2.bias, self.ln2.eps, _rate(self.ffn_dropout))
+        if self.fused_norms and bias is None and rotary is None:
+            half = capture_dtype()
+            if half is not None:
+                return self.fused_pair(x, None, info, half)[0]
         a = self._attention(x, info, bias, rotary)
         x = add_layer_norm(a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps, reuse_x=True)
         return add_layer_norm(self._ffn(x), x, self.ln2.weight, self.ln2.bias, self.ln2.eps, reuse_x=True)
 
-    def _attention(
-        self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None, dropout: bool = True
-    ) -> torch.Tensor:
-        """dropout(o(attention(q(x), k(x), v(x)))) (the output's dropout left to the caller without ``dropout``),
-        x: (T, hidden)."""
-        tokens = x.shape[0]
+    def fused_pair(
+        self, x: torch.Tensor, x_half: torch.Tensor | None, info: PackInfo, half: torch.dtype, halves: Halves = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A post-norm layer of the BERT form while its stack is captured (``fused_norms``): one dropout+residual+
+        LayerNorm kernel per sublayer, each handing on its output and that output in ``half`` (what the next
+        product reads, so no product casts its input). ``x_half``: x in ``half``, or None (cast by the product);
+        ``halves``: the projections' parameters already cast (``half_sources``)."""
+        a = self._attention(x if x_half is None else x_half, info, None, None, tail=True, halves=halves)
+        x, x_half = dropout_add_layer_norm_pair(
+            a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps, _rate(self.o_dropout), half, self._tail_bias("o")
+        )  # fmt: skip
+        h = self._ffn(x_half, tail=True, halves=halves)
+        return dropout_add_layer_norm_pair(
+            h, x, self.ln2.weight, self.ln2.bias, self.ln2.eps, _rate(self.ffn_dropout), half, self._tail_bias("ffn_out")
+        )  # fmt: skip
+
+    def _tail_bias(self, name: str) -> torch.Tensor | None:
+        """The bias of the sublayer's last product whose gradient the fused norm after it computes (``_linear``
+        leaves it out for a plain projection; another module computes its own)."""
+        return getattr(self, name).bias if self.plain[name] else None
+
+    def half_sources(self) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+        """The plain projections' (weights, biases) a captured stack casts for the layer at once, by name: ``qkv``
+        (q, k and v stacked: their biases all or none), ``o``, ``ffn_in``, ``ffn_out``."""
+        sources = {}
         if self.fused_qkv:
-            weight, b = self.qkv_parameters()
-            half = capture_dtype()
-            qkv = F.linear(x, weight, b) if half is None else half_linear(x, weight, b, half)
-            qkv = qkv.view(tokens, 3, self.num_heads, self.head_dim)
-            q, k, v = qkv.unbind(1)  # (T, H, D) each
+            linears = (self.q, self.k, self.v)
+            biases = tuple(m.bias for m in linears if m.bias is not None)
+            if len(biases) in (0, 3):
+                sources["qkv"] = (tuple(m.weight for m in linears), biases)
+        for name in ("o", "ffn_in", "ffn_out"):
+            module = getattr(self, name)
+            if self.plain.get(name):
+                sources[name] = ((module.weight,), () if module.bias is None else (module.bias,))
+        return sources
+
+    def _attention(
+        self,
+        x: torch.Tensor,
+        info: PackInfo,
+        bias: torch.Tensor | None,
+        rotary: _Rotary | None,
+        tail: bool = False,
+        halves: Halves = None,
+    ) -> torch.Tensor:
+        """dropout(o(attention(q(x), k(x), v(x)))), x: (T, hidden). ``tail``: the output's dropout, and its bias's
+        gradient, left to the caller (a fused dropout+residual+LayerNorm, ``fused_pair``)."""
+        tokens = x.shape[0]
+        half = capture_dtype()
+        if self.fused_qkv:
+            if half is not None and halves is not None and "qkv" in halves:  # q, k, v stacked, cast by the stack
+                linears = (self.q, self.k, self.v)
+                biases = tuple(m.bias for m in linears) if self.q.bias is not None else None
+                qkv = half_linear(x, tuple(m.weight for m in linears), biases, half, *halves["qkv"])
+            else:
+                weight, b = self.qkv_parameters()
+                qkv = F.linear(x, weight, b) if half is None else half_linear(x, weight, b, half)
+            q, k, v = qkv.view(tokens, 3, self.num_heads, self.head_dim).unbind(1)  # (T, H, D) each
         else:
             q, k, v = (m(x).view(tokens, self.num_heads, self.head_dim) for m in (self.q, self.k, self.v))
         if rotary is not None:
@@ -362,36 +411,36 @@ class PackedLayer:
             v = rotate_pairs(v, sin, cos) if values else v
         p = _rate(self.attn_dropout)
         ctx = packed_attention(q, k, v, info, scale=self.scale, dropout_p=p, bias=bias, causal=self.causal)  # (T, H, D)
-        a = self._linear("o", ctx.reshape(tokens, -1))
-        if dropout and self.o_dropout is not None and self.o_dropout.training:
+        a = self._linear("o", ctx.reshape(tokens, -1), halves, bias_grad=not tail)
+        if not tail and self.o_dropout is not None and self.o_dropout.training:
             a = self.o_dropout(a)
         return a if self.attn_scale is None else self.attn_scale(a)
 
-    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, name: str, x: torch.Tensor, halves: Halves = None, bias_grad: bool = True) -> torch.Tensor:
         """The projection ``name`` of x (T, in): F.linear with a plain module's parameters (``half_linear`` while a
-        training stack is captured), else the module's own forward."""
+        training stack is captured, with the copies in ``halves`` when it holds them, and without the bias's
+        gradient unless ``bias_grad``), else the module's own forward."""
         module = getattr(self, name)
         if not self.plain[name]:
             return module(x)
         half = capture_dtype()
-        return (
-            F.linear(x, module.weight, module.bias)
-            if half is None
-            else half_linear(x, module.weight, module.bias, half)
-        )
+        if half is None:
+            return F.linear(x, module.weight, module.bias)
+        half_weight, half_bias = halves.get(name, (None, None)) if halves is not None else (None, None)
+        return half_linear(x, module.weight, module.bias, half, half_weight, half_bias, bias_grad=bias_grad)
 
-    def _ffn(self, x: torch.Tensor, dropout: bool = True) -> torch.Tensor:
-        """dropout(ffn_out(act(ffn_in(x)))) (the dropout left to the caller without ``dropout``), or the
-        feed-forward module run whole; scaled by ``ffn_scale``."""
+    def _ffn(self, x: torch.Tensor, tail: bool = False, halves: Halves = None) -> torch.Tensor:
+        """dropout(ffn_out(act(ffn_in(x)))), or the feed-forward module run whole; scaled by ``ffn_scale``.
+        ``tail``: as ``_attention``'s."""
         if self.ffn is not None:
             h = self.ffn(x)
         else:
             if self.exact_gelu and self.plain["ffn_in"] and capture_dtype() is None:
                 h = linear_gelu(x, self.ffn_in.weight, self.ffn_in.bias)
             else:
-                h = self.act(self._linear("ffn_in", x))
-            h = self._linear("ffn_out", h)
-            if dropout and self.ffn_dropout is not None and self.ffn_dropout.training:
+                h = self.act(self._linear("ffn_in", x, halves))
+            h = self._linear("ffn_out", h, halves, bias_grad=not tail)
+            if not tail and self.ffn_dropout is not None and self.ffn_dropout.training:
                 h = self.ffn_dropout(h)
         return h if self.ffn_scale is None else self.ffn_scale(h)
 
@@ -537,9 +586,41 @@ class _Stack:
         ]
 
     def run(self, x: torch.Tensor, info: PackInfo) -> torch.Tensor:
+        half = capture_dtype()
+        if half is not None and all(packed.fused_norms for packed in self.layers):
+            x_half = None  # the layers hand each other their outputs in both dtypes (``PackedLayer.fused_pair``)
+            for packed, halves in zip(self.layers, self._half_parameters(half), strict=True):
+                x, x_half = packed.fused_pair(x, x_half, info, half, halves)
+            return x
         for packed in self.layers:
             x = packed(x, info, None, None)
         return x
+
+    def _half_parameters(self, half: torch.dtype) -> list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
+        """Every layer's projection weights and biases (``PackedLayer.half_sources``) cast to ``half`` by one
+        multi-tensor copy into one buffer (as autocast would cast them, ~100 small casts and a q|k|v concatenation
+        per step for BERT-base): per layer, by name, the (weight, bias) copies, q, k and v stacked."""
+        sources = [packed.half_sources() for packed in self.layers]
+        tensors = [t for layer in sources for weights, biases in layer.values() for t in (*weights, *biases)]
+        if not tensors:
+            return [{} for _ in sources]
+        flat = torch.empty(sum(t.numel() for t in tensors), dtype=half, device=tensors[0].device)
+        start = 0
+
+        def block(group: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+            """The next stretch of ``flat``, as ``group`` stacked along its first dimension."""
+            nonlocal start
+            if not group:
+                return None
+            size = sum(t.numel() for t in group)
+            start += size
+            return flat[start - size : start].view(sum(t.shape[0] for t in group), *group[0].shape[1:])
+
+        copies = [{name: (block(w), block(b)) for name, (w, b) in layer.items()} for layer in sources]
+        views = [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+        with torch.no_grad():
+            torch._foreach_copy_(views, tensors)
+        return copies  # type: ignore[return-value]  # every group of weights is non-empty
 
     def trains(self) -> bool:
         """Some layer parameter takes a gradient."""

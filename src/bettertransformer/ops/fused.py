@@ -7,6 +7,8 @@ decoders' RMSNorms in training, which take PyTorch's fused op (``rms_norm_with_g
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -147,75 +149,116 @@ class _HalfLinear(torch.autograd.Function):
     """x @ weight.T + bias computed in ``dtype`` (fp16/bf16) whatever the dtypes of x and the parameters, as autocast
     computes it, with a backward written for the GPU: the weight's gradient comes out of cuBLAS in the weight's own
     dtype (no half-precision rounding and cast pass for fp32 master weights) and the bias's as a product with a ones
-    row (one pass, where a column sum over the tokens reads the gradient at a fraction of the bandwidth). x: (T, K)."""
+    row (one pass, where a column sum over the tokens reads the gradient at a fraction of the bandwidth). x: (T, K).
+
+    The weight may come as several matrices stacked along the output (q, k, v: their gradients are views of one
+    product's), and with its copy in ``dtype`` made beforehand (``half_weight``, ``half_bias``: a whole stack's
+    parameters cast at once instead of one cast per matrix)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype):  # type: ignore[override]
-        xh, wh = x.to(dtype), weight.to(dtype)
+    def forward(ctx, x, half_weight, half_bias, dtype, bias_grad, count, *params):  # type: ignore[override]
+        weights, biases = params[:count], params[count:]
+        if half_weight is None:
+            half_weight = (weights[0] if count == 1 else torch.cat(weights)).to(dtype)
+        if half_bias is None and biases:
+            half_bias = (biases[0] if count == 1 else torch.cat(biases)).to(dtype)
+        xh = x.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(xh, wh, None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(xh, wh)
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+            y = F.linear(xh, half_weight, half_bias)
+        ctx.save_for_backward(xh, half_weight)
+        ctx.meta = (x.dtype, weights[0].dtype, biases[0].dtype if biases else None, [w.shape[0] for w in weights])
+        ctx.biases = len(biases)
+        ctx.bias_grad = bias_grad
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         xh, wh = ctx.saved_tensors
-        x_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        x_dtype, weight_dtype, bias_dtype, rows = ctx.meta
+        count = len(rows)
         grad = grad.contiguous()
-        dx = dw = db = None
+        dx = None
+        dws: tuple = (None,) * count
+        dbs: tuple = (None,) * ctx.biases
         if ctx.needs_input_grad[0]:
             dx = torch.mm(grad, wh).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            dw = _mm(grad.t(), xh, weight_dtype)
-        if ctx.needs_input_grad[2]:
-            db = _mm(grad.new_ones(1, grad.shape[0]), grad, bias_dtype).view(-1)
-        return dx, dw, db, None
+        if any(ctx.needs_input_grad[6 : 6 + count]):
+            dws = _mm(grad.t(), xh, weight_dtype).split(rows)
+        if ctx.bias_grad and any(ctx.needs_input_grad[6 + count :]):
+            dbs = _mm(grad.new_ones(1, grad.shape[0]), grad, bias_dtype).view(-1).split(rows)
+        return dx, None, None, None, None, None, *dws, *dbs
 
 
-def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+Weights = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def half_linear(
+    x: torch.Tensor,
+    weight: Weights,
+    bias: Weights | None,
+    dtype: torch.dtype,
+    half_weight: torch.Tensor | None = None,
+    half_bias: torch.Tensor | None = None,
+    bias_grad: bool = True,
+) -> torch.Tensor:
     """F.linear(x, weight, bias) in ``dtype`` for training, as autocast to ``dtype`` computes it (``_HalfLinear``).
-    x: (T, K) -> (T, N)."""
-    return _HalfLinear.apply(x, weight, bias, dtype)
+    x: (T, K) -> (T, N). ``weight`` (and ``bias``) may be a tuple of matrices (vectors) of one dtype stacked along
+    the output; ``half_weight`` / ``half_bias``: their stacked copies in ``dtype`` when the caller made them.
+    ``bias_grad=False``: the bias's gradient is left to a later operation on the output (``dropout_add_layer_norm_pair``'s
+    ``a_bias``)."""
+    weights = weight if isinstance(weight, tuple) else (weight,)
+    biases = () if bias is None else bias if isinstance(bias, tuple) else (bias,)
+    if biases and len(biases) != len(weights):
+        raise ValueError("a bias for every stacked weight, or none")
+    if len({w.dtype for w in weights}) > 1 or len({b.dtype for b in biases}) > 1:
+        raise ValueError("stacked weights (biases) of one dtype")
+    return _HalfLinear.apply(x, half_weight, half_bias, dtype, bias_grad, len(weights), *weights, *biases)
 
 
 class _DropoutAddLayerNorm(torch.autograd.Function):
-    """LayerNorm(dropout(a) + x) in one Triton kernel each way (``triton_kernels``), for training on CUDA."""
+    """LayerNorm(dropout(a) + x) in one Triton kernel each way (``triton_kernels``), for training on CUDA; with
+    ``half``, also the output rounded to that dtype (what the next product reads), whose gradient the backward adds
+    to the output's in fp32 (autograd's accumulation of the two, and the cast's backward, in the same kernel)."""
 
     @staticmethod
-    def forward(ctx, a, x, weight, bias, eps, p, out_dtype):  # type: ignore[override]
-        y, h, mean, rstd, seed = triton_kernels.dropout_add_layer_norm_forward(
-            a.contiguous(), x.contiguous(), weight, bias, eps, p, out_dtype
+    def forward(ctx, a, x, weight, bias, eps, p, out_dtype, half=None, a_bias=None):  # type: ignore[override]
+        y, y2, h, mean, rstd, seed = triton_kernels.dropout_add_layer_norm_forward(
+            a.contiguous(), x.contiguous(), weight, bias, eps, p, out_dtype, half
         )
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, mean, rstd, weight, seed)
-        ctx.meta = (p, a.dtype, x.dtype, weight.dtype, bias.dtype)
-        return y
+        ctx.meta = (p, a.dtype, x.dtype, weight.dtype, bias.dtype, None if a_bias is None else a_bias.dtype)
+        return y if y2 is None else (y, y2)
 
     @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
+    def backward(ctx, dy, dy2=None):  # type: ignore[override]
+        if dy is None and dy2 is None:
+            return (None,) * 9
         h, mean, rstd, weight, seed = ctx.saved_tensors
-        p, a_dtype, x_dtype, weight_dtype, bias_dtype = ctx.meta
-        da, dx, dw, db = triton_kernels.dropout_add_layer_norm_backward(
-            dy, h, mean, rstd, weight, seed, p, a_dtype, x_dtype
+        p, a_dtype, x_dtype, weight_dtype, bias_dtype, a_bias_dtype = ctx.meta
+        da, dx, dw, db, da_sum = triton_kernels.dropout_add_layer_norm_backward(
+            dy, dy2, h, mean, rstd, weight, seed, p, a_dtype, x_dtype, sum_da=a_bias_dtype is not None
         )
-        return da, dx, dw.to(weight_dtype), db.to(bias_dtype), None, None, None
+        d_bias = None if da_sum is None else da_sum.to(a_bias_dtype)
+        return da, dx, dw.to(weight_dtype), db.to(bias_dtype), None, None, None, None, d_bias
 
 
-def dropout_add_layer_norm(
-    a: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    p: float,
-) -> torch.Tensor:
-    """LayerNorm(dropout(a, p) + x) over the last dimension, for training (a post-norm layer's sublayer output ``a``
-    and residual ``x``, (T, N)): the residual add computed in the promoted dtype of the two, LayerNorm in fp32 under
-    autocast, as the stock modules compute them. On CUDA with our kernels, one Triton kernel forward (dropout's mask
-    drawn in the kernel from a seed on the device, not stored) and one backward (which draws the mask again) replace
-    the five to eight of PyTorch's; elsewhere the PyTorch composition runs."""
-    autocast = torch.is_autocast_enabled(a.device.type)
-    if (
+class _BiasGradient(torch.autograd.Function):
+    """a, unchanged, whose backward also gives ``bias`` (added into a upstream) the column sums of a's gradient."""
+
+    @staticmethod
+    def forward(ctx, a, bias):  # type: ignore[override]
+        ctx.bias_dtype = bias.dtype
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+
+
+def _fused_dropout_norm(a: torch.Tensor, x: torch.Tensor, weight: Any, bias: Any, p: float) -> bool:
+    """Whether ``_DropoutAddLayerNorm``'s kernels run for these operands."""
+    return (
         a.is_cuda
         and SWITCHES.triton
         and triton_kernels.AVAILABLE
@@ -226,7 +269,44 @@ def dropout_add_layer_norm(
         and a.shape == x.shape
         and a.dim() == 2
         and a.numel() < 2**31
-    ):
-        out_dtype = torch.float32 if autocast else torch.promote_types(a.dtype, x.dtype)
-        return _DropoutAddLayerNorm.apply(a, x, weight, bias, eps, p, out_dtype)
-    return F.layer_norm(F.dropout(a, p, training=p > 0) + x, (x.shape[-1],), weight, bias, eps)
+    )
+
+
+def _norm_dtype(a: torch.Tensor, x: torch.Tensor) -> torch.dtype:
+    """The dtype of LayerNorm(a + x) as the stock modules give it: fp32 under autocast, else the promoted one."""
+    return torch.float32 if torch.is_autocast_enabled(a.device.type) else torch.promote_types(a.dtype, x.dtype)
+
+
+def dropout_add_layer_norm_pair(
+    a: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    p: float,
+    half: torch.dtype,
+    a_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, y rounded to ``half``) for y = LayerNorm(dropout(a, p) + x) over the last dimension, in training: a
+    post-norm layer's sublayer output ``a`` and residual ``x``, (T, N); the residual add computed in the promoted
+    dtype of the two, LayerNorm in fp32 under autocast, as the stock modules compute them. y is what the layer hands
+    on as the next residual, its rounded copy what the next product reads (the cast autocast would make there).
+
+    On CUDA with our kernels, one Triton kernel forward (dropout's mask drawn in the kernel from a seed on the
+    device, not stored; both outputs written) and one backward (which draws the mask again, and takes both outputs'
+    gradients, adding them in fp32) replace PyTorch's five to eight each way, the cast and autograd's sum of the two
+    gradients; elsewhere the PyTorch composition runs.
+
+    ``a_bias``: the bias the sublayer's last product added into ``a``, whose gradient (the column sums of a's) this
+    function gives, summed in the backward kernel (the product then computes none: ``half_linear(bias_grad=False)``).
+    """
+    if _fused_dropout_norm(a, x, weight, bias, p):
+        out_dtype = _norm_dtype(a, x)
+        if out_dtype == half:
+            y = _DropoutAddLayerNorm.apply(a, x, weight, bias, eps, p, out_dtype, None, a_bias)
+            return y, y
+        return _DropoutAddLayerNorm.apply(a, x, weight, bias, eps, p, out_dtype, half, a_bias)
+    if a_bias is not None:
+        a = _BiasGradient.apply(a, a_bias)
+    y = F.layer_norm(F.dropout(a, p, training=p > 0) + x, (x.shape[-1],), weight, bias, eps)
+    return y, y.to(half)

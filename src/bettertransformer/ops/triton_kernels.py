@@ -42,65 +42,86 @@ if AVAILABLE:
 
     @triton.jit
     def _dropout_add_ln_forward(
-        A, X, W, B, SEED, Y, H, MEAN, RSTD, N, eps, p, scale, DROP: tl.constexpr, BLOCK: tl.constexpr
-    ):
-        # H = round(dropout(A)) + X in H's dtype, Y = LayerNorm(H); the row's mean and 1/std kept for the backward.
-        # Dropout keeps an element where a Philox draw from (*SEED, its flat index) is >= p; the backward redraws it.
-        row = tl.program_id(0).to(tl.int64)
+        A, X, W, B, SEED, Y, Y2, H, MEAN, RSTD, T, N, eps, p, scale,
+        DROP: tl.constexpr, HAS_Y2: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # For TILE rows: H = round(dropout(A)) + X in H's dtype, Y = LayerNorm(H) (and Y2 = Y rounded to Y2's dtype,
+        # the copy the next product reads); each row's mean and 1/std kept for the backward. Dropout keeps an element
+        # where a Philox draw from (*SEED, its flat index) is >= p; the backward draws it again.
+        rows = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
         cols = tl.arange(0, BLOCK)
-        m = cols < N
-        a = tl.load(A + row * N + cols, mask=m, other=0.0).to(tl.float32)
+        in_rows = rows < T
+        m = in_rows[:, None] & (cols < N)[None, :]
+        offsets = rows[:, None] * N + cols[None, :]
+        a = tl.load(A + offsets, mask=m, other=0.0).to(tl.float32)
         if DROP:
-            keep = tl.rand(tl.load(SEED), (row * N + cols).to(tl.int32)) >= p
+            keep = tl.rand(tl.load(SEED), offsets.to(tl.int32)) >= p
             a = tl.where(keep, (a * scale).to(A.dtype.element_ty).to(tl.float32), 0.0)
-        h = (a + tl.load(X + row * N + cols, mask=m, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
-        tl.store(H + row * N + cols, h, mask=m)
+        h = (a + tl.load(X + offsets, mask=m, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + offsets, h, mask=m)
         h = h.to(tl.float32)
-        mean = tl.sum(h, axis=0) / N
-        d = tl.where(m, h - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
-        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(Y + row * N + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=m)
+        mean = tl.sum(h, axis=1) / N
+        d = tl.where(m, h - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps)
+        tl.store(MEAN + rows, mean, mask=in_rows)
+        tl.store(RSTD + rows, rstd, mask=in_rows)
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
+        y = (d * rstd[:, None] * w[None, :] + b[None, :]).to(Y.dtype.element_ty)
+        tl.store(Y + offsets, y, mask=m)
+        if HAS_Y2:
+            tl.store(Y2 + offsets, y.to(Y2.dtype.element_ty), mask=m)
 
     @triton.jit
     def _dropout_add_ln_backward(
-        DY, H, MEAN, RSTD, W, SEED, DA, DX, DW, DB, T, N, p, scale,
-        DROP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        DY, DY2, H, MEAN, RSTD, W, SEED, DA, DX, DWB, T, N, p, scale,
+        DROP: tl.constexpr, HAS_DY2: tl.constexpr, SUM_DA: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):  # fmt: skip
-        # For ROWS rows: DX = dLoss/dH (the residual's gradient), DA = dropout's backward of DX rounded to A's dtype
-        # (as the add's backward rounds it), and this block's partial sums of the weight's and bias's gradients.
+        # For ROWS rows, TILE at a time: with dLoss/dY = DY (+ DY2, the gradient of the rounded copy Y2, in fp32),
+        # DX = dLoss/dH (the residual's gradient), DA = dropout's backward of DX rounded to A's dtype (as the add's
+        # backward rounds it), and this block's partial sums of the weight's and bias's gradients: DWB[block, 0] and
+        # DWB[block, 1] (summed over the tile's rows once, at the end); with SUM_DA, DA's too (the gradient of a bias
+        # the sublayer added into A), DWB[block, 2].
         block = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
-        m = cols < N
-        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK], dtype=tl.float32)
-        db = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(ROWS):
-            row = (block * ROWS + i).to(tl.int64)
-            mr = m & ((cols * 0 + row) < T)
-            dy = tl.load(DY + row * N + cols, mask=mr, other=0.0).to(tl.float32)
-            h = tl.load(H + row * N + cols, mask=mr, other=0.0).to(tl.float32)
-            last = tl.minimum(row, T - 1)  # a row past the end reads the last row's statistics, masked off below
-            mean = tl.load(MEAN + last)
-            rstd = tl.load(RSTD + last)
-            xhat = tl.where(mr, (h - mean) * rstd, 0.0)
-            wdy = w * dy
-            c1 = tl.sum(xhat * wdy, axis=0) / N
-            c2 = tl.sum(wdy, axis=0) / N
-            dh = (wdy - (xhat * c1 + c2)) * rstd
-            tl.store(DX + row * N + cols, dh.to(DX.dtype.element_ty), mask=mr)
+        in_cols = cols < N
+        w = tl.load(W + cols, mask=in_cols, other=0.0).to(tl.float32)
+        dw = tl.zeros([TILE, BLOCK], dtype=tl.float32)
+        db = tl.zeros([TILE, BLOCK], dtype=tl.float32)
+        da = tl.zeros([TILE, BLOCK], dtype=tl.float32)
+        for start in range(0, ROWS, TILE):
+            rows = (block * ROWS + start).to(tl.int64) + tl.arange(0, TILE)
+            in_rows = rows < T
+            m = in_rows[:, None] & in_cols[None, :]
+            offsets = rows[:, None] * N + cols[None, :]
+            dy = tl.load(DY + offsets, mask=m, other=0.0).to(tl.float32)
+            if HAS_DY2:
+                dy += tl.load(DY2 + offsets, mask=m, other=0.0).to(tl.float32)
+            h = tl.load(H + offsets, mask=m, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=in_rows, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=in_rows, other=0.0)
+            xhat = tl.where(m, (h - mean[:, None]) * rstd[:, None], 0.0)
+            wdy = w[None, :] * dy
+            c1 = tl.sum(xhat * wdy, axis=1) / N
+            c2 = tl.sum(wdy, axis=1) / N
+            dh = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            tl.store(DX + offsets, dh.to(DX.dtype.element_ty), mask=m)
             g = dh.to(DA.dtype.element_ty).to(tl.float32)
             if DROP:
-                keep = tl.rand(tl.load(SEED), (row * N + cols).to(tl.int32)) >= p
+                keep = tl.rand(tl.load(SEED), offsets.to(tl.int32)) >= p
                 g = tl.where(keep, g * scale, 0.0)
-            tl.store(DA + row * N + cols, g.to(DA.dtype.element_ty), mask=mr)
+            g = g.to(DA.dtype.element_ty)
+            tl.store(DA + offsets, g, mask=m)
             dw += dy * xhat
             db += dy
-        tl.store(DW + block * N + cols, dw, mask=m)
-        tl.store(DB + block * N + cols, db, mask=m)
+            if SUM_DA:
+                da += g.to(tl.float32)
+        sums = 3 if SUM_DA else 2
+        tl.store(DWB + block * sums * N + cols, tl.sum(dw, axis=0), mask=in_cols)
+        tl.store(DWB + (block * sums + 1) * N + cols, tl.sum(db, axis=0), mask=in_cols)
+        if SUM_DA:
+            tl.store(DWB + (block * sums + 2) * N + cols, tl.sum(da, axis=0), mask=in_cols)
 
     @triton.jit
     def _rms_norm_kernel(X, W, Y, stride, N, eps, BLOCK: tl.constexpr):
@@ -237,51 +258,73 @@ def add_layer_norm(
     return y
 
 
-DROPOUT_LN_ROWS = 32  # rows per program of the backward: partial weight/bias gradients per 32 rows
+def _dropout_ln_config(n: int, backward: bool) -> tuple[int, int, int]:
+    """(TILE, STEPS, num_warps) of the dropout+residual+LayerNorm kernels for rows of n: TILE rows at once, STEPS
+    tiles per backward program (the rows its partial weight/bias gradients cover). From a sweep at BERT-base's
+    9,216 x 768 on an H200 (``benchmarks/norm_train_gpu.py``): a row at a time, over 2 warps forward (41 us, 2.7
+    TB/s) and 8 backward, 8 rows per backward program (63 us; tiles of 2-8 rows were slower either way)."""
+    block = triton.next_power_of_2(n)
+    if backward:
+        return 1, 8, 8 if block >= 1024 else 4
+    return 1, 1, min(8, max(1, block // 512))
 
 
 def dropout_add_layer_norm_forward(
     a: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, p: float,
-    out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """y = LayerNorm(dropout(a) + x); a, x: (T, N) contiguous. Returns (y, h = dropout(a) + x, mean, 1/std, the
-    dropout's seed tensor or None)."""
+    out_dtype: torch.dtype, half: torch.dtype | None = None, config: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """y = LayerNorm(dropout(a) + x); a, x: (T, N) contiguous. Returns (y, y rounded to ``half`` or None, h =
+    dropout(a) + x, mean, 1/std, the dropout's seed tensor or None). ``config``: (TILE, STEPS, num_warps) instead of
+    ``_dropout_ln_config``'s (benchmarks)."""
     rows, n = a.shape
     h = torch.empty(rows, n, dtype=torch.promote_types(a.dtype, x.dtype), device=a.device)
     y = torch.empty(rows, n, dtype=out_dtype, device=a.device)
+    y2 = None if half is None else torch.empty(rows, n, dtype=half, device=a.device)
     mean = torch.empty(rows, dtype=torch.float32, device=a.device)
     rstd = torch.empty_like(mean)
     # A fresh seed from the device's generator each call: also in a replayed CUDA graph, where a Python int would be
     # baked in (the generator's draws advance from replay to replay).
     seed = torch.randint(0, 2**31 - 1, (1,), device=a.device) if p else None
     if rows:
-        block = triton.next_power_of_2(n)
-        _dropout_add_ln_forward[(rows,)](
-            a, x, weight, bias, seed if seed is not None else mean, y, h, mean, rstd, n, eps, p,
-            1.0 / (1.0 - p), DROP=bool(p), BLOCK=block, num_warps=4 if block <= 1024 else 8,
+        tile, _, warps = config or _dropout_ln_config(n, backward=False)
+        _dropout_add_ln_forward[(triton.cdiv(rows, tile),)](
+            a, x, weight, bias, seed if seed is not None else mean, y, y2 if y2 is not None else y, h, mean, rstd,
+            rows, n, eps, p, 1.0 / (1.0 - p), DROP=bool(p), HAS_Y2=y2 is not None, TILE=tile,
+            BLOCK=triton.next_power_of_2(n), num_warps=warps,
         )  # fmt: skip
-    return y, h, mean, rstd, seed
+    return y, y2, h, mean, rstd, seed
 
 
 def dropout_add_layer_norm_backward(
-    dy: torch.Tensor, h: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
-    seed: torch.Tensor | None, p: float, a_dtype: torch.dtype, x_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The gradients (da, dx, dweight, dbias) of ``dropout_add_layer_norm_forward``; dweight/dbias in fp32."""
+    dy: torch.Tensor | None, dy2: torch.Tensor | None, h: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    weight: torch.Tensor, seed: torch.Tensor | None, p: float, a_dtype: torch.dtype, x_dtype: torch.dtype,
+    config: tuple[int, int, int] | None = None, sum_da: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The gradients (da, dx, dweight, dbias) of ``dropout_add_layer_norm_forward`` given those of y (``dy``) and
+    of its rounded copy (``dy2``), either of them None for none, and with ``sum_da`` da's column sums (else None);
+    dweight, dbias and the sums in fp32."""
     rows, n = h.shape
+    if dy is None:
+        dy, dy2 = dy2, None
+    assert dy is not None, "a backward without a gradient"
     dy = dy.contiguous()
+    dy2 = None if dy2 is None else dy2.contiguous()
     da = torch.empty(rows, n, dtype=a_dtype, device=h.device)
     dx = torch.empty(rows, n, dtype=x_dtype, device=h.device)
-    blocks = triton.cdiv(rows, DROPOUT_LN_ROWS)
-    dw = torch.zeros(max(blocks, 1), n, dtype=torch.float32, device=h.device)
-    db = torch.zeros_like(dw)
+    tile, steps, warps = config or _dropout_ln_config(n, backward=True)
+    blocks = max(1, triton.cdiv(rows, tile * steps))
+    # Every program writes its partial sums: no zero fill (but of an empty call's).
+    partial = (torch.empty if rows else torch.zeros)(
+        blocks, 3 if sum_da else 2, n, dtype=torch.float32, device=h.device
+    )
     if rows:
-        block = triton.next_power_of_2(n)
         _dropout_add_ln_backward[(blocks,)](
-            dy, h, mean, rstd, weight, seed if seed is not None else mean, da, dx, dw, db, rows, n, p,
-            1.0 / (1.0 - p), DROP=bool(p), ROWS=DROPOUT_LN_ROWS, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+            dy, dy2 if dy2 is not None else dy, h, mean, rstd, weight, seed if seed is not None else mean, da, dx,
+            partial, rows, n, p, 1.0 / (1.0 - p), DROP=bool(p), HAS_DY2=dy2 is not None, SUM_DA=sum_da,
+            ROWS=tile * steps, TILE=tile, BLOCK=triton.next_power_of_2(n), num_warps=warps,
         )  # fmt: skip
-    return da, dx, dw.sum(0), db.sum(0)
+    dw, db, *sums = partial.sum(0)
+    return da, dx, dw, db, sums[0] if sum_da else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
