@@ -7,8 +7,9 @@
 - ``llama``: a Llama-shaped ~1B config (TinyLlama's shapes), causal-LM fine-tuning, bf16 autocast, AdamW: stock on
   padded batches (``DataCollatorWithPadding``-style) against transformed on packed rows (``DataCollatorWithFlattening``),
   the same examples in the same order; real tokens per second and peak memory.
-- ``compile``: ``torch.compile`` of stock and transformed BERT-base, inference on the canonical batch (64 rows of
-  ``randint(16, 513)``, fp16) and the ``bert`` training step; each error is printed, not raised.
+- ``compile``: ``torch.compile`` of stock and transformed BERT-base (``--compile-models``), inference on the canonical
+  batch (64 rows of ``randint(16, 513)``, fp16) and the ``bert`` training step, each beside the model uncompiled in
+  the same process; each error is printed, not raised.
 - ``--profile``: the transformed BERT step's longest CUDA kernels.
 - ``--breakdown``: for ``bert`` and ``llama``, stock and transformed: host time of the forward, backward and
   optimizer, the step's wall time, its GPU time and kernel launches (``step_breakdown``).
@@ -245,7 +246,7 @@ def bench_compile(args, results: dict) -> None:
     ids = torch.randint(1000, 30522, (64, 512), device="cuda")
     mask = (torch.arange(512)[None] < lengths[:, None]).long().cuda()
     rows = {}
-    for name in ("transformed", "stock"):
+    for name in args.compile_models:
         model = copy.deepcopy(base).half().eval()
         if name == "transformed":
             model = BetterTransformer.transform(model)
@@ -290,6 +291,11 @@ def bench_compile(args, results: dict) -> None:
         if name == "transformed":
             model = BetterTransformer.transform(model)
         batches = [bert_batch(seed=s) for s in range(4)]
+        state = copy.deepcopy(model.state_dict())
+        times, losses, _ = train_steps(model, batches, args.steps)
+        model.load_state_dict(state)  # the compiled run starts from the same weights
+        rows[f"{name} uncompiled training"] = dict(ms=statistics.median(times), losses=losses[:4])
+        print(f"compile {name:12s} uncompiled training {statistics.median(times):7.1f} ms/step", flush=True)
         try:
             torch._dynamo.reset()
             compiled = torch.compile(model, dynamic=True)
@@ -297,7 +303,7 @@ def bench_compile(args, results: dict) -> None:
             times, losses, peak = train_steps(compiled, batches, args.steps)
             rows[f"{name} compiled training"] = dict(ms=statistics.median(times), losses=losses[:4], peak_gib=peak)
             print(
-                f"compile {name:12s} training {statistics.median(times):7.1f} ms/step (whole run {time.perf_counter() - start:5.1f} s) losses {losses[:4]}",
+                f"compile {name:12s} compiled training {statistics.median(times):7.1f} ms/step (whole run {time.perf_counter() - start:5.1f} s) losses {losses[:4]}",
                 flush=True,
             )
         except Exception as error:  # noqa: BLE001
@@ -316,6 +322,10 @@ def main() -> None:
     parser.add_argument(
         "--breakdown", action="store_true", help="host time per phase, wall, GPU time and launches per step"
     )
+    parser.add_argument(
+        "--compile-models", nargs="+", default=["transformed", "stock"], choices=["transformed", "stock"],
+        help="with --only compile: the models compiled (stock's compiles take minutes)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results: dict = dict(

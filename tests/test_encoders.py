@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 from helpers import assert_close_at, assert_grads_close, max_error_at
 from transformers import (
     AutoModelForMaskedLM,
@@ -367,15 +368,40 @@ def test_transform_refuses_modules_that_are_not_projections():
 
 
 def test_torch_compile_of_a_transformed_model():
-    """torch.compile traces around the packing (its host sync is a graph break) and gives the same result."""
+    """torch.compile of a transformed model gives the same result; the base model's forward (embeddings, packed
+    layers, pooler) runs outside the compiler's graphs, a head around it inside them."""
     model = make_model("bert")
     ids, mask = make_batch(*LAYOUTS["left"])
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        compiled = torch.compile(BetterTransformer.transform(model))
+        torch._dynamo.reset()
+        compiled = torch.compile(BetterTransformer.transform(model), backend=recording)
         actual = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
     assert call_counts(model) == {"fast": 1, "stock": 0}
     assert_close_at(actual, expected, mask, atol=1e-5, what="compiled")
+    assert graphs == []  # the base model's forward is the whole model here
+
+    head = _Head(model)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        out = torch.compile(head, backend=recording)(ids)
+    assert out.shape == (ids.shape[0], ids.shape[1], 2)
+    assert graphs and all("embeddings" not in str(g.code) for g in graphs)
+
+
+class _Head(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.linear = model, nn.Linear(model.config.hidden_size, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.model(ids).last_hidden_state)
 
 
 def test_dtype_change_after_transform():

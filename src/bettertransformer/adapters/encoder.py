@@ -760,6 +760,7 @@ class PackedEncoder:
             layer.clear_cache()
         self._stack = None
 
+    @torch.compiler.disable
     def base_forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward, with this call's padding mask held for the encoder while it runs.
 
@@ -767,6 +768,11 @@ class PackedEncoder:
         the mask from here, and transformers need not build (and sync on) its 4D version. If the encoder then
         finds the call needs the stock computation after all, it raises ``_Restart`` and the call reruns stock
         with the user's mask.
+
+        Left out of ``torch.compile`` whole (a model around it, a classifier head, still compiles): the packed
+        layers are ours already, and traced, this forward lost its overlap of the row lengths' read with the
+        embeddings and broke graphs at the call state (a ContextVar) and the call counter's lock; compiled
+        inference of BERT-base ran 7% slower than eager (BENCHMARKS.md).
         """
         call, bound = self._describe_call(args, kwargs)
         run_args, run_kwargs = args, kwargs
