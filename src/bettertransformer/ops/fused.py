@@ -178,8 +178,8 @@ class _HalfLinear(torch.autograd.Function):
         count = len(rows)
         grad = grad.contiguous()
         dx = None
-        dws: tuple = (None,) * count
-        dbs: tuple = (None,) * ctx.biases
+        dws = (None,) * count
+        dbs = (None,) * ctx.biases
         if ctx.needs_input_grad[0]:
             dx = torch.mm(grad, wh).to(x_dtype)
         if any(ctx.needs_input_grad[6 : 6 + count]):
