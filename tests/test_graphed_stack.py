@@ -71,6 +71,28 @@ def test_padding_to_a_graph_shape_changes_no_output_or_gradient(lengths):
         assert_grads_close(actual, expected, name)
 
 
+def test_stack_casts_each_projection_once_into_stacked_copies():
+    """The copies a captured stack's layers read: q, k and v stacked in one block, every projection's weight and
+    bias rounded to bf16 as autocast rounds them, all in one buffer."""
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(**TINY)).train()
+    stack = _Stack(PackedEncoder(base, BERT).layers)
+    copies = stack._half_parameters(torch.bfloat16)
+    assert len(copies) == len(stack.layers)
+    storages = {t.untyped_storage().data_ptr() for layer in copies for pair in layer.values() for t in pair}
+    assert len(storages) == 1
+    for packed, layer in zip(stack.layers, copies, strict=True):
+        assert set(layer) == {"qkv", "o", "ffn_in", "ffn_out"}
+        q, k, v = packed.q, packed.k, packed.v
+        weight, bias = layer["qkv"]
+        assert torch.equal(weight, torch.cat([q.weight, k.weight, v.weight]).to(torch.bfloat16))
+        assert torch.equal(bias, torch.cat([q.bias, k.bias, v.bias]).to(torch.bfloat16))
+        for name in ("o", "ffn_in", "ffn_out"):
+            module = getattr(packed, name)
+            assert torch.equal(layer[name][0], module.weight.to(torch.bfloat16))
+            assert torch.equal(layer[name][1], module.bias.to(torch.bfloat16))
+
+
 def test_captured_layers_products_compute_what_autocast_computes():
     """While captured, the layers take ``half_linear`` (a backward written for the GPU): the same outputs and
     gradients as the eager layers under autocast, to bf16 rounding."""
