@@ -395,6 +395,34 @@ def test_torch_compile_of_a_transformed_model():
     assert graphs and all("embeddings" not in str(g.code) for g in graphs)
 
 
+def test_torch_compile_of_a_transformed_model_trains():
+    """A training step through torch.compile of a transformed classifier (dynamic shapes, two batch shapes): the
+    loss and every gradient of the same step uncompiled (fp32, no dropout)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = make_model(
+        "bert", AutoModelForSequenceClassification, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    ).train()
+    fast = BetterTransformer.transform(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, dynamic=True)
+    for lengths, side in (LAYOUTS["right"], LAYOUTS["left"]):
+        ids, mask = make_batch(lengths, side)
+        labels = torch.tensor([0, 1, 1, 0])
+        results = []
+        for run in (fast, compiled):
+            loss = run(input_ids=ids, attention_mask=mask, labels=labels).loss
+            grads = torch.autograd.grad(loss, list(fast.parameters()), allow_unused=True)
+            results.append((loss, grads))
+        (loss, grads), (compiled_loss, compiled_grads) = results
+        torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+        for (name, _), got, want in zip(fast.named_parameters(), compiled_grads, grads, strict=True):
+            if want is None:
+                assert got is None, name
+            else:
+                assert_grads_close(got, want, name)
+
+
 class _Head(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
