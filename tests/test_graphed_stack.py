@@ -9,13 +9,19 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertModel,
+    RobertaPreLayerNormConfig,
+    RobertaPreLayerNormModel,
+)
 
 from bettertransformer import BetterTransformer, call_counts
 from bettertransformer.adapters.encoder import PackedEncoder, _Stack
 from bettertransformer.adapters.graphed_stack import MIN_TOKENS, _capturing, ROW_STEP, Padded, run_padded, token_bucket
 from bettertransformer.ops.padding import pack, pack_info
-from bettertransformer.registry import BERT
+from bettertransformer.registry import BERT, ROBERTA_PRELAYERNORM
 from bettertransformer.switches import switched
 
 from helpers import assert_grads_close
@@ -93,12 +99,24 @@ def test_stack_casts_each_projection_once_into_stacked_copies():
             assert torch.equal(layer[name][1], module.bias.to(torch.bfloat16))
 
 
-def test_captured_layers_products_compute_what_autocast_computes():
-    """While captured, the layers take ``half_linear`` (a backward written for the GPU): the same outputs and
-    gradients as the eager layers under autocast, to bf16 rounding."""
+@pytest.mark.parametrize("pre_norm", [False, True], ids=["bert", "roberta-prelayernorm"])
+def test_captured_layers_products_compute_what_autocast_computes(pre_norm, monkeypatch):
+    """While captured, the layers take ``half_linear`` (a backward written for the GPU) on the copies the stack cast
+    once (every product, in the fused post-norm path and the plain pre-norm one): the same outputs and gradients as
+    the eager layers under autocast, to bf16 rounding."""
+    from bettertransformer.adapters import encoder
+
     torch.manual_seed(0)
-    base = BertModel(BertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
-    stack = _Stack(PackedEncoder(base, BERT).layers)
+    config = dict(TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if pre_norm:
+        base = RobertaPreLayerNormModel(RobertaPreLayerNormConfig(**config)).train()
+        stack = _Stack(PackedEncoder(base, ROBERTA_PRELAYERNORM).layers)
+    else:
+        base = BertModel(BertConfig(**config)).train()
+        stack = _Stack(PackedEncoder(base, BERT).layers)
+    copied = []
+    real = encoder.half_linear
+    monkeypatch.setattr(encoder, "half_linear", lambda *a, **k: copied.append(a[4] is not None) or real(*a, **k))
     x, info = _packed_batch(base.config.hidden_size, [5, 17, 1, 30])
     params = list(base.encoder.parameters())
     weight = torch.randn(x.shape)
@@ -107,6 +125,7 @@ def test_captured_layers_products_compute_what_autocast_computes():
         with torch.autocast("cpu", dtype=torch.bfloat16), _capturing(torch.bfloat16) if capture else nullcontext():
             out = stack.run(x, info)
         results.append((out, torch.autograd.grad((out.float() * weight).sum(), [x, *params])))
+    assert copied == [True] * 4 * len(stack.layers)  # q|k|v, o, FFN in and out of every layer
     (out, grads), (captured, captured_grads) = results
     torch.testing.assert_close(captured, out, rtol=2e-2, atol=2e-2)
     for actual, expected in zip(captured_grads, grads, strict=True):
@@ -116,9 +135,9 @@ def test_captured_layers_products_compute_what_autocast_computes():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _classifier(dropout: float = 0.0):
+def _classifier(dropout: float = 0.0, config_class: type = BertConfig):
     torch.manual_seed(0)
-    config = BertConfig(
+    config = config_class(
         hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=1000,
         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, num_labels=2,
     )  # fmt: skip
@@ -152,8 +171,9 @@ def _steps(model, batches, graphs: int):
 
 @cuda
 @pytest.mark.cuda
-def test_graphed_training_steps_equal_eager_ones():
-    stock = _classifier()
+@pytest.mark.parametrize("config_class", [BertConfig, RobertaPreLayerNormConfig], ids=["bert", "pre-norm"])
+def test_graphed_training_steps_equal_eager_ones(config_class):
+    stock = _classifier(config_class=config_class)
     eager, graphed = (BetterTransformer.transform(copy.deepcopy(stock)) for _ in range(2))
     batches = [_batch(seed) for seed in (0, 1, 0, 2, 1)]  # shapes come back: graphs are replayed, not recaptured
     eager_losses, eager_grads = _steps(eager, batches, graphs=0)

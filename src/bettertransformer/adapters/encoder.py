@@ -331,19 +331,27 @@ class PackedLayer:
         self._qkv_cache = None
 
     def __call__(
-        self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None = None
+        self,
+        x: torch.Tensor,
+        info: PackInfo,
+        bias: torch.Tensor | None,
+        rotary: _Rotary | None = None,
+        halves: Halves = None,
     ) -> torch.Tensor:
-        """x: (T, hidden) -> (T, hidden)."""
+        """x: (T, hidden) -> (T, hidden). ``halves``: the projections' parameters already cast by a captured stack
+        (``half_sources``)."""
         if self.pre_norm:
-            a = x + self._attention(_layer_norm(x, self.ln1), info, bias, rotary)
-            return a + self._ffn(_layer_norm(a, self.ln2))
+            a = x + self._attention(_layer_norm(x, self.ln1), info, bias, rotary, halves=halves)
+            return a + self._ffn(_layer_norm(a, self.ln2), halves=halves)
         if self.fused_norms and bias is None and rotary is None:
             half = capture_dtype()
             if half is not None:
-                return self.fused_pair(x, None, info, half)[0]
-        a = self._attention(x, info, bias, rotary)
+                return self.fused_pair(x, None, info, half, halves)[0]
+        a = self._attention(x, info, bias, rotary, halves=halves)
         x = add_layer_norm(a, x, self.ln1.weight, self.ln1.bias, self.ln1.eps, reuse_x=True)
-        return add_layer_norm(self._ffn(x), x, self.ln2.weight, self.ln2.bias, self.ln2.eps, reuse_x=True)
+        return add_layer_norm(
+            self._ffn(x, halves=halves), x, self.ln2.weight, self.ln2.bias, self.ln2.eps, reuse_x=True
+        )
 
     def fused_pair(
         self, x: torch.Tensor, x_half: torch.Tensor | None, info: PackInfo, half: torch.dtype, halves: Halves = None
@@ -487,9 +495,15 @@ class T5Layer(PackedLayer):
         return problem
 
     def __call__(
-        self, x: torch.Tensor, info: PackInfo, bias: torch.Tensor | None, rotary: _Rotary | None = None
+        self,
+        x: torch.Tensor,
+        info: PackInfo,
+        bias: torch.Tensor | None,
+        rotary: _Rotary | None = None,
+        halves: Halves = None,
     ) -> torch.Tensor:
-        # The norms' kernel called directly (the encoder is host-bound): the module itself is the fallback.
+        # The norms' kernel called directly (the encoder is host-bound): the module itself is the fallback. (No
+        # ``halves``: a T5 stack is not captured.)
         x = _clamp_fp16(x + self._attention(_fused_rms_norm(self.ln1, self.ln1, x), info, bias, rotary), "inf")
         return _clamp_fp16(x + self._feed_forward(_fused_rms_norm(self.ln2, self.ln2, x)), "inf")
 
@@ -587,13 +601,18 @@ class _Stack:
 
     def run(self, x: torch.Tensor, info: PackInfo) -> torch.Tensor:
         half = capture_dtype()
-        if half is not None and all(packed.fused_norms for packed in self.layers):
+        if half is None:
+            for packed in self.layers:
+                x = packed(x, info, None, None)
+            return x
+        copies = self._half_parameters(half)  # captured: the products read copies cast once for the whole stack
+        if all(packed.fused_norms for packed in self.layers):
             x_half = None  # the layers hand each other their outputs in both dtypes (``PackedLayer.fused_pair``)
-            for packed, halves in zip(self.layers, self._half_parameters(half), strict=True):
+            for packed, halves in zip(self.layers, copies, strict=True):
                 x, x_half = packed.fused_pair(x, x_half, info, half, halves)
             return x
-        for packed in self.layers:
-            x = packed(x, info, None, None)
+        for packed, halves in zip(self.layers, copies, strict=True):
+            x = packed(x, info, None, None, halves)
         return x
 
     def _half_parameters(self, half: torch.dtype) -> list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
