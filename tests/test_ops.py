@@ -778,6 +778,52 @@ def test_llama_decode_kernels_match_the_reference_path(batch, monkeypatch):
 
 @kernels
 @pytest.mark.kernels
+@pytest.mark.parametrize(
+    "rows, chunked, width",
+    [(1, False, 200), (3, False, 200), (16, False, 200), (1, True, 200), (3, True, 200), (16, True, 200),
+     (1, True, 8200)],
+)  # fmt: skip
+def test_decode_linear_adds_a_pending_post_norm_in_its_prologue(rows, chunked, width):
+    """A post-norm layer's sublayer output t owed to the residual stream x (Gemma 2, OLMo 2): the next product reads
+    x + post_norm(t) and writes that sum into the stream's next buffer, as ``add_norm`` then the product would
+    (several rows normalised over several chunks: the row-norm kernel adds it; otherwise ``add_norm`` before the
+    product); one row over chunks takes its norm's statistics from the whole row at once, or chunk by chunk past 8,192
+    columns. With a Gemma pre-norm and with none (OLMo 2), against the float64 reference path."""
+    from bettertransformer.ops import decode, decode_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    out = 48
+    x, t = torch.randn(rows, width, generator=gen), torch.randn(rows, width, generator=gen) * 3
+    w = torch.randn(out, width, generator=gen) / width**0.5
+    post = torch.randn(width, generator=gen) * 0.2
+    pre = torch.randn(width, generator=gen) * 0.2
+    config = (16, 64 if width < 1000 else 1024, 2) if chunked else None
+    for pre_norm in (pre, None):
+
+        def run(device, dtype, pre_norm=pre_norm):
+            post_norm = decode.RMSNorm(post.to(device, dtype), 1e-6, offset=1.0, round_first=False)
+            norm = None
+            if pre_norm is not None:
+                norm = decode.RMSNorm(pre_norm.to(device, dtype), 1e-6, offset=1.0, round_first=False)
+            xs, ts, ws = x.to(device, dtype), t.to(device, dtype), w.to(device, dtype)
+            sums = torch.full_like(xs, float("nan"))
+            if device == "cpu" and dtype == torch.float64:
+                y = decode.linear(xs, ws, None, transposed=True, norm=norm, pending=(ts, post_norm, sums))
+            else:
+                y = decode_kernels.linear(
+                    xs, ws, None, transposed=True, norm=norm, pending=(ts, post_norm, sums), config=config
+                )  # fmt: skip
+                added = decode_kernels.add_norm(xs.clone(), ts, post_norm)  # the separate kernel's sum
+                assert (sums.double() - added.double()).abs().max().item() < 2e-3 * added.abs().max().item()
+            return y.double().cpu(), sums.double().cpu()
+
+        (got, got_sums), (expected, expected_sums) = run(KERNELS, torch.float16), run("cpu", torch.float64)
+        assert (got_sums - expected_sums).abs().max().item() < 2e-3 * expected_sums.abs().max().item()
+        assert (got - expected).abs().max().item() < 2e-2 * expected.abs().max().item()
+
+
+@kernels
+@pytest.mark.kernels
 @pytest.mark.parametrize("rows", [2, 16])
 def test_decode_linear_normalises_many_rows_over_several_chunks(rows):
     """More than one row and a norm over more columns than one chunk: the rows are normalised by a kernel of their

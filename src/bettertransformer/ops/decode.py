@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from . import decode_kernels
-from .decode_kernels import Norm, Part, RMSNorm, Rotary
+from .decode_kernels import Norm, Part, Pending, RMSNorm, Rotary
 from .attention import attention as padded_attention
 from .dispatch import use_triton
 
-__all__ = ["Norm", "Part", "RMSNorm", "Rotary"]
+__all__ = ["Norm", "Part", "Pending", "RMSNorm", "Rotary"]
 
 
 def _kernel_rows(x: torch.Tensor) -> bool:
@@ -119,22 +119,28 @@ def linear(
     scale: float = 1.0,
     divide: float = 1.0,
     out_dtype: torch.dtype | None = None,
+    pending: Pending | None = None,
     kernels: bool = True,
 ) -> torch.Tensor:
     """act(norm(x) @ W + bias); W = ``weight`` (in, out), or ``weight.T`` for an (out, in) ``nn.Linear`` weight.
     ``norm``: LayerNorm (weight, bias, eps) or ``RMSNorm``; ``act``: "gelu_tanh" or "silu"; ``parts``: more
     matrices whose columns follow (separate q, k, v); ``up``: a gated product act(...) * (norm(x) @ U + b);
     ``scale``, ``divide``: y * scale / divide (Granite's multipliers); ``softcap``: softcap * tanh(y / softcap).
-    With ``residual`` (N, out): ``residual += `` that, in place, and returns ``residual``. ``kernels=False``: PyTorch's kernels (cuBLAS) whatever the row count."""
+    With ``residual`` (N, out): ``residual += `` that, in place, and returns ``residual``. ``pending`` (t, post_norm,
+    out): x is a residual stream still owed post_norm(t); the product reads x + post_norm(t) (``add_norm``'s sum),
+    written into ``out``. ``kernels=False``: PyTorch's kernels (cuBLAS) whatever the row count."""
     act = "gelu_tanh" if gelu_tanh else act
     plain = norm is None and act is None and up is None and not parts and softcap is None and scale == divide == 1.0
     if plain and transposed and bias is None and x.shape[0] > 1 and min(weight.shape) >= 2048:
         kernels = False  # several rows through a large plain product: cuBLAS was faster (BENCHMARKS.md)
-    if kernels and _kernel_rows(x):
+    if kernels and _kernel_rows(x) and (pending is None or pending[0].is_contiguous()):
         return decode_kernels.linear(
             x, weight, bias, transposed=transposed, norm=norm, residual=residual, act=act, parts=parts, up=up,
-            softcap=softcap, scale=scale, divide=divide, out_dtype=out_dtype,
+            softcap=softcap, scale=scale, divide=divide, out_dtype=out_dtype, pending=pending,
         )  # fmt: skip
+    if pending is not None:
+        t, post_norm, out = pending
+        x = torch.add(x, rms_norm(t, post_norm), out=out)
     if residual is not None and plain and bias is None and transposed:
         return residual.addmm_(x, weight.t())  # one cuBLAS kernel, the sum rounded once
     y = _softcapped(_scaled(_reference(x, weight, bias, transposed, norm, act, parts, up), scale, divide), softcap)

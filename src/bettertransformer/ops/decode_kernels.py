@@ -133,6 +133,16 @@ if AVAILABLE:
         return _normalize(x, nw, nb, mean, rstd, inside, offset, NORM, ROUND_FIRST, DTYPE)
 
     @triton.jit
+    def _settle(x, t, pw, t_rstd, p_offset, P_ROUND_FIRST: tl.constexpr, DTYPE):
+        # x + RMSNorm(t) (fp32 in and out, t's 1/rms given): a residual add after a post-sublayer norm, each operation
+        # rounded to DTYPE as the stock norm's output and the stock add are.
+        y = t * t_rstd[:, None]
+        if P_ROUND_FIRST:
+            y = y.to(DTYPE).to(tl.float32)
+        y = (y * (pw[None, :] + p_offset)).to(DTYPE).to(tl.float32)
+        return (x + y).to(DTYPE).to(tl.float32)
+
+    @triton.jit
     def _input_chunk(x_ptrs, NW, NB, rows, cols, M, K, mean, rstd, offset, NORM: tl.constexpr,
                      ROUND_FIRST: tl.constexpr, DTYPE):  # fmt: skip
         # Rows of X (at x_ptrs) at columns cols in fp32, normalised when NORM.
@@ -341,10 +351,13 @@ if AVAILABLE:
         tl.store(X + row * E + cols, a.to(X.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _norm_rows_kernel(X, NW, NB, Y, K, stride_xm, eps, offset, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr,
-                          BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    def _norm_rows_kernel(X, NW, NB, Y, T, PW, R_OUT, K, stride_xm, eps, offset, p_eps, p_offset,
+                          NORM: tl.constexpr, ROUND_FIRST: tl.constexpr, PENDING: tl.constexpr,
+                          P_ROUND_FIRST: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         # One row of X per program, normalised as ``_linear_kernel``'s prologue normalises a row it holds whole, into
-        # Y (contiguous) in Y's dtype.
+        # Y (contiguous) in Y's dtype. PENDING: X is a residual stream still owed RMSNorm(T) (weight PW, p_eps,
+        # p_offset; T and R_OUT (M, K) contiguous, X too): the row normalised is X + RMSNorm(T), which is written to
+        # R_OUT (``add_norm`` and this kernel in one).
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = (cols < K)[None, :]
@@ -352,28 +365,33 @@ if AVAILABLE:
         nb = nw
         if NORM == 1:
             nb = tl.load(NB + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if PENDING:
+            pw = tl.load(PW + cols, mask=cols < K, other=0.0).to(tl.float32)
         _wait_for_previous(PDL)
         x = tl.load(X + row * stride_xm + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        if PENDING:
+            t = tl.load(T + row * K + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+            t_rstd = 1.0 / tl.sqrt(tl.sum(t * t, axis=1) / K + p_eps)
+            x = tl.where(inside, _settle(x, t, pw, t_rstd, p_offset, P_ROUND_FIRST, X.dtype.element_ty), 0.0)
+            tl.store(R_OUT + row * K + cols[None, :], x.to(X.dtype.element_ty), mask=inside)
         y = _normalize_whole(x, nw, nb, inside, K, eps, offset, NORM, ROUND_FIRST, Y.dtype.element_ty, 1)
         tl.store(Y + row * K + cols[None, :], y.to(Y.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _add_norm_kernel(X, T, NW, E, eps, offset, ROUND_FIRST: tl.constexpr, BLOCK: tl.constexpr,
+    def _add_norm_kernel(X, T, NW, OUT, E, eps, offset, ROUND_FIRST: tl.constexpr, BLOCK: tl.constexpr,
                          PDL: tl.constexpr):  # fmt: skip
-        # X += RMSNorm(T) for one row per program (a norm after a sublayer, before its residual add: Gemma 2/3,
-        # OLMo 2). The norm's output is rounded to X's dtype, as the stock module's is, before the add.
+        # OUT = X + RMSNorm(T) for one row per program (a norm after a sublayer, before its residual add: Gemma 2/3,
+        # OLMo 2); OUT may be X. The norm's output is rounded to X's dtype, as the stock module's is, before the add.
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        m = cols < E
-        w = tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+        c = tl.arange(0, BLOCK)
+        w = tl.load(NW + c, mask=c < E, other=0.0).to(tl.float32)
         _wait_for_previous(PDL)
-        t = tl.load(T + row * E + cols, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(X + row * E + cols, mask=m, other=0.0).to(tl.float32)
-        y = t / tl.sqrt(tl.sum(t * t, axis=0) / E + eps)
-        if ROUND_FIRST:
-            y = y.to(X.dtype.element_ty).to(tl.float32)
-        y = (y * (w + offset)).to(X.dtype.element_ty).to(tl.float32)
-        tl.store(X + row * E + cols, (x + y).to(X.dtype.element_ty), mask=m)
+        cols = c[None, :]
+        t = tl.load(T + row * E + cols, mask=cols < E, other=0.0).to(tl.float32)
+        x = tl.load(X + row * E + cols, mask=cols < E, other=0.0).to(tl.float32)
+        t_rstd = 1.0 / tl.sqrt(tl.sum(t * t, axis=1) / E + eps)
+        y = _settle(x, t, w, t_rstd, offset, ROUND_FIRST, X.dtype.element_ty)
+        tl.store(OUT + row * E + cols, y.to(X.dtype.element_ty), mask=cols < E)
 
     @triton.jit
     def _rotate(x, xp, d, pos, FREQ, rope_scale, ROT: tl.constexpr, INTERLEAVED: tl.constexpr, DTYPE):
@@ -658,6 +676,8 @@ if AVAILABLE:
 MAX_ROWS = 16  # rows one linear kernel takes (one tensor-core tile)
 Norm = tuple[torch.Tensor, torch.Tensor, float]  # LayerNorm (weight, bias, eps)
 Part = tuple[torch.Tensor, "torch.Tensor | None"]  # (weight, bias) of one more matrix
+# (t, post_norm, out): a sublayer output still owed to a residual stream (its norm, then the add), and where the sum goes
+Pending = tuple[torch.Tensor, "RMSNorm", torch.Tensor]
 _ACTIVATIONS = {None: 0, "gelu_tanh": 1, "silu": 2}
 
 
@@ -744,6 +764,7 @@ def linear(
     eos_penalty: torch.Tensor | None = None,
     argmax: bool = False,
     config: tuple[int, int, int] | None = None,
+    pending: Pending | None = None,
 ) -> torch.Tensor:
     """act(norm(x) @ W + bias) for x (M <= 16, K) contiguous; W is ``weight`` (K, N) or, if ``transposed``,
     ``weight.T`` of an (N, K) weight (nn.Linear). ``norm``: LayerNorm (weight, bias, eps) or ``RMSNorm`` of x's rows
@@ -756,6 +777,10 @@ def linear(
     - ``softcap``: softcap * tanh(result / softcap) (Gemma 2's final logits), each operation rounded to x's dtype.
     - ``residual`` (M, N): ``residual += result`` in place; returns ``residual``.
     - ``argmax``: returns the (M,) int64 first index of each row's maximum of (result + ``eos_penalty``).
+    - ``pending`` (t, post_norm, out): x is a residual stream still owed ``post_norm(t)`` (a post-norm layer's sublayer
+      output); its sum (``add_norm``'s) is written into ``out`` and the product reads it. Several rows with a norm
+      over several chunks: the row-norm kernel adds it; otherwise ``add_norm`` does, before the product (adding it in
+      every program's prologue was slower at one row: Gemma 2 2B 479 -> 421-469 tok/s, H200).
     """
     m, k = x.shape
     matrices = (weight, *(w for w, _ in parts))
@@ -795,7 +820,10 @@ def linear(
         # Several rows normalised over several chunks: normalised by a small kernel first, the product then plain.
         # Each program normalising its 16 rows chunk by chunk inside the product's loop was more than twice as slow
         # (TinyLlama's q|k|v at 16 rows: 16.1 us, with statistics from a kernel before; 8.0 now, H200).
-        x, kind = norm_rows(x, norm, weight.dtype), 0
+        x, kind = norm_rows(x, norm, weight.dtype, pending=pending), 0
+    elif pending is not None:
+        t, post_norm, out = pending
+        x = add_norm(x, t, post_norm, out=out)
     launch(_linear_kernel, (programs,),
         x, *pointers, y, r, nw, nb, eos_penalty if eos_penalty is not None else x,
         partial_values, partial_index, m, n, k, widths[0],
@@ -837,14 +865,15 @@ def embed(
     return x
 
 
-def add_norm(x: torch.Tensor, t: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-    """x += norm(t) in place, rows (M, E) contiguous; returns x."""
+def add_norm(x: torch.Tensor, t: torch.Tensor, norm: RMSNorm, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x + norm(t) into ``out`` (default: x, in place), rows (M, E) contiguous; returns it."""
     rows, width = x.shape
+    out = x if out is None else out
     launch(_add_norm_kernel, (rows,),
-        x, t, norm.weight, width, norm.eps, norm.offset, ROUND_FIRST=norm.round_first,
+        x, t, norm.weight, out, width, norm.eps, norm.offset, ROUND_FIRST=norm.round_first,
         BLOCK=triton.next_power_of_2(width), **_pdl(x),
     )  # fmt: skip
-    return x
+    return out
 
 
 @dataclass(frozen=True)
@@ -965,14 +994,27 @@ def _norm_args(
     return 1, norm[0], norm[1], norm[2], 0.0, False
 
 
-def norm_rows(x: torch.Tensor, norm: Norm | RMSNorm, dtype: torch.dtype | None = None) -> torch.Tensor:
+def norm_rows(
+    x: torch.Tensor, norm: Norm | RMSNorm, dtype: torch.dtype | None = None, pending: Pending | None = None
+) -> torch.Tensor:
     """norm(x) for rows x (M, K) whose last dimension is contiguous, as ``linear``'s prologue normalises them, in a
-    new (M, K) tensor (of x's dtype unless ``dtype``): one kernel where PyTorch's RMSNorm takes seven."""
+    new (M, K) tensor (of x's dtype unless ``dtype``): one kernel where PyTorch's RMSNorm takes seven. ``pending``
+    (t, post_norm, out): x is still owed post_norm(t); the rows normalised are x + post_norm(t), as ``add_norm`` sums
+    them, and that sum is written into ``out`` (x, t and out contiguous)."""
     rows, width = x.shape
     kind, nw, nb, eps, offset, round_first = _norm_args(norm, x)
+    t, pw, r_out, p_eps, p_offset, p_round_first = x, x, x, 0.0, 0.0, False
+    if pending is not None:
+        t, post_norm, r_out = pending
+        if not (
+            x.is_contiguous() and t.is_contiguous() and r_out.is_contiguous() and t.shape == x.shape == r_out.shape
+        ):
+            raise ValueError("a pending sum needs x, the sublayer output and the output buffer alike and contiguous")
+        pw, p_eps, p_offset, p_round_first = post_norm.weight, post_norm.eps, post_norm.offset, post_norm.round_first
     y = x.new_empty(rows, width, dtype=dtype)
     launch(_norm_rows_kernel, (rows,),
-        x, nw, nb, y, width, x.stride(0), eps, offset, NORM=kind, ROUND_FIRST=round_first,
+        x, nw, nb, y, t, pw, r_out, width, x.stride(0), eps, offset, p_eps, p_offset, NORM=kind,
+        ROUND_FIRST=round_first, PENDING=pending is not None, P_ROUND_FIRST=p_round_first,
         BLOCK=triton.next_power_of_2(width), **_pdl(x),
     )  # fmt: skip
     return y

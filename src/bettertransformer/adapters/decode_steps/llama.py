@@ -7,9 +7,14 @@ windows, logit softcaps, scaled embeddings). Per layer, on CUDA in fp16/bf16 (``
 
 1. RMSNorm + the q, k and v products as one (three matrices side by side, one kernel);
 2. q/k norm, rotary embedding, the key/value write into the cache and attention over it (one kernel);
-3. the output projection + the residual add (with a post-norm, as Gemma 2/3 and OLMo 2 have: + one add-norm kernel);
+3. the output projection + the residual add;
 4. RMSNorm + gate and up products + the activation and their product (one kernel);
-5. the down projection + the residual add (or + one add-norm kernel).
+5. the down projection + the residual add.
+
+With a norm after each sublayer (Gemma 2/3, OLMo 2, GLM-4) the residual add waits for that norm's statistics over the
+whole output: the sublayer output is owed to the residual stream until the next product (4., or the next layer's 1.),
+which adds it with its own norm in one kernel where it normalises rows ahead (several rows), or after one add-norm
+kernel (one row), writing the sum into the stream's other buffer (``_Stream``).
 
 The final norm, the LM head, a final logit softcap and the greedy choice of the next token are one more kernel and a
 small reduction. It computes the same function as the stock forward; only rounding differs (fewer intermediate
@@ -160,6 +165,38 @@ def _parts(modules: list[nn.Linear], widths: tuple[int, ...]) -> list[decode.Par
     return list(zip(weights, biases, strict=True))
 
 
+class _Stream:
+    """A step's residual stream: the rows x, and a sublayer output still owed to them (t and its post-norm), which
+    the next product adds (``decode.linear``'s ``pending``), writing the sum into the other of two buffers. A layer
+    without post-norms adds in place and never owes anything."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x: torch.Tensor = x
+        self.spare: torch.Tensor | None = None
+        self.owed: tuple[torch.Tensor, decode.RMSNorm] | None = None
+
+    def owe(self, t: torch.Tensor, norm: decode.RMSNorm) -> None:
+        self.settle()
+        self.owed = (t, norm)
+
+    def take(self) -> tuple[torch.Tensor, decode.Pending | None]:
+        """(x, pending) for the next product; the stream's rows are the pending sum's buffer from then on."""
+        if self.owed is None:
+            return self.x, None
+        t, norm = self.owed
+        x, out = self.x, self.spare if self.spare is not None else torch.empty_like(self.x)
+        self.x, self.spare, self.owed = out, x, None
+        return x, (t, norm, out)
+
+    def settle(self) -> torch.Tensor:
+        """The rows with what they are owed added (in place)."""
+        if self.owed is not None:
+            t, norm = self.owed
+            decode.add_norm(self.x, t, norm)
+            self.owed = None
+        return self.x
+
+
 class _Layer:
     def __init__(self, layer: nn.Module, layout: LlamaLayout, rotary: nn.Module, config: Any):
         self.layer = layer
@@ -239,33 +276,35 @@ class _Layer:
             return None
         return _rms_norm(self.q_norm), _rms_norm(self.k_norm), self.per_head
 
-    def qkv_product(self, x: torch.Tensor, kernels: bool = True) -> torch.Tensor:
+    def qkv_product(self, stream: _Stream) -> torch.Tensor:
         """(N, (H + 2 Hkv) D): the pre-attention norm and the q, k, v products as one."""
         (wq, bq), *rest = _parts(self.qkv, self.widths)
+        x, pending = stream.take()
         return decode.linear(
-            x, wq, bq, transposed=True, norm=self.norm("pre_attention"), parts=tuple(rest), kernels=kernels
+            x, wq, bq, transposed=True, norm=self.norm("pre_attention"), parts=tuple(rest), pending=pending
         )  # fmt: skip
 
-    def mlp(self, x: torch.Tensor, kernels: bool = True) -> None:
-        """x += the MLP's output (post-normed where the layer has that norm), in place."""
+    def mlp(self, stream: _Stream) -> None:
+        """The residual stream += the MLP's output (post-normed where the layer has that norm)."""
         (wg, bg), *gated = _parts(self.gate_up, self.mlp_widths)
         up = gated[0] if gated else None
+        x, pending = stream.take()
         f = decode.linear(
-            x, wg, bg, transposed=True, norm=self.norm("pre_mlp"), act=self.act, up=up, kernels=kernels
+            x, wg, bg, transposed=True, norm=self.norm("pre_mlp"), act=self.act, up=up, pending=pending
         )  # fmt: skip
-        self.residual(self.down, f, x, "post_mlp", kernels)
+        self.residual(self.down, f, stream, "post_mlp")
 
-    def residual(self, proj: nn.Linear, a: torch.Tensor, x: torch.Tensor, post: str, kernels: bool) -> None:
-        """x += post_norm(proj(a)) (or proj(a) without a post-norm), in place."""
+    def residual(self, proj: nn.Linear, a: torch.Tensor, stream: _Stream, post: str) -> None:
+        """The residual stream += post_norm(proj(a)) (owed to the next product), or += proj(a) in place without a
+        post-norm."""
         norm = self.norm(post)
         if norm is None:
             decode.linear(
-                a, proj.weight, proj.bias, transposed=True, residual=x, scale=self.multiplier, kernels=kernels
+                a, proj.weight, proj.bias, transposed=True, residual=stream.settle(), scale=self.multiplier
             )  # fmt: skip
         else:
             assert isinstance(norm, decode.RMSNorm)  # post-norms are RMSNorms (checked in __init__)
-            t = decode.linear(a, proj.weight, proj.bias, transposed=True, kernels=kernels)
-            decode.add_norm(x, t, norm, kernels=kernels)
+            stream.owe(decode.linear(a, proj.weight, proj.bias, transposed=True), norm)
 
 
 class LlamaDecodeStep(FusedStep):
@@ -343,11 +382,11 @@ class LlamaDecodeStep(FusedStep):
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, state: DecodeState, packing: Packing) -> torch.Tensor:
         """Run the prompts (B, L) on their real tokens only (``packing``); write their keys/values into ``state.kv``
         at their columns. Returns the (B, V) fp32 logits of each row's last token. No host synchronisation."""
-        x = self._embed(ids.reshape(-1)[packing.flat])
+        stream = _Stream(self._embed(ids.reshape(-1)[packing.flat]))
         where = positions.reshape(-1)[packing.flat]
-        tokens = x.shape[0]
+        tokens = stream.x.shape[0]
         for layer, kv in zip(self.layers, state.kv, strict=True):
-            qkv = layer.qkv_product(x)  # our kernels up to 16 tokens (as a step's), cuBLAS beyond
+            qkv = layer.qkv_product(stream)  # our kernels up to 16 tokens (as a step's), cuBLAS beyond
             q, k, v = decode.rope_into_cache(
                 qkv, kv, packing.rows, packing.columns, where, heads=layer.heads, rotary=layer.rope(),
                 qk_norm=layer.qk_norm(),
@@ -355,21 +394,21 @@ class LlamaDecodeStep(FusedStep):
             a = packed_attention(
                 q, k, v, packing.info, scale=layer.scaling, causal=True, window=layer.window, softcap=layer.softcap
             )  # fmt: skip
-            layer.residual(layer.o, a.reshape(tokens, -1), x, "post_attention", kernels=True)
-            layer.mlp(x)
-        return self._logits(x[packing.last], kernels=False)
+            layer.residual(layer.o, a.reshape(tokens, -1), stream, "post_attention")
+            layer.mlp(stream)
+        return self._logits(stream.settle()[packing.last], kernels=False)
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        x = self._embed(tokens[:, 0])
+        stream = _Stream(self._embed(tokens[:, 0]))
         where = positions[:, 0]
         for layer, kv in zip(self.layers, state.kv, strict=True):
             a = decode.rope_attention(
-                layer.qkv_product(x), kv, state.mask, state.slot, where, heads=layer.heads, scale=layer.scaling,
+                layer.qkv_product(stream), kv, state.mask, state.slot, where, heads=layer.heads, scale=layer.scaling,
                 rotary=layer.rope(), qk_norm=layer.qk_norm(), window=layer.window, softcap=layer.softcap,
             )  # fmt: skip
-            layer.residual(layer.o, a, x, "post_attention", kernels=True)
-            layer.mlp(x)
-        return x
+            layer.residual(layer.o, a, stream, "post_attention")
+            layer.mlp(stream)
+        return stream.settle()
 
 
 def _variant(name: str, layout: LlamaLayout, doc: str) -> type[LlamaDecodeStep]:
