@@ -135,6 +135,23 @@ def test_no_command_prints_the_help():
     assert "usage: bettertransformer" in result.stdout and "check" in result.stdout and "bench" in result.stdout
 
 
+def test_the_package_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "bettertransformer", "list"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "bert" in result.stdout and "llama" in result.stdout
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """``bettertransformer list | head -1``: the pipe closes after one line; no BrokenPipeError traceback."""
+    script = (
+        "import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'bettertransformer', 'list'], "
+        "stdout=subprocess.PIPE, stderr=subprocess.PIPE); p.stdout.readline(); p.stdout.close(); "
+        "sys.stderr.write(p.stderr.read().decode()); sys.exit(p.wait())"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_options_show_their_defaults():
     result = _run("bench", "--help")
     assert "(default: 5)" in result.stdout and "(default: 64)" in result.stdout  # --repeats, --new-tokens

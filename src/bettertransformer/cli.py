@@ -390,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"bettertransformer: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (``bettertransformer list | head``): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush goes nowhere
+        return 141
 
 
 if __name__ == "__main__":
