@@ -152,6 +152,18 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     assert "Traceback" not in result.stderr, result.stderr
 
 
+def test_list_does_not_import_the_compiler():
+    """``bettertransformer list`` imports every adapter; none of them imports torch._dynamo (~1 s) on its own:
+    whatever torch and transformers import at their import is the baseline."""
+    script = (
+        "import sys, torch, transformers; before = 'torch._dynamo' in sys.modules; "
+        "import bettertransformer.registry; print(before, 'torch._dynamo' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    before, after = result.stdout.split()
+    assert after == before, result.stderr
+
+
 def test_options_show_their_defaults():
     result = _run("bench", "--help")
     assert "(default: 5)" in result.stdout and "(default: 64)" in result.stdout  # --repeats, --new-tokens

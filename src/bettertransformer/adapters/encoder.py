@@ -687,6 +687,11 @@ class PackedEncoder:
         self.generation = self._generation(root if root is not None else base)
         generation = ("fast generate", "stock generate", "generic steps")
         self.counted = ("fast", "stock") + (generation if self.generation else ())
+        # The two calls torch.compile leaves whole (see their docstrings). Wrapped here, not by decorators: the wrapper
+        # imports torch._dynamo (~1 s, which `bettertransformer list` need not pay; a model built by transformers has
+        # imported it already).
+        self._base_forward_uncompiled = torch.compiler.disable(self.base_forward)
+        self._packed_uncompiled = torch.compiler.disable(self._packed)
 
     def _generation(self, root: nn.Module) -> Any:
         """An encoder-decoder's fast ``generate`` (``seq2seq_generation``), on its LM head: the base model itself
@@ -740,7 +745,7 @@ class PackedEncoder:
         if self._previous_attention == "sdpa":
             register_attention(ATTENTION_NAME, attention_function, mask_function)
             self._switched = set_attention(self.base, ATTENTION_NAME)
-        self._patches = [InstanceForward(self.entry, self.base_forward)]
+        self._patches = [InstanceForward(self.entry, self._base_forward_uncompiled)]
         if self.layout.loop:
             stock = list(resolve(self.encoder, self.layout.layers))
             self._patches.append(InstanceForward(stock[0], self._run_layers))
@@ -779,7 +784,6 @@ class PackedEncoder:
             layer.clear_cache()
         self._stack = None
 
-    @torch.compiler.disable
     def base_forward(self, stock: Callable, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward, with this call's padding mask held for the encoder while it runs.
 
@@ -883,7 +887,7 @@ class PackedEncoder:
         if reason is None:
             assert call is not None
             try:
-                out = self._packed(call, hidden_states, named.get("return_dict") is not False, named)
+                out = self._packed_uncompiled(call, hidden_states, named.get("return_dict") is not False, named)
             except _StockBatch as batch:
                 reason = batch.reason
             else:
@@ -900,7 +904,6 @@ class PackedEncoder:
         self.calls.add("stock")
         self.log(reason, "stock %s %s for %s", type(self.encoder).__name__, what, reason)
 
-    @torch.compiler.disable
     def _packed(
         self, call: EncoderCall, hidden_states: torch.Tensor, return_dict: bool, kwargs: dict[str, Any] | None = None
     ) -> Any:
@@ -1004,7 +1007,7 @@ class PackedEncoder:
         if reason is None:
             assert call is not None
             try:
-                packed = self._packed(call, states, return_dict=False)
+                packed = self._packed_uncompiled(call, states, return_dict=False)
             except _StockBatch as batch:
                 reason = batch.reason
         if reason is not None:
