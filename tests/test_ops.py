@@ -783,12 +783,12 @@ def test_llama_decode_kernels_match_the_reference_path(batch, monkeypatch):
     [(1, False, 200), (3, False, 200), (16, False, 200), (1, True, 200), (3, True, 200), (16, True, 200),
      (1, True, 8200)],
 )  # fmt: skip
-def test_decode_linear_adds_a_pending_post_norm_in_its_prologue(rows, chunked, width):
+def test_decode_linear_adds_a_pending_post_norm_before_its_product(rows, chunked, width):
     """A post-norm layer's sublayer output t owed to the residual stream x (Gemma 2, OLMo 2): the next product reads
     x + post_norm(t) and writes that sum into the stream's next buffer, as ``add_norm`` then the product would
     (several rows normalised over several chunks: the row-norm kernel adds it; otherwise ``add_norm`` before the
-    product); one row over chunks takes its norm's statistics from the whole row at once, or chunk by chunk past 8,192
-    columns. With a Gemma pre-norm and with none (OLMo 2), against the float64 reference path."""
+    product); rows held in one chunk or several, a long row (8,200 columns) among them. With a Gemma pre-norm and
+    with none (OLMo 2), against the float64 reference path."""
     from bettertransformer.ops import decode, decode_kernels
 
     gen = torch.Generator().manual_seed(0)
