@@ -666,6 +666,7 @@ def test_advance_kernel_matches_the_reference_path(monkeypatch):
             slot=t([3]), valid=torch.zeros(3, 6, dtype=torch.bool, device=device),
             mask=torch.full((3, 6), float("-inf"), dtype=torch.float16, device=device), active=t(0),
             eos_penalty=torch.zeros(12, device=device).index_fill_(0, t([7, 9]), float("-inf")), ban_steps=t(2), seen=None,
+            counters=torch.zeros(StepBuffers.COUNTERS, dtype=torch.int32, device=device),
         )  # fmt: skip
         with switched(triton=triton):
             advance(t([9, 5, 5]), buffers)
@@ -852,7 +853,8 @@ def test_decode_linear_normalises_many_rows_over_several_chunks(rows):
 def test_rope_attention_kernel_splits_with_a_window(splits):
     """The kernel's cache slices (``splits``) with a sliding window that starts inside the slices: a slice wholly
     before the window attends to nothing (its first tile, read before the kernel waits, is masked), and no slice
-    counts another's slots."""
+    counts another's slots. The last slice of each (row, head) to finish merges them: the counters it shares with
+    the calls before are back at zero after each call."""
     from bettertransformer.ops import decode, decode_kernels
 
     gen = torch.Generator().manual_seed(0)
@@ -863,6 +865,7 @@ def test_rope_attention_kernel_splits_with_a_window(splits):
     mask[1, :40] = float("-inf")
     slot, positions = torch.tensor([250]), torch.tensor([250, 210, 100])
     rotary = decode.Rotary(1.0 / 10000 ** (torch.arange(0, dim // 2, 2) / (dim // 2)))
+    counters = torch.zeros(batch * heads + 5, dtype=torch.int32, device=KERNELS)
     for window, softcap in ((None, None), (64, 30.0), (200, None)):
         cache = kv.double()
         expected = decode.rope_attention(
@@ -872,9 +875,10 @@ def test_rope_attention_kernel_splits_with_a_window(splits):
         got = decode_kernels.rope_attention(
             qkv.to(KERNELS).half(), kv.to(KERNELS).half(), mask.to(KERNELS).half(), slot.to(KERNELS),
             positions.to(KERNELS), heads=heads, scale=dim**-0.5, rotary=decode.Rotary(rotary.inv_freq.to(KERNELS)),
-            window=window, softcap=softcap, block_s=64, warps=2, splits=splits,
+            window=window, softcap=softcap, block_s=64, warps=2, splits=splits, counters=counters,
         )  # fmt: skip
         assert (got.double().cpu() - expected).abs().max().item() < 1e-2, window
+        assert not counters.any()
 
 
 @kernels

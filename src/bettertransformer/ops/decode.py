@@ -262,11 +262,13 @@ def rope_attention(
     qk_norm: tuple[RMSNorm, RMSNorm, bool] | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per row of a rotary decoder, from its QKV product ``qkv`` (B, (H + 2 Hkv) D): ``split_qkv``,
     the new key/value written into ``kv`` (2, B, Hkv, S, D) at ``slot`` (1,), attention over the cache slots up to
     ``slot`` (those written so far) with the additive ``mask`` (B, S), a sliding ``window`` (slots > slot - window)
-    and a logit ``softcap``. Returns (B, H * D)."""
+    and a logit ``softcap``. ``counters``: the step's int32 zeros (``StepBuffers.counters``) a kernel split along
+    the cache counts its programs in. Returns (B, H * D)."""
     batch = qkv.shape[0]
     kv_heads, slots, dim = kv.shape[2], kv.shape[3], kv.shape[4]
     if _kernel_rows(qkv) and dim <= 256 and positions.is_contiguous():
@@ -280,16 +282,16 @@ def rope_attention(
         block_s = max(16, min(1 << (slots - 1).bit_length(), 128 if block_d <= 128 else 32))
         warps = 2 if block_d <= 64 else 4 if block_d <= 128 else 8
         # Split the cache until there are about two programs per SM (132 on an H100/H200), each over >= 1 tile,
-        # unless it is two tiles or fewer: two splits of one tile lose more to the merge kernel than they gain (H200,
+        # unless it is two tiles or fewer: two splits of one tile lost more to the merge than they gained (H200,
         # one row, 148 slots in tiles of 128, whole step replayed: TinyLlama 756 us per step unsplit against 795,
-        # Qwen3 1.7B 1,240 against 1,306). Gemma 2's five tiles of 32 gain from eight splits (2,048 us per step;
-        # 2,143 in four).
+        # Qwen3 1.7B 1,240 against 1,306; measured when a second kernel merged). Gemma 2's five tiles of 32 gain
+        # from eight splits (2,048 us per step; 2,143 in four).
         splits = 1
         while batch * heads * splits < 256 and slots > block_s * max(splits, 2) and splits < 64:
             splits *= 2
         return decode_kernels.rope_attention(
             qkv, kv, mask, slot, positions, heads=heads, scale=scale, rotary=rotary, qk_norm=qk_norm, window=window,
-            softcap=softcap, block_s=block_s, warps=warps, splits=splits,
+            softcap=softcap, block_s=block_s, warps=warps, splits=splits, counters=counters,
         )  # fmt: skip
     q, k, v = split_qkv(qkv, heads, kv_heads, dim, positions, rotary, qk_norm)
     kv[0].index_copy_(2, slot, k[:, :, None])

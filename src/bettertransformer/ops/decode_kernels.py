@@ -492,7 +492,7 @@ if AVAILABLE:
 
     @triton.jit
     def _rope_attention_kernel(
-        QKV, K, V, MASK, SLOT, POS, FREQ, QN, KN, OUT, PART_O, PART_ML,
+        QKV, K, V, MASK, SLOT, POS, FREQ, QN, KN, OUT, PART_O, PART_ML, CNT,
         S, stride_qkv, q_width, k_width, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_mb, stride_ob, scale, rope_scale, eps, norm_offset, window, softcap, chunk,
         GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -505,7 +505,8 @@ if AVAILABLE:
         # slots written so far) with the additive mask, a sliding WINDOW (slots > SLOT - window) and a logit SOFTCAP.
         # The new slot's key/value are used from registers: other programs may not have written them yet.
         # SPLITS > 1 (few rows, a long cache): program (b, h, split) covers ``chunk`` slots and writes its
-        # unnormalised output and (max, sum) into PART_O, PART_ML; ``_combine_splits_kernel`` merges them.
+        # unnormalised output and (max, sum) into PART_O, PART_ML; the last of (b, h)'s programs to finish (counted
+        # in CNT[b * heads + h]) merges them (``_merge_splits``).
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         split = tl.program_id(2)
@@ -570,13 +571,39 @@ if AVAILABLE:
                 m_i, l_i, acc = _attend_tile(m_i, l_i, acc, k, v, mask, ss, slot, q, kn, vn, window, softcap, WINDOW,
                                              SOFTCAP)  # fmt: skip
             if SPLITS > 1:
-                part = (b * tl.num_programs(1) + h) * SPLITS + split
+                pair = b * tl.num_programs(1) + h
+                part = pair * SPLITS + split
                 tl.store(PART_O + part * BLOCK_D + d, acc)
                 tl.store(PART_ML + part * 2, m_i)
                 tl.store(PART_ML + part * 2 + 1, l_i)
+                if _last_to_finish(CNT + pair, SPLITS):
+                    _merge_splits(PART_O, PART_ML, OUT + b * stride_ob + h * D, pair, D, BLOCK_D, SPLITS)
                 return
             out = acc / l_i
         tl.store(OUT + b * stride_ob + h * D + d, out.to(OUT.dtype.element_ty), mask=dm)
+
+    @triton.jit
+    def _last_to_finish(CNT, programs):
+        # Whether this program is the last of ``programs`` to get here (each counts itself in CNT once its stores are
+        # done; the last also sees every other's stores and puts CNT back to 0 for the next kernel that uses it).
+        tl.debug_barrier()  # every thread's stores issued before the count (the release covers them)
+        done = tl.atomic_add(CNT, 1, sem="acq_rel") == programs - 1
+        if done:
+            tl.atomic_xchg(CNT, 0)
+        return done
+
+    @triton.jit
+    def _merge_splits(PART_O, PART_ML, OUT, pair, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+        # The attention output of one (row, head) ``pair`` into OUT (D,) from its SPLITS partial softmaxes, read from
+        # L2 (other programs wrote them).
+        parts = pair * SPLITS + tl.arange(0, SPLITS)
+        m = tl.load(PART_ML + parts * 2, cache_modifier=".cg")
+        weight = tl.exp(m - tl.max(m, axis=0))
+        total = tl.sum(weight * tl.load(PART_ML + parts * 2 + 1, cache_modifier=".cg"), axis=0)
+        d = tl.arange(0, BLOCK_D)
+        acc = tl.load(PART_O + parts[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+        out = tl.sum(weight[:, None] * acc, axis=0) / total
+        tl.store(OUT + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
     @triton.jit
     def _rope_cache_kernel(
@@ -623,23 +650,6 @@ if AVAILABLE:
             column = tl.load(COLUMNS + t)
             tl.store(K + b * stride_kb + h * stride_kh + column * stride_ks + d, x, mask=dm)
             tl.store(V + b * stride_vb + h * stride_vh + column * stride_vs + d, v.to(dtype), mask=dm)
-
-    @triton.jit
-    def _combine_splits_kernel(PART_O, PART_ML, OUT, stride_ob, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                               SPLITS: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-        # The attention output of (row, head) from its SPLITS partial softmaxes.
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        _wait_for_previous(PDL)
-        first = (b * tl.num_programs(1) + h) * SPLITS
-        parts = first + tl.arange(0, SPLITS)
-        m = tl.load(PART_ML + parts * 2)
-        weight = tl.exp(m - tl.max(m, axis=0))
-        total = tl.sum(weight * tl.load(PART_ML + parts * 2 + 1), axis=0)
-        d = tl.arange(0, BLOCK_D)
-        acc = tl.load(PART_O + parts[:, None] * BLOCK_D + d[None, :])
-        out = tl.sum(weight[:, None] * acc, axis=0) / total
-        tl.store(OUT + b * stride_ob + h * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
     @triton.jit
     def _advance_kernel(
@@ -903,12 +913,14 @@ def rope_attention(
     block_s: int = 64,
     warps: int = 4,
     splits: int = 1,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per row of a rotary decoder, from its raw QKV product ``qkv`` (B, (H + 2 Hkv) D): q/k norm
     (``qk_norm``: (q norm, k norm, per head)), rotary embedding at ``positions`` (B,), the new key/value written
     into ``kv`` (2, B, Hkv, S, D) at ``slot`` (1,), attention over the cache up to ``slot`` with the additive
     ``mask`` (B, S), an optional sliding ``window`` and logit ``softcap``. ``splits`` (a power of two): programs per
-    (row, head), each over a slice of the cache, merged by a second kernel (a long cache and few rows).
+    (row, head), each over a slice of the cache, merged by the last of them to finish (a long cache and few rows);
+    they count themselves in ``counters`` (int32 zeros, at least B * H, left zero; new zeros if None).
     Returns (B, H * D)."""
     batch = qkv.shape[0]
     kv_heads, slots, dim = kv.shape[2], kv.shape[3], kv.shape[4]
@@ -922,21 +934,21 @@ def rope_attention(
     chunk = triton.cdiv(triton.cdiv(slots, splits), block_s) * block_s
     part_o = qkv.new_empty(batch * heads * splits * block_d, dtype=torch.float32) if splits > 1 else out
     part_ml = qkv.new_empty(batch * heads * splits * 2, dtype=torch.float32) if splits > 1 else out
+    if splits > 1 and counters is None:
+        counters = torch.zeros(batch * heads, dtype=torch.int32, device=qkv.device)
+    if splits > 1 and (counters is None or counters.numel() < batch * heads or counters.dtype != torch.int32):
+        raise ValueError(f"split attention needs {batch * heads} int32 counters")
     pdl = _pdl(qkv)
     launch(_rope_attention_kernel, (batch, heads, splits),
         qkv, k, v, mask, slot, positions, rotary.inv_freq, norm.weight, k_weight, out, part_o,
-        part_ml, slots, qkv.stride(0), q_width, k_width, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-        v.stride(1), v.stride(2), mask.stride(0), out.stride(0), scale, rotary.scale, norm.eps, norm.offset,
+        part_ml, counters if counters is not None else slot, slots, qkv.stride(0), q_width, k_width, k.stride(0),
+        k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), mask.stride(0), out.stride(0), scale, rotary.scale, norm.eps, norm.offset,
         window or 0, softcap or 1.0, chunk, GROUP=heads // kv_heads, D=dim, BLOCK_D=block_d,
         ROT=2 * rotary.inv_freq.shape[0], INTERLEAVED=rotary.interleaved, QK_NORM=mode,
         NORM_BLOCK=triton.next_power_of_2(max(q_width, k_width)), ROUND_FIRST=norm.round_first,
         WINDOW=window is not None, SOFTCAP=softcap is not None, BLOCK_S=block_s, ONE_BLOCK=one_block, SPLITS=splits,
         num_warps=warps, **pdl,
     )  # fmt: skip
-    if splits > 1:
-        launch(_combine_splits_kernel, (batch, heads),
-            part_o, part_ml, out, out.stride(0), D=dim, BLOCK_D=block_d, SPLITS=splits, **pdl
-        )  # fmt: skip
     return out
 
 

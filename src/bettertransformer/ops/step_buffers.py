@@ -27,6 +27,9 @@ class StepBuffers:
     ban_steps:   () int64, steps during which end-of-sequence ids are banned (min_new_tokens).
     eos_penalty: (V,) fp32, -inf at the end-of-sequence ids while banned, else 0; None without a minimum length.
     seen:        (B, V) bool, tokens so far, for the repetition penalty; None without one.
+    counters:    (COUNTERS,) int32 zeros: a kernel's programs count themselves there to find the last one to finish
+                 (which then finishes the work: a post-norm's residual add, a split attention's merge) and leave it
+                 zero. One runner's kernels run one after another, so they share them.
     """
 
     tokens: torch.Tensor
@@ -43,6 +46,10 @@ class StepBuffers:
     ban_steps: torch.Tensor
     eos_penalty: torch.Tensor | None
     seen: torch.Tensor | None
+    counters: torch.Tensor
+
+    # At least rows x heads of any attention split along the cache (ops.decode.rope_attention splits below 256).
+    COUNTERS = 256
 
     @classmethod
     def allocate(
@@ -74,6 +81,7 @@ class StepBuffers:
             ban_steps=new((), dtype=torch.long),
             eos_penalty=new(vocab, dtype=torch.float32) if bans else None,
             seen=new(batch, vocab, dtype=torch.bool) if penalty else None,
+            counters=new(cls.COUNTERS, dtype=torch.int32),
         )
 
     def tensors(self) -> list[torch.Tensor]:

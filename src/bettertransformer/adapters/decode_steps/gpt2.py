@@ -162,7 +162,7 @@ class GPT2DecodeStep(FusedStep):
             # the slots written so far and splits a long cache across programs.
             return decode.rope_attention(
                 qkv(x, norm=layer.norm1), kv, state.mask, state.slot, positions[:, 0], heads=layer.heads,
-                scale=layer.scaling, rotary=self.no_rotation,
+                scale=layer.scaling, rotary=self.no_rotation, counters=state.buffers.counters,
             )  # fmt: skip
 
         return self._layers(x, state, attend)

@@ -405,6 +405,7 @@ class LlamaDecodeStep(FusedStep):
             a = decode.rope_attention(
                 layer.qkv_product(stream), kv, state.mask, state.slot, where, heads=layer.heads, scale=layer.scaling,
                 rotary=layer.rope(), qk_norm=layer.qk_norm(), window=layer.window, softcap=layer.softcap,
+                counters=state.buffers.counters,
             )  # fmt: skip
             layer.residual(layer.o, a, stream, "post_attention")
             layer.mlp(stream)
