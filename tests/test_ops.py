@@ -617,6 +617,32 @@ def test_greedy_choice_over_partial_maxima_in_several_chunks(rows):
     assert choose(weight, banned) == [0] * rows  # every score -inf: the first index, as torch.argmax gives
 
 
+@kernels
+@pytest.mark.kernels
+@pytest.mark.parametrize("programs", [700, 2048, 2500, 5000])
+def test_first_max_over_chunks_of_partial_maxima(programs):
+    """The greedy choice's reduction (``first_max``) over 1 to 3 chunks of 2,048 per-program maxima: the smallest
+    index among the maxima, with ties inside a chunk and across chunks, a maximum in the last (partial) chunk, and
+    every value -inf; the counters it shares with the calls before are back at zero after each call."""
+    from bettertransformer.ops import decode_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    rows = 3
+    values = torch.randn(rows, programs, generator=gen)
+    index = torch.arange(programs, dtype=torch.int32).repeat(rows, 1) * 8 + torch.randint(0, 8, (rows, programs))
+    values[0, [5, programs // 2, programs - 1]] = 9.0  # ties across chunks (within one when there is one chunk)
+    values[1, programs - 1] = 9.0  # the last value: the last chunk, partial unless 2,048 divides it
+    values[2] = float("-inf")
+    counters = torch.zeros(rows + 2, dtype=torch.int32, device=KERNELS)
+    for _ in range(2):
+        got = decode_kernels.first_max(values.to(KERNELS), index.to(KERNELS), counters)
+        assert not counters.any()
+    top = values.max(-1, keepdim=True).values
+    expected = torch.where(values == top, index, torch.iinfo(torch.int32).max).min(-1).values
+    assert got.tolist() == expected.tolist()
+    assert got.tolist()[:2] == [index[0, 5].item(), index[1, programs - 1].item()]
+
+
 @cuda
 @pytest.mark.cuda
 def test_launches_inside_compiling_ahead_compile_without_running_on_cuda():

@@ -166,14 +166,16 @@ def greedy_head(
     eos_penalty: torch.Tensor | None,
     softcap: float | None = None,
     divide: float = 1.0,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The greedy next token of each row: argmax of (logits + ``eos_penalty`` (V,)), logits = norm(x) @ W + bias
     (divided by ``divide``, softcapped) rounded to x's dtype as a stock LM head's are; the first index on ties, as ``torch.argmax``.
+    ``counters``: the step's int32 zeros (``StepBuffers.counters``) the choice's reduction counts its programs in.
     Returns (N,) int64."""
     if _kernel_rows(x):
         return decode_kernels.linear(
             x, weight, bias, transposed=transposed, norm=norm, eos_penalty=eos_penalty, argmax=True, softcap=softcap,
-            divide=divide,
+            divide=divide, counters=counters,
         )  # fmt: skip
     scores = _softcapped(_scaled(_reference(x, weight, bias, transposed, norm), 1.0, divide), softcap).float()
     return (scores if eos_penalty is None else scores + eos_penalty).argmax(-1)

@@ -315,23 +315,37 @@ if AVAILABLE:
             tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=valid)
 
     @triton.jit
-    def _argmax_rows_kernel(PV, PI, OUT, P, stride_pm, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-        # The first index of each row's maximum, from the per-program maxima of _linear_kernel's ARGMAX, read in
-        # chunks of BLOCK_P (one chunk of all 32,000 of a 256,000-word head took 37 us).
+    def _first_max(values, index):
+        # The maximum of ``values`` and the smallest of the indices where it is reached.
+        top = tl.max(values, axis=0)
+        return top, tl.min(tl.where(values == top, index, 2147483647), axis=0)
+
+    @triton.jit
+    def _argmax_rows_kernel(PV, PI, OUT, BV, BI, CNT, P, stride_pm, BLOCK_P: tl.constexpr, CHUNKS: tl.constexpr,
+                            BLOCK_C: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        # The first index of each row's maximum, from the per-program maxima of _linear_kernel's ARGMAX. Program
+        # (row, c) reads chunk c of BLOCK_P of them; with several chunks it writes its chunk's maximum and first index
+        # into BV, BI (rows, CHUNKS), and the last of the row's programs to finish (counted in CNT[row]) picks among
+        # them. (One program reading a 256,000-word head's 32,000 maxima took 37 us in one chunk, 18.5 in a loop over
+        # chunks of 2,048.) A chunk's indices all come after the chunk before's: the smallest index among the chunks
+        # reaching the maximum is the row's first.
         row = tl.program_id(0)
+        c = tl.program_id(1)
         _wait_for_previous(PDL)
-        p = tl.arange(0, BLOCK_P)
-        best = tl.full((), float("-inf"), tl.float32)
-        first = tl.full((), 2147483647, tl.int32)
-        for p0 in range(0, P, BLOCK_P):
-            values = tl.load(PV + row * stride_pm + p0 + p, mask=p0 + p < P, other=float("-inf"))
-            index = tl.load(PI + row * stride_pm + p0 + p, mask=p0 + p < P, other=2147483647)
-            top = tl.max(values, axis=0)
-            at = tl.min(tl.where(values == top, index, 2147483647), axis=0)
-            # A later chunk's indices are larger: a tie keeps the earlier; the first chunk always counts (all -inf).
-            first = tl.where((top > best) | (first == 2147483647), at, first)
-            best = tl.maximum(best, top)
-        tl.store(OUT + row, first.to(tl.int64))
+        p = c * BLOCK_P + tl.arange(0, BLOCK_P)
+        values = tl.load(PV + row * stride_pm + p, mask=p < P, other=float("-inf"))
+        index = tl.load(PI + row * stride_pm + p, mask=p < P, other=2147483647)
+        best, first = _first_max(values, index)
+        if CHUNKS == 1:
+            tl.store(OUT + row, first.to(tl.int64))
+        else:
+            tl.store(BV + row * CHUNKS + c, best)
+            tl.store(BI + row * CHUNKS + c, first)
+            if _last_to_finish(CNT + row, CHUNKS):
+                q = tl.arange(0, BLOCK_C)
+                chunk_best = tl.load(BV + row * CHUNKS + q, mask=q < CHUNKS, other=float("-inf"), cache_modifier=".cg")
+                chunk_first = tl.load(BI + row * CHUNKS + q, mask=q < CHUNKS, other=2147483647, cache_modifier=".cg")
+                tl.store(OUT + row, _first_max(chunk_best, chunk_first)[1].to(tl.int64))
 
     @triton.jit
     def _embed_kernel(TOK, POS, WTE, WPE, X, E, scale, HAS_POS: tl.constexpr, SCALE: tl.constexpr,
@@ -775,6 +789,7 @@ def linear(
     argmax: bool = False,
     config: tuple[int, int, int] | None = None,
     pending: Pending | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """act(norm(x) @ W + bias) for x (M <= 16, K) contiguous; W is ``weight`` (K, N) or, if ``transposed``,
     ``weight.T`` of an (N, K) weight (nn.Linear). ``norm``: LayerNorm (weight, bias, eps) or ``RMSNorm`` of x's rows
@@ -786,7 +801,8 @@ def linear(
     - ``scale``, ``divide``: result * scale / divide (Granite's multipliers), each operation rounded to x's dtype.
     - ``softcap``: softcap * tanh(result / softcap) (Gemma 2's final logits), each operation rounded to x's dtype.
     - ``residual`` (M, N): ``residual += result`` in place; returns ``residual``.
-    - ``argmax``: returns the (M,) int64 first index of each row's maximum of (result + ``eos_penalty``).
+    - ``argmax``: returns the (M,) int64 first index of each row's maximum of (result + ``eos_penalty``); the
+      choice's reduction counts its programs in ``counters`` (int32 zeros, at least M, left zero; new zeros if None).
     - ``pending`` (t, post_norm, out): x is a residual stream still owed ``post_norm(t)`` (a post-norm layer's sublayer
       output); its sum (``add_norm``'s) is written into ``out`` and the product reads it. Several rows with a norm
       over several chunks: the row-norm kernel adds it; otherwise ``add_norm`` does, before the product (adding it in
@@ -850,10 +866,27 @@ def linear(
         return residual
     if not argmax:
         return y
-    chosen = x.new_empty(m, dtype=torch.long)
-    launch(_argmax_rows_kernel, (m,),
-        partial_values, partial_index, chosen, programs, programs, BLOCK_P=min(triton.next_power_of_2(programs), 2048),
-        num_warps=8, **pdl,
+    return first_max(partial_values, partial_index, counters)
+
+
+def first_max(values: torch.Tensor, index: torch.Tensor, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """(M,) int64: the smallest of each row's ``index`` (M, P) int32 where its ``values`` (M, P) fp32 reach their
+    maximum (both contiguous): the greedy choice from an LM head's per-program maxima. Rows of more than 2,048 are
+    read in chunks by programs of their own, which count themselves in ``counters`` (int32 zeros, at least M, left
+    zero; new zeros if None)."""
+    rows, programs = values.shape
+    chosen = values.new_empty(rows, dtype=torch.long)
+    block_p = min(triton.next_power_of_2(programs), 2048)
+    chunks = triton.cdiv(programs, block_p)
+    best = values.new_empty(rows, chunks)
+    first = index.new_empty(rows, chunks)
+    if chunks > 1 and counters is None:
+        counters = torch.zeros(rows, dtype=torch.int32, device=values.device)
+    if chunks > 1 and (counters is None or counters.numel() < rows or counters.dtype != torch.int32):
+        raise ValueError(f"the greedy choice over {chunks} chunks needs {rows} int32 counters")
+    launch(_argmax_rows_kernel, (rows, chunks),
+        values, index, chosen, best, first, counters if counters is not None else chosen, programs, values.stride(0),
+        BLOCK_P=block_p, CHUNKS=chunks, BLOCK_C=triton.next_power_of_2(chunks), num_warps=8, **_pdl(values),
     )  # fmt: skip
     return chosen
 

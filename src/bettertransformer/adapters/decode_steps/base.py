@@ -108,7 +108,7 @@ class FusedStep:
         head = self.head
         return decode.greedy_head(
             self._step(tokens, positions, state), head.weight, head.bias, transposed=True, eos_penalty=eos_penalty,
-            **self.head_options(),
+            counters=state.buffers.counters, **self.head_options(),
         )  # fmt: skip
 
     def _logits(self, x: torch.Tensor, kernels: bool = True) -> torch.Tensor:
