@@ -869,6 +869,16 @@ def linear(
     return first_max(partial_values, partial_index, counters)
 
 
+def _counters(counters: torch.Tensor | None, needed: int, device: torch.device) -> torch.Tensor:
+    """The int32 zeros a kernel's programs count themselves in (``_last_to_finish``): the caller's (at least
+    ``needed``), or new ones."""
+    if counters is None:
+        return torch.zeros(needed, dtype=torch.int32, device=device)
+    if counters.numel() < needed or counters.dtype != torch.int32:
+        raise ValueError(f"{needed} int32 counters needed, got {counters.numel()} {counters.dtype}")
+    return counters
+
+
 def first_max(values: torch.Tensor, index: torch.Tensor, counters: torch.Tensor | None = None) -> torch.Tensor:
     """(M,) int64: the smallest of each row's ``index`` (M, P) int32 where its ``values`` (M, P) fp32 reach their
     maximum (both contiguous): the greedy choice from an LM head's per-program maxima. Rows of more than 2,048 are
@@ -880,12 +890,9 @@ def first_max(values: torch.Tensor, index: torch.Tensor, counters: torch.Tensor 
     chunks = triton.cdiv(programs, block_p)
     best = values.new_empty(rows, chunks)
     first = index.new_empty(rows, chunks)
-    if chunks > 1 and counters is None:
-        counters = torch.zeros(rows, dtype=torch.int32, device=values.device)
-    if chunks > 1 and (counters is None or counters.numel() < rows or counters.dtype != torch.int32):
-        raise ValueError(f"the greedy choice over {chunks} chunks needs {rows} int32 counters")
+    counts = _counters(counters, rows, values.device) if chunks > 1 else chosen
     launch(_argmax_rows_kernel, (rows, chunks),
-        values, index, chosen, best, first, counters if counters is not None else chosen, programs, values.stride(0),
+        values, index, chosen, best, first, counts, programs, values.stride(0),
         BLOCK_P=block_p, CHUNKS=chunks, BLOCK_C=triton.next_power_of_2(chunks), num_warps=8, **_pdl(values),
     )  # fmt: skip
     return chosen
@@ -967,20 +974,16 @@ def rope_attention(
     chunk = triton.cdiv(triton.cdiv(slots, splits), block_s) * block_s
     part_o = qkv.new_empty(batch * heads * splits * block_d, dtype=torch.float32) if splits > 1 else out
     part_ml = qkv.new_empty(batch * heads * splits * 2, dtype=torch.float32) if splits > 1 else out
-    if splits > 1 and counters is None:
-        counters = torch.zeros(batch * heads, dtype=torch.int32, device=qkv.device)
-    if splits > 1 and (counters is None or counters.numel() < batch * heads or counters.dtype != torch.int32):
-        raise ValueError(f"split attention needs {batch * heads} int32 counters")
+    counts = _counters(counters, batch * heads, qkv.device) if splits > 1 else slot
     pdl = _pdl(qkv)
     launch(_rope_attention_kernel, (batch, heads, splits),
-        qkv, k, v, mask, slot, positions, rotary.inv_freq, norm.weight, k_weight, out, part_o,
-        part_ml, counters if counters is not None else slot, slots, qkv.stride(0), q_width, k_width, k.stride(0),
-        k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), mask.stride(0), out.stride(0), scale, rotary.scale, norm.eps, norm.offset,
-        window or 0, softcap or 1.0, chunk, GROUP=heads // kv_heads, D=dim, BLOCK_D=block_d,
-        ROT=2 * rotary.inv_freq.shape[0], INTERLEAVED=rotary.interleaved, QK_NORM=mode,
-        NORM_BLOCK=triton.next_power_of_2(max(q_width, k_width)), ROUND_FIRST=norm.round_first,
-        WINDOW=window is not None, SOFTCAP=softcap is not None, BLOCK_S=block_s, ONE_BLOCK=one_block, SPLITS=splits,
-        num_warps=warps, **pdl,
+        qkv, k, v, mask, slot, positions, rotary.inv_freq, norm.weight, k_weight, out, part_o, part_ml, counts, slots,
+        qkv.stride(0), q_width, k_width, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        mask.stride(0), out.stride(0), scale, rotary.scale, norm.eps, norm.offset, window or 0, softcap or 1.0, chunk,
+        GROUP=heads // kv_heads, D=dim, BLOCK_D=block_d, ROT=2 * rotary.inv_freq.shape[0],
+        INTERLEAVED=rotary.interleaved, QK_NORM=mode, NORM_BLOCK=triton.next_power_of_2(max(q_width, k_width)),
+        ROUND_FIRST=norm.round_first, WINDOW=window is not None, SOFTCAP=softcap is not None, BLOCK_S=block_s,
+        ONE_BLOCK=one_block, SPLITS=splits, num_warps=warps, **pdl,
     )  # fmt: skip
     return out
 
