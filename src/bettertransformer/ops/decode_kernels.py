@@ -223,9 +223,9 @@ if AVAILABLE:
         local = cols - first
         w_ptrs = w_base + ks[:, None] * stride_wk + local[None, :] * stride_wn
         u_ptrs = W2 + ks[:, None] * stride_wk + local[None, :] * stride_wn
-        w = tl.load(w_ptrs, mask=(ks[:, None] < K) & in_cols[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=(ks[:, None] < K) & in_cols[None, :], other=0.0, eviction_policy="evict_first")
         if GATED:
-            u = tl.load(u_ptrs, mask=(ks[:, None] < K) & in_cols[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=(ks[:, None] < K) & in_cols[None, :], other=0.0, eviction_policy="evict_first")
         if HAS_BIAS:
             bias = tl.load(b_base + local, mask=in_cols, other=0.0).to(tl.float32)
             if GATED:
@@ -276,9 +276,9 @@ if AVAILABLE:
                 acc_u = _accumulate(acc_u, x, u, BLOCK_M)
             for k0 in range(BLOCK_K, K, BLOCK_K):  # a loop the compiler pipelines: no branch inside
                 chunk_w = ((k0 + ks)[:, None] < K) & in_cols[None, :]
-                w = tl.load(w_ptrs + k0 * stride_wk, mask=chunk_w, other=0.0)
+                w = tl.load(w_ptrs + k0 * stride_wk, mask=chunk_w, other=0.0, eviction_policy="evict_first")
                 if GATED:
-                    u = tl.load(u_ptrs + k0 * stride_wk, mask=chunk_w, other=0.0)
+                    u = tl.load(u_ptrs + k0 * stride_wk, mask=chunk_w, other=0.0, eviction_policy="evict_first")
                 x = _input_chunk(
                     x_ptrs + k0, NW, NB, rows, k0 + ks, M, K, mean, rstd, norm_offset, NORM, ROUND_FIRST, dtype
                 ).to(dtype)
