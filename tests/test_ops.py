@@ -670,6 +670,17 @@ def test_launches_inside_compiling_ahead_compile_without_running_on_cuda():
         assert torch.equal(decode_kernels.embed(tokens, None, wte, None), wte[tokens])  # launched as usual
 
 
+def test_triton_setup_starts_once_and_only_where_kernels_compile_ahead():
+    from bettertransformer.ops import compile_ahead
+
+    first = compile_ahead.start_setup()
+    assert compile_ahead.start_setup() is first  # one set-up a process
+    if compile_ahead.SUPPORTED and torch.version.cuda is not None:
+        first.result(timeout=300)  # Triton's key and driver module built on the thread; raises what it raised
+    else:
+        assert first is None  # a CPU-only torch or a Triton without asynchronous compiles: no thread
+
+
 @kernels
 @pytest.mark.kernels
 def test_advance_kernel_matches_the_reference_path(monkeypatch):

@@ -8,6 +8,7 @@ so ``state_dict()`` keys and values never change, ``save_pretrained`` writes a s
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import Counter
 from typing import Any
 
@@ -109,6 +110,10 @@ def transform(model: nn.Module, keep_original_model: bool = False) -> nn.Module:
             patch.detach()
         raise
     setattr(model, _STATE, _State(patches))
+    if any(p.is_cuda for p in itertools.islice(model.parameters(), 1)):
+        from .ops.compile_ahead import start_setup
+
+        start_setup()  # Triton's set-up on a thread, while the caller prepares its inputs
     return model
 
 

@@ -5,12 +5,17 @@ launcher per kernel signature, ~0.4 s more to build that launcher; a decode step
 the other spent ~7 s before its first token (TinyLlama, an empty Triton cache, H200). Most of that time is spent
 waiting on subprocesses (ptxas, the C compiler) and in native code, so the variants compile in parallel on threads.
 
-Every launch in ``ops`` goes through ``launch``. Inside ``compiling_ahead()`` a launch does not run: it starts the
-compilation of the variant it would run (Triton's asynchronous compile mode, with a thread pool). Each kernel is
-loaded (its launcher built) on a second pool as soon as its own compilation ends, and the block's end waits for
-every compilation and every load. The code inside
-the block runs its PyTorch operations on whatever the skipped kernels would have written, so it is used only on
-scratch state: the caller restores what the block wrote (``generation.Runner._compile_ahead``).
+Every launch in ``ops`` goes through ``launch``. Inside ``compiling_ahead()`` a launch does not run: it is recorded,
+and at the block's end each recorded variant starts compiling (Triton's asynchronous compile mode, with a thread
+pool). Each kernel is loaded (its launcher built) on a second pool as soon as its own compilation ends, and the
+block's end waits for every compilation and every load. The code inside the block runs its PyTorch operations on
+whatever the skipped kernels would have written, so it is used only on scratch state: the caller restores what the
+block wrote (``generation.Runner._compile_ahead``).
+
+Before its first compilation a process pays Triton's own set-up: hashing its library for the cache keys and
+building its CUDA driver module (~1.2 s on an H200 host with an empty cache). ``start_setup`` begins that on a
+thread (``transform`` calls it for a model on a GPU, and every ``compiling_ahead`` block); the block's Python runs
+meanwhile, since its launches only record.
 
 Where Triton has no asynchronous compile mode, or ``SWITCHES.compile_ahead`` is off, the block runs nothing ahead,
 and kernels compile at their first launch as before.
@@ -37,6 +42,34 @@ except ImportError:  # CPU-only installs, Triton before 3.5
     SUPPORTED = False
 
 _local = threading.local()  # .ahead: this thread's compiling_ahead block (an _Ahead), or None
+_setup_lock = threading.Lock()
+_setup: Future | None = None  # Triton's set-up, once started (start_setup)
+
+
+def _triton_setup() -> None:
+    """What a process's first Triton compilation and launch would do first: the cache key of Triton itself (a hash
+    of its sources and its ~0.5 GB library, kept for the process) and its CUDA driver module (compiled on an empty
+    cache, then loaded)."""
+    import triton
+
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:  # Triton before 3.6 keeps it with the compiler
+        from triton.compiler.compiler import triton_key
+    triton_key()
+    triton.runtime.driver.active.utils  # noqa: B018 - the attribute builds and loads the module
+
+
+def start_setup() -> Future | None:
+    """Start Triton's per-process set-up on a thread, once (later calls return the same future); None where
+    kernels are not compiled ahead. Its failures are left to the first compilation, which repeats the work."""
+    global _setup
+    with _setup_lock:
+        if _setup is None and SUPPORTED and SWITCHES.compile_ahead and torch.version.cuda is not None:
+            worker = ThreadPoolExecutor(1, thread_name_prefix="bettertransformer-triton-setup")
+            _setup = worker.submit(_triton_setup)
+            worker.shutdown(wait=False)
+    return _setup
 
 
 class _Ahead:
@@ -47,6 +80,14 @@ class _Ahead:
         self.device, self.loader = device, loader
         self.seen: set[int] = set()
         self.loads: list[Future] = []
+        self.recorded: list[tuple[Any, tuple[int, ...], tuple, dict]] = []  # (kernel, grid, args, kwargs)
+
+    def compile_recorded(self) -> None:
+        """Start the compilation of every recorded launch's variant (the arguments are the recorded objects, so
+        their specialisation is the one the launch would have had)."""
+        for kernel, grid, args, kwargs in self.recorded:
+            self.started(kernel.warmup(*args, grid=grid, **kwargs))
+        self.recorded.clear()
 
     def started(self, kernel: Any) -> None:
         # A FutureKernel's own compile future (taken now: its result() clears it once finalised), or the kernel
@@ -58,12 +99,12 @@ class _Ahead:
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-    """``kernel[grid](*args, **kwargs)``, or inside ``compiling_ahead`` the start of its compilation only."""
+    """``kernel[grid](*args, **kwargs)``, or inside ``compiling_ahead`` a record of it, compiled at the block's end."""
     ahead = getattr(_local, "ahead", None)
     if ahead is None:
         kernel[grid](*args, **kwargs)
     else:
-        ahead.started(kernel.warmup(*args, grid=grid, **kwargs))
+        ahead.recorded.append((kernel, grid, args, kwargs))
 
 
 def _load(target: Any, device: torch.device) -> None:
@@ -88,6 +129,7 @@ def compiling_ahead(device: torch.device, threads: int | None = None) -> Iterato
     ):
         yield False
         return
+    setup = start_setup()
     workers = threads or min(16, os.cpu_count() or 1)
     # Two pools: a load waits on its compilation, so loads sharing the compilers' threads could hold every one.
     with (
@@ -101,5 +143,9 @@ def compiling_ahead(device: torch.device, threads: int | None = None) -> Iterato
                 yield True
             finally:
                 _local.ahead = None
+            if setup is not None:
+                with contextlib.suppress(Exception):  # a failed set-up is repeated (and raised) by the compilations
+                    setup.result()
+            ahead.compile_recorded()
         for load in ahead.loads:
             load.result()
