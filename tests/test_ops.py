@@ -670,15 +670,54 @@ def test_launches_inside_compiling_ahead_compile_without_running_on_cuda():
         assert torch.equal(decode_kernels.embed(tokens, None, wte, None), wte[tokens])  # launched as usual
 
 
+def test_compiling_ahead_starts_one_compilation_per_kind_of_launch():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bettertransformer.ops import compile_ahead
+
+    class Kernel:  # records what compiling ahead asks of it
+        def __init__(self):
+            self.warmed = []
+
+        def warmup(self, *args, grid, **kwargs):
+            self.warmed.append((args, kwargs))
+
+    a, b = Kernel(), Kernel()
+    half, single = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    unaligned = torch.zeros(65, dtype=torch.float16)[1:]  # 2 bytes in: not 16-byte aligned
+    assert half.data_ptr() % 16 == 0 and unaligned.data_ptr() % 16 != 0
+    launches = [
+        (a, (half, 8), {"BLOCK": 64}),
+        (a, (torch.ones(64, dtype=torch.float16), 8), {"BLOCK": 64}),  # alike: another layer's tensor
+        (a, (single, 8), {"BLOCK": 64}),  # another dtype
+        (a, (unaligned, 8), {"BLOCK": 64}),  # another alignment
+        (a, (half, 9), {"BLOCK": 64}),  # another integer
+        (a, (half, 8), {"BLOCK": 128}),  # another constant
+        (b, (half, 8), {"BLOCK": 64}),  # another kernel
+        (a, ([1], 8), {}),  # unhashable: a kind of its own
+        (a, ([1], 8), {}),
+    ]
+    with ThreadPoolExecutor(1) as loader:
+        ahead = compile_ahead._Ahead(torch.device("cpu"), loader)
+        ahead.recorded.extend((kernel, (1,), args, kwargs) for kernel, args, kwargs in launches)
+        ahead.compile_recorded()
+    assert [args[0].dtype if isinstance(args[0], torch.Tensor) else args[0] for args, _ in a.warmed] == [
+        torch.float16, torch.float32, torch.float16, torch.float16, torch.float16, [1], [1]
+    ]  # fmt: skip
+    assert a.warmed[0][0][0] is half and len(b.warmed) == 1 and ahead.recorded == []
+
+
 def test_triton_setup_starts_once_and_only_where_kernels_compile_ahead():
     from bettertransformer.ops import compile_ahead
 
     first = compile_ahead.start_setup()
     assert compile_ahead.start_setup() is first  # one set-up a process
     if compile_ahead.SUPPORTED and torch.version.cuda is not None:
-        first.result(timeout=300)  # Triton's key and driver module built on the thread; raises what it raised
+        assert len(first) == 2
+        for part in first:
+            part.result(timeout=300)  # Triton's key and its driver module, built on threads; raises what they raised
     else:
-        assert first is None  # a CPU-only torch or a Triton without asynchronous compiles: no thread
+        assert first == []  # a CPU-only torch or a Triton without asynchronous compiles: no thread
 
 
 @kernels

@@ -113,7 +113,7 @@ def transform(model: nn.Module, keep_original_model: bool = False) -> nn.Module:
     if any(p.is_cuda for p in itertools.islice(model.parameters(), 1)):
         from .ops.compile_ahead import start_setup
 
-        start_setup()  # Triton's set-up on a thread, while the caller prepares its inputs
+        start_setup()  # Triton's set-up on threads, while the caller prepares its inputs
     return model
 
 

@@ -13,9 +13,9 @@ whatever the skipped kernels would have written, so it is used only on scratch s
 block wrote (``generation.Runner._compile_ahead``).
 
 Before its first compilation a process pays Triton's own set-up: hashing its library for the cache keys and
-building its CUDA driver module (~1.2 s on an H200 host with an empty cache). ``start_setup`` begins that on a
-thread (``transform`` calls it for a model on a GPU, and every ``compiling_ahead`` block); the block's Python runs
-meanwhile, since its launches only record.
+building its CUDA driver module (~1.2 s one after the other on an H200 host with an empty cache). ``start_setup``
+begins both on threads (``transform`` calls it for a model on a GPU, and every ``compiling_ahead`` block); the
+block's Python runs meanwhile, since its launches only record.
 
 Where Triton has no asynchronous compile mode, or ``SWITCHES.compile_ahead`` is off, the block runs nothing ahead,
 and kernels compile at their first launch as before.
@@ -43,33 +43,44 @@ except ImportError:  # CPU-only installs, Triton before 3.5
 
 _local = threading.local()  # .ahead: this thread's compiling_ahead block (an _Ahead), or None
 _setup_lock = threading.Lock()
-_setup: Future | None = None  # Triton's set-up, once started (start_setup)
+_setup: list[Future] = []  # Triton's set-up, once started (start_setup)
 
 
-def _triton_setup() -> None:
-    """What a process's first Triton compilation and launch would do first: the cache key of Triton itself (a hash
-    of its sources and its ~0.5 GB library, kept for the process) and its CUDA driver module (compiled on an empty
-    cache, then loaded)."""
-    import triton
-
+def _triton_key() -> None:
+    """The cache key of Triton itself: a hash of its sources and its ~0.5 GB library, kept for the process."""
     try:
         from triton.runtime.cache import triton_key
     except ImportError:  # Triton before 3.6 keeps it with the compiler
         from triton.compiler.compiler import triton_key
     triton_key()
+
+
+def _triton_driver() -> None:
+    """Triton's CUDA driver module: compiled with the system's C compiler on an empty cache, then loaded."""
+    import triton
+
     triton.runtime.driver.active.utils  # noqa: B018 - the attribute builds and loads the module
 
 
-def start_setup() -> Future | None:
-    """Start Triton's per-process set-up on a thread, once (later calls return the same future); None where
-    kernels are not compiled ahead. Its failures are left to the first compilation, which repeats the work."""
+def start_setup() -> list[Future]:
+    """Start what a process's first Triton compilation would do first, once (later calls return the same futures):
+    Triton's cache key and its driver module, independent of each other, on two threads. Empty where kernels are
+    not compiled ahead. Failures are left to the first compilation, which repeats the work."""
     global _setup
     with _setup_lock:
-        if _setup is None and SUPPORTED and SWITCHES.compile_ahead and torch.version.cuda is not None:
-            worker = ThreadPoolExecutor(1, thread_name_prefix="bettertransformer-triton-setup")
-            _setup = worker.submit(_triton_setup)
-            worker.shutdown(wait=False)
+        if not _setup and SUPPORTED and SWITCHES.compile_ahead and torch.version.cuda is not None:
+            workers = ThreadPoolExecutor(2, thread_name_prefix="bettertransformer-triton-setup")
+            _setup = [workers.submit(_triton_key), workers.submit(_triton_driver)]
+            workers.shutdown(wait=False)
     return _setup
+
+
+def _likeness(value: Any) -> Any:
+    """What of a launch argument can select another kernel variant: a tensor's dtype and whether its data is
+    16-byte aligned (Triton specialises pointers on that), any other value itself."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.data_ptr() % 16 == 0)
+    return value
 
 
 class _Ahead:
@@ -83,11 +94,23 @@ class _Ahead:
         self.recorded: list[tuple[Any, tuple[int, ...], tuple, dict]] = []  # (kernel, grid, args, kwargs)
 
     def compile_recorded(self) -> None:
-        """Start the compilation of every recorded launch's variant (the arguments are the recorded objects, so
-        their specialisation is the one the launch would have had)."""
-        for kernel, grid, args, kwargs in self.recorded:
-            self.started(kernel.warmup(*args, grid=grid, **kwargs))
+        """Start the compilation of each recorded launch's variant, from one launch of each kind: the same kernel
+        with arguments alike in what Triton specialises on (a step's layers repeat the same ~5 launches; each
+        ``warmup`` costs the main thread milliseconds the compilations need). The arguments are the recorded
+        objects, so the specialisation is the one the launch would have had; two launches taken for one kind
+        that Triton would tell apart leave the second variant to compile at its first launch."""
+        kinds: dict[Any, tuple] = {}
+        for launch in self.recorded:
+            kernel, _, args, kwargs = launch
+            kind: Any = (id(kernel), tuple(map(_likeness, args)), tuple((k, _likeness(v)) for k, v in kwargs.items()))
+            try:
+                hash(kind)
+            except TypeError:  # an argument Triton does not hash either; a kind of its own
+                kind = object()
+            kinds.setdefault(kind, launch)
         self.recorded.clear()
+        for kernel, grid, args, kwargs in kinds.values():
+            self.started(kernel.warmup(*args, grid=grid, **kwargs))
 
     def started(self, kernel: Any) -> None:
         # A FutureKernel's own compile future (taken now: its result() clears it once finalised), or the kernel
@@ -143,9 +166,9 @@ def compiling_ahead(device: torch.device, threads: int | None = None) -> Iterato
                 yield True
             finally:
                 _local.ahead = None
-            if setup is not None:
+            for part in setup:
                 with contextlib.suppress(Exception):  # a failed set-up is repeated (and raised) by the compilations
-                    setup.result()
+                    part.result()
             ahead.compile_recorded()
         for load in ahead.loads:
             load.result()
