@@ -176,16 +176,6 @@ if AVAILABLE:
         return x
 
     @triton.jit
-    def _first_weights(ptrs, mask, WHOLE: tl.constexpr):
-        # A product's first weight tile. Weights are read once a step: a slab read whole (WHOLE) is marked evict_first,
-        # which leaves L2 to the activations and the key/value cache (H200: TinyLlama b1 +1.2-1.6%); on a slab read in
-        # a loop (K > BLOCK_K) the same hint cost Gemma 2 b1 6%, so it is left out there.
-        if WHOLE:
-            return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
-        else:
-            return tl.load(ptrs, mask=mask, other=0.0)
-
-    @triton.jit
     def _linear_kernel(
         X, W, B, W2, B2, W3, B3, Y, R, NW, NB, PEN, PV, PI,
         M, N, K, n1, n2, stride_xm, stride_wk, stride_wn, stride_ym, stride_rm, eps, norm_offset, softcap, out_scale,
@@ -233,9 +223,9 @@ if AVAILABLE:
         local = cols - first
         w_ptrs = w_base + ks[:, None] * stride_wk + local[None, :] * stride_wn
         u_ptrs = W2 + ks[:, None] * stride_wk + local[None, :] * stride_wn
-        w = _first_weights(w_ptrs, (ks[:, None] < K) & in_cols[None, :], ONE_CHUNK)
+        w = tl.load(w_ptrs, mask=(ks[:, None] < K) & in_cols[None, :], other=0.0)
         if GATED:
-            u = _first_weights(u_ptrs, (ks[:, None] < K) & in_cols[None, :], ONE_CHUNK)
+            u = tl.load(u_ptrs, mask=(ks[:, None] < K) & in_cols[None, :], other=0.0)
         if HAS_BIAS:
             bias = tl.load(b_base + local, mask=in_cols, other=0.0).to(tl.float32)
             if GATED:
