@@ -699,12 +699,14 @@ def test_compiling_ahead_starts_one_compilation_per_kind_of_launch():
     ]
     with ThreadPoolExecutor(1) as loader:
         ahead = compile_ahead._Ahead(torch.device("cpu"), loader)
-        ahead.recorded.extend((kernel, (1,), args, kwargs) for kernel, args, kwargs in launches)
+        for kernel, args, kwargs in launches:
+            ahead.record(kernel, (1,), args, kwargs)
+        assert len(ahead.kinds) == 8  # only the first launch of a kind is held
         ahead.compile_recorded()
     assert [args[0].dtype if isinstance(args[0], torch.Tensor) else args[0] for args, _ in a.warmed] == [
         torch.float16, torch.float32, torch.float16, torch.float16, torch.float16, [1], [1]
     ]  # fmt: skip
-    assert a.warmed[0][0][0] is half and len(b.warmed) == 1 and ahead.recorded == []
+    assert a.warmed[0][0][0] is half and len(b.warmed) == 1 and ahead.kinds == {}
 
 
 def test_triton_setup_starts_once_and_only_where_kernels_compile_ahead():

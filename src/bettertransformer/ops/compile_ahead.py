@@ -91,24 +91,24 @@ class _Ahead:
         self.device, self.loader = device, loader
         self.seen: set[int] = set()
         self.loads: list[Future] = []
-        self.recorded: list[tuple[Any, tuple[int, ...], tuple, dict]] = []  # (kernel, grid, args, kwargs)
+        # The first launch of each kind: the same kernel with arguments alike in what Triton specialises on. A
+        # step's layers repeat the same ~5 launches; keeping one of each bounds the tensors held (a long prompt's
+        # activations, layer after layer) and the ``warmup`` calls, each costing the main thread milliseconds.
+        self.kinds: dict[Any, tuple[Any, tuple[int, ...], tuple, dict]] = {}
+
+    def record(self, kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        kind: Any = (id(kernel), tuple(map(_likeness, args)), tuple((k, _likeness(v)) for k, v in kwargs.items()))
+        try:
+            hash(kind)
+        except TypeError:  # an argument Triton does not hash either: a kind of its own
+            kind = object()
+        self.kinds.setdefault(kind, (kernel, grid, args, kwargs))
 
     def compile_recorded(self) -> None:
-        """Start the compilation of each recorded launch's variant, from one launch of each kind: the same kernel
-        with arguments alike in what Triton specialises on (a step's layers repeat the same ~5 launches; each
-        ``warmup`` costs the main thread milliseconds the compilations need). The arguments are the recorded
-        objects, so the specialisation is the one the launch would have had; two launches taken for one kind
-        that Triton would tell apart leave the second variant to compile at its first launch."""
-        kinds: dict[Any, tuple] = {}
-        for launch in self.recorded:
-            kernel, _, args, kwargs = launch
-            kind: Any = (id(kernel), tuple(map(_likeness, args)), tuple((k, _likeness(v)) for k, v in kwargs.items()))
-            try:
-                hash(kind)
-            except TypeError:  # an argument Triton does not hash either; a kind of its own
-                kind = object()
-            kinds.setdefault(kind, launch)
-        self.recorded.clear()
+        """Start the compilation of each recorded kind's variant. The arguments are the recorded objects, so the
+        specialisation is the one the launch would have had; two launches taken for one kind that Triton would
+        tell apart leave the second variant to compile at its first launch."""
+        kinds, self.kinds = self.kinds, {}
         for kernel, grid, args, kwargs in kinds.values():
             self.started(kernel.warmup(*args, grid=grid, **kwargs))
 
@@ -127,7 +127,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     if ahead is None:
         kernel[grid](*args, **kwargs)
     else:
-        ahead.recorded.append((kernel, grid, args, kwargs))
+        ahead.record(kernel, grid, args, kwargs)
 
 
 def _load(target: Any, device: torch.device) -> None:
