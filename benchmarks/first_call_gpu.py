@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-empty-")  # before Triton is imported
 
@@ -24,7 +25,7 @@ from decoder_gpu import wall_ms  # noqa: E402
 from llama_decode_gpu import prompts, shapes  # noqa: E402
 
 
-def timed(marks: list, start: list, owner: object, name: str, label: str) -> None:
+def timed(marks: list, start: list, owner: object, name: str, label: str | Callable[[tuple], str]) -> None:
     """Wrap ``owner.name`` so that its end is appended to ``marks`` as (seconds since ``start[0]``, label)."""
     inner = getattr(owner, name)
 

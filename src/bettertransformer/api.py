@@ -8,7 +8,6 @@ so ``state_dict()`` keys and values never change, ``save_pretrained`` writes a s
 from __future__ import annotations
 
 import copy
-import itertools
 from collections import Counter
 from typing import Any
 
@@ -110,7 +109,8 @@ def transform(model: nn.Module, keep_original_model: bool = False) -> nn.Module:
             patch.detach()
         raise
     setattr(model, _STATE, _State(patches))
-    if any(p.is_cuda for p in itertools.islice(model.parameters(), 1)):
+    first = next(model.parameters(), None)
+    if first is not None and first.is_cuda:
         from .ops.compile_ahead import start_setup
 
         start_setup()  # Triton's set-up on threads, while the caller prepares its inputs
