@@ -27,7 +27,11 @@ def main() -> None:
         signature = {**launch["signature"], **dict.fromkeys(launch["constexprs"], "constexpr")}
         attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in launch["divisible"]}
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch["options"])
+        try:
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch["options"])
+        except Exception:
+            print(f"failed: {launch['kernel']} {launch['constexprs']}", file=sys.stderr)
+            raise
     print(f"compiled {len(launches)} variants with triton {triton.__version__}")
 
 
