@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import json
 import os
@@ -709,6 +710,40 @@ def test_compiling_ahead_starts_one_compilation_per_kind_of_launch():
         torch.float16, torch.float32, torch.float16, torch.float16, torch.float16, [1], [1]
     ]  # fmt: skip
     assert a.warmed[0][0][0] is half and len(b.warmed) == 1 and ahead.kinds == {}
+
+
+def test_compile_mode_builds_each_new_variants_launcher_beside_its_compilation():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bettertransformer.ops import compile_ahead
+
+    if not compile_ahead.SUPPORTED:
+        pytest.skip("this Triton has no asynchronous compile mode")
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    def compilation(src):  # as Triton's JIT submits one: a closure over the variant's source
+        return lambda: (src, "compiled")
+
+    # Triton 3.6 passes a finalising function after the compilation; later releases a clean-up function too.
+    after = [lambda kernel: None] + [lambda: None] * (len(inspect.signature(AsyncCompileMode.submit).parameters) - 4)
+
+    built = []
+
+    def build(src):
+        built.append(src)
+        if src == "broken":
+            raise RuntimeError("no C compiler")  # left to the load, which builds (and raises) again
+
+    with ThreadPoolExecutor(2) as pool:
+        with compile_ahead._Compiles(pool, build) as mode:
+            futures = [mode.submit(key, compilation(src), *after) for key, src in
+                       [("a", "source a"), ("a", "source a"), ("b", "source b"), ("c", "broken")]]  # fmt: skip
+        assert [f.result()[0] for f in futures] == ["source a", "source a", "source b", "broken"]
+    assert sorted(built) == ["broken", "source a", "source b"]  # once a variant, failures swallowed
+    with ThreadPoolExecutor(1) as pool, compile_ahead._Compiles(pool, None) as mode:  # no launchers to build
+        assert mode.submit("a", compilation("source a"), *after).result() == ("source a", "compiled")
+    assert compile_ahead._free_variable(compilation("x"), "src") == "x"
+    assert compile_ahead._free_variable(lambda: None, "src") is None
 
 
 def test_triton_setup_starts_once_and_only_where_kernels_compile_ahead():
