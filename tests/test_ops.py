@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import itertools
 import json
@@ -983,6 +984,62 @@ def test_decode_linear_normalises_rows_over_several_chunks(rows):
 
 @kernels
 @pytest.mark.kernels
+@pytest.mark.parametrize("width", [2304, 3072])
+def test_decode_linear_reads_a_row_whole_in_two_pieces(width, monkeypatch):
+    """A one-row product whose k is the sum of two powers of two (Gemma 2's 2,304, Phi-3's 3,072) is read whole as
+    two pieces (BLOCK_K 2,048 and a TAIL), as the default configuration chooses for Llama-size products; RMSNorm in both forms, LayerNorm
+    and none, plain and gated, against the float64 reference path within a small multiple of PyTorch's own error.
+    A BLOCK_K that is neither a power of two nor the sum of two, or two pieces shorter than k, is refused."""
+    from bettertransformer.ops import decode, decode_kernels
+
+    for n, gated in ((4096, False), (9216, True)):  # Gemma 2 2B's q|k|v and gate|up at 2,304; Phi-3's at 3,072
+        assert decode_kernels.linear_config(1, width, n, gated=gated) == (8, width, 8)
+    pieces = []
+    launch = decode_kernels.launch
+
+    def record(kernel, grid, *args, **kwargs):
+        if kernel is decode_kernels._linear_kernel:
+            pieces.append((kwargs["BLOCK_K"], kwargs["TAIL"], kwargs["ONE_CHUNK"]))
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(decode_kernels, "launch", record)
+    gen = torch.Generator().manual_seed(0)
+    out = 48
+    x, w = torch.randn(1, width, generator=gen), torch.randn(out, width, generator=gen) / width**0.5
+    u = torch.randn(out, width, generator=gen) / width**0.5
+    scale, shift = torch.randn(width, generator=gen) * 0.2 + 1, torch.randn(width, generator=gen)
+    norms = (
+        decode.RMSNorm(scale, 1e-6), decode.RMSNorm(scale - 1, 1e-6, offset=1.0, round_first=False),
+        (scale, shift, 1e-5), None,
+    )  # fmt: skip
+    dtypes = [torch.float16] if os.environ.get("TRITON_INTERPRET") == "1" else [torch.float16, torch.bfloat16]
+    for norm, gated, dtype in itertools.product(norms, (False, True), dtypes):
+
+        def run(device, dtype, kernels, norm=norm, gated=gated):
+            spec = norm
+            if isinstance(norm, decode.RMSNorm):
+                spec = dataclasses.replace(norm, weight=norm.weight.to(device, dtype))
+            elif norm is not None:
+                spec = (norm[0].to(device, dtype), norm[1].to(device, dtype), norm[2])
+            kw = dict(act="silu", up=(u.to(device, dtype), None)) if gated else {}
+            f = decode_kernels.linear if kernels else functools.partial(decode.linear, kernels=False)
+            config = {"config": (8, width, 8)} if kernels else {}
+            return f(x.to(device, dtype), w.to(device, dtype), None, transposed=True, norm=spec, **kw, **config)
+
+        expected = run("cpu", torch.float64, False)
+        stock = (run("cpu", dtype, False).double() - expected).abs().max().item()
+        error = (run(KERNELS, dtype, True).double().cpu() - expected).abs().max().item()
+        assert error <= 3 * stock + 1e-3 * expected.abs().max().item(), (norm, gated, dtype, error, stock)
+        assert pieces[-1] == (2048, width - 2048, True)
+    assert len(pieces) == len(norms) * 2 * len(dtypes)
+    xs, ws = x.to(KERNELS, torch.float16), w.to(KERNELS, torch.float16)
+    for config in ((8, 2048 + 512 + 256, 4), (8, 2048 + 128, 4)):  # three powers of two; two short of k
+        with pytest.raises(ValueError, match="BLOCK_K"):
+            decode_kernels.linear(xs, ws, None, transposed=True, config=config)
+
+
+@kernels
+@pytest.mark.kernels
 @pytest.mark.parametrize("splits", [1, 2, 4])
 def test_rope_attention_kernel_splits_with_a_window(splits):
     """The kernel's cache slices (``splits``) with a sliding window that starts inside the slices: a slice wholly
@@ -1185,6 +1242,7 @@ def test_decode_kernels_compile_for_hopper(monkeypatch):
     test_rms_norm_before_a_cublas_product_runs_as_one_kernel(monkeypatch)
     test_decode_linear_normalises_rows_over_several_chunks(1)
     test_decode_linear_normalises_rows_over_several_chunks(16)
+    test_decode_linear_reads_a_row_whole_in_two_pieces(2304, monkeypatch)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if os.environ.get("BT_COMPILE_TRITON"):  # the GPU machine's Triton, installed apart
         env["PYTHONPATH"] = os.pathsep.join([os.environ["BT_COMPILE_TRITON"], env.get("PYTHONPATH", "")])

@@ -133,6 +133,20 @@ if AVAILABLE:
         return _normalize(x, nw, nb, mean, rstd, inside, offset, NORM, ROUND_FIRST, DTYPE)
 
     @triton.jit
+    def _normalize_split(x, x2, nw, nb, nw2, nb2, inside, inside2, K, eps, offset, NORM: tl.constexpr,
+                         ROUND_FIRST: tl.constexpr, DTYPE, ROWS: tl.constexpr):  # fmt: skip
+        # ``_normalize_whole`` of rows held whole in two pieces (x: the first columns, x2: the rest; fp32).
+        mean = tl.zeros((ROWS,), tl.float32)
+        if NORM == 1:
+            mean = (tl.sum(x, axis=1) + tl.sum(x2, axis=1)) / K
+        d = tl.where(inside, x - mean[:, None], 0.0)
+        d2 = tl.where(inside2, x2 - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt((tl.sum(d * d, axis=1) + tl.sum(d2 * d2, axis=1)) / K + eps)
+        y = _normalize(x, nw, nb, mean, rstd, inside, offset, NORM, ROUND_FIRST, DTYPE)
+        y2 = _normalize(x2, nw2, nb2, mean, rstd, inside2, offset, NORM, ROUND_FIRST, DTYPE)
+        return y, y2
+
+    @triton.jit
     def _settle(x, t, pw, t_rstd, p_offset, P_ROUND_FIRST: tl.constexpr, DTYPE):
         # x + RMSNorm(t) (fp32 in and out, t's 1/rms given): a residual add after a post-sublayer norm, each operation
         # rounded to DTYPE as the stock norm's output and the stock add are.
@@ -183,12 +197,14 @@ if AVAILABLE:
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr, ACT: tl.constexpr,
         GATED: tl.constexpr, SEGMENTS: tl.constexpr, SOFTCAP: tl.constexpr, RESIDUAL: tl.constexpr,
         ARGMAX: tl.constexpr, HAS_PEN: tl.constexpr, STORE_Y: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr, TAIL: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         # act(norm(X) @ W + B) for M <= BLOCK_M rows; one program streams a BLOCK_N-wide slab of W, its first
         # BLOCK_K rows (all of it when ONE_CHUNK: K <= BLOCK_K) before waiting on the previous kernel. The product is
         # rounded to W's dtype, as a stock nn.Linear's output is, before the activation, the residual add or the
-        # argmax.
+        # argmax. TAIL (ONE_CHUNK only): K is held as two pieces, BLOCK_K columns and up to TAIL more (a K such as
+        # 2,304 = 2,048 + 256 read whole, without a chunk that is mostly padding).
         # NORM: 1 LayerNorm (NW, NB, eps), 2 RMSNorm (NW + norm_offset, eps) of X's rows first, rounded to W's dtype
         # as the stock norm's output is.
         # SEGMENTS: the output columns are those of up to three matrices side by side (W, W2, W3 with biases B, B2,
@@ -235,6 +251,17 @@ if AVAILABLE:
             nb = nw
             if NORM == 1:
                 nb = tl.load(NB + ks, mask=ks < K, other=0.0).to(tl.float32)
+        if TAIL > 0:  # the second piece of k, every weight of the slab requested before the wait
+            kt = BLOCK_K + tl.arange(0, TAIL)
+            tail_w = (kt[:, None] < K) & in_cols[None, :]
+            w_t = tl.load(w_base + kt[:, None] * stride_wk + local[None, :] * stride_wn, mask=tail_w, other=0.0)
+            if GATED:
+                u_t = tl.load(W2 + kt[:, None] * stride_wk + local[None, :] * stride_wn, mask=tail_w, other=0.0)
+            if NORM != 0:
+                nw_t = tl.load(NW + kt, mask=kt < K, other=0.0).to(tl.float32)
+                nb_t = nw_t
+                if NORM == 1:
+                    nb_t = tl.load(NB + kt, mask=kt < K, other=0.0).to(tl.float32)
         _wait_for_previous(PDL)
         x_ptrs = X + rows[:, None] * stride_xm + ks[None, :]
         inside = (rows[:, None] < M) & (ks[None, :] < K)
@@ -245,7 +272,17 @@ if AVAILABLE:
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if ONE_CHUNK:
             x = tl.load(x_ptrs, mask=inside, other=0.0)
-            if NORM != 0:  # statistics from the rows in registers
+            if TAIL > 0:
+                inside_t = (rows[:, None] < M) & (kt[None, :] < K)
+                x_t = tl.load(X + rows[:, None] * stride_xm + kt[None, :], mask=inside_t, other=0.0)
+                if NORM != 0:  # statistics from the rows in registers
+                    x, x_t = _normalize_split(x.to(tl.float32), x_t.to(tl.float32), nw, nb, nw_t, nb_t, inside,
+                                              inside_t, K, eps, norm_offset, NORM, ROUND_FIRST, dtype, BLOCK_M)  # fmt: skip
+                x_t = x_t.to(dtype)
+                acc = _accumulate(acc, x_t, w_t, BLOCK_M)
+                if GATED:
+                    acc_u = _accumulate(acc_u, x_t, u_t, BLOCK_M)
+            elif NORM != 0:  # statistics from the rows in registers
                 x = _normalize_whole(x.to(tl.float32), nw, nb, inside, K, eps, norm_offset, NORM, ROUND_FIRST, dtype,
                                      BLOCK_M)  # fmt: skip
             x = x.to(dtype)
@@ -724,7 +761,6 @@ _ONE_ROW_SWEPT = {
     (2048, 2048, False): (4, 2048, 8),  # TinyLlama's and Qwen3's o: 3.90 -> 3.55 us
     (2048, 2304, False): (4, 2048, 8),  # Gemma 2 2B's o: 3.98 -> 3.82
     (6144, 2048, False): (4, 2048, 8),  # Qwen3 1.7B's down: 7.82 -> 7.50
-    (2304, 9216, True): (8, 512, 4),  # Gemma 2 2B's gate|up: 28.4 -> 27.1
     (9216, 2304, False): (4, 2048, 4),  # Gemma 2 2B's down: 17.2 -> 13.0
     (4096, 6144, False): (4, 4096, 4),  # Llama 3 8B's q|k|v: 18.8 -> 16.4
     (4096, 14336, True): (4, 4096, 8),  # Llama 3 8B's gate|up: 66.1 -> 58.5
@@ -736,7 +772,8 @@ def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int
     (``benchmarks/decode_kernels_gpu.py``, BENCHMARKS.md). GPT-2's products, one row: a few hundred programs, each
     reading up to 16K weights before the wait. Llama-size products (k and n >= 2048), one row: 8 columns per program
     (thousands of programs, each streaming long contiguous runs of k), up to 2,048 of k at a time (1,024 for two
-    matrices or a long k, 512 for an LM head)."""
+    matrices or a long k, 512 for an LM head), or all of a k up to 4,096 that is the sum of two powers of two. A
+    BLOCK_K that is such a sum (not a power of two) means k read whole in two pieces (``linear``)."""
     large = k >= 2048 and n >= 2048
     if m == 1 and (k, n, gated) in _ONE_ROW_SWEPT:
         return _ONE_ROW_SWEPT[(k, n, gated)]
@@ -751,6 +788,12 @@ def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int
         block_k = 512 if n >= 16384 else 2048 if k <= 2048 or long_plain else 1024
         block_k = min(triton.next_power_of_2(k), block_k)
         warps = 8 if k <= 2048 and 8 * block_k * (2 if gated else 1) >= 16384 else 4
+        rest = k - (1 << (k.bit_length() - 1))
+        if n < 16384 and block_k < k <= 4096 and rest & (rest - 1) == 0:
+            # k the sum of two powers of two (Gemma 2's 2,304 = 2,048 + 256, Phi-3's 3,072): read whole as two pieces
+            # (every weight of a program's slab requested before the kernel waits, the norm's statistics from
+            # registers) rather than in chunks, the last one mostly padding
+            return 8, k, 8
         return 8, block_k, warps
     if not large:
         return (8, 256, 2) if n <= 1024 else (64, 128, 4) if n >= 16384 else (32, 128, 2)
@@ -813,6 +856,10 @@ def linear(
     widths = tuple(w.shape[0] if transposed else w.shape[1] for w in matrices)
     n = sum(widths)
     block_n, block_k, warps = config or linear_config(m, k, n, gated=up is not None)
+    head = 1 << (block_k.bit_length() - 1)
+    tail = block_k - head  # BLOCK_K the sum of two powers of two: k read whole as two pieces
+    if tail & (tail - 1) or (tail and k > block_k):
+        raise ValueError(f"BLOCK_K {block_k} is neither a power of two nor, for k <= it, the sum of two")
     if parts:
         found = segment_block(block_n if m == 1 else max(block_n, 16), widths, m)
         if found is None:
@@ -859,7 +906,7 @@ def linear(
         ACT=_ACTIVATIONS["gelu_tanh" if gelu_tanh else act], GATED=up is not None, SEGMENTS=len(matrices),
         SOFTCAP=softcap is not None, RESIDUAL=residual is not None, ARGMAX=argmax,
         HAS_PEN=eos_penalty is not None, STORE_Y=store_y, BLOCK_M=1 if m == 1 else MAX_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, ONE_CHUNK=k <= block_k, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=head, ONE_CHUNK=k <= block_k, TAIL=tail, num_warps=warps,
         num_stages=2 if n >= 16384 else 4, **pdl,
     )  # fmt: skip
     if residual is not None:
