@@ -994,6 +994,7 @@ def test_decode_linear_reads_a_row_whole_in_two_pieces(width, monkeypatch):
 
     for n, gated in ((4096, False), (9216, True)):  # Gemma 2 2B's q|k|v and gate|up at 2,304; Phi-3's at 3,072
         assert decode_kernels.linear_config(1, width, n, gated=gated) == (8, width, 8)
+    assert decode_kernels.linear_config(1, 4096, 4096) == (8, 1024, 4)  # a power of two: chunks, as before
     pieces = []
     launch = decode_kernels.launch
 

@@ -789,7 +789,7 @@ def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int
         block_k = min(triton.next_power_of_2(k), block_k)
         warps = 8 if k <= 2048 and 8 * block_k * (2 if gated else 1) >= 16384 else 4
         rest = k - (1 << (k.bit_length() - 1))
-        if n < 16384 and block_k < k <= 4096 and rest & (rest - 1) == 0:
+        if n < 16384 and block_k < k <= 4096 and rest and rest & (rest - 1) == 0:
             # k the sum of two powers of two (Gemma 2's 2,304 = 2,048 + 256, Phi-3's 3,072): read whole as two pieces
             # (every weight of a program's slab requested before the kernel waits, the norm's statistics from
             # registers) rather than in chunks, the last one mostly padding
