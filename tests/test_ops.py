@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import itertools
 import json
@@ -939,6 +938,35 @@ def test_decode_linear_adds_a_pending_post_norm_before_its_product(rows, chunked
         assert (got - expected).abs().max().item() < 2e-2 * expected.abs().max().item()
 
 
+def _half_dtypes():
+    """fp16 and bf16; fp16 only under Triton's interpreter (3.9), which rounds to bf16 by truncation and whose bf16
+    tensor-core product is off by ~1e12."""
+    return [torch.float16] if os.environ.get("TRITON_INTERPRET") == "1" else [torch.float16, torch.bfloat16]
+
+
+def _linear_errors(x, w, u, norm, dtype, config):
+    """(our kernel's error, PyTorch's error in ``dtype``, the result's largest magnitude) of ``decode.linear`` with
+    ``norm`` (an ``RMSNorm``, a LayerNorm triple or None), gated by ``u`` unless None, against the float64 path."""
+    from bettertransformer.ops import decode, decode_kernels
+
+    def run(device, dtype, kernels):
+        spec = norm
+        if isinstance(norm, decode.RMSNorm):
+            spec = dataclasses.replace(norm, weight=norm.weight.to(device, dtype))
+        elif norm is not None:
+            spec = (norm[0].to(device, dtype), norm[1].to(device, dtype), norm[2])
+        kw = dict(act="silu", up=(u.to(device, dtype), None)) if u is not None else {}
+        xs, ws = x.to(device, dtype), w.to(device, dtype)
+        if kernels:
+            return decode_kernels.linear(xs, ws, None, transposed=True, norm=spec, config=config, **kw)
+        return decode.linear(xs, ws, None, transposed=True, norm=spec, kernels=False, **kw)
+
+    expected = run("cpu", torch.float64, False)
+    stock = (run("cpu", dtype, False).double() - expected).abs().max().item()
+    error = (run(KERNELS, dtype, True).double().cpu() - expected).abs().max().item()
+    return error, stock, expected.abs().max().item()
+
+
 @kernels
 @pytest.mark.kernels
 @pytest.mark.parametrize("rows", [1, 2, 16])
@@ -959,27 +987,9 @@ def test_decode_linear_normalises_rows_over_several_chunks(rows):
     norms = (
         decode.RMSNorm(scale, 1e-6), decode.RMSNorm(scale - 1, 1e-6, offset=1.0, round_first=False), (scale, shift, 1e-5)
     )  # fmt: skip
-    dtypes = [torch.float16, torch.bfloat16]
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        # Triton's interpreter (3.9) rounds to bf16 by truncation, and its bf16 tensor-core product is off by ~1e12
-        dtypes = dtypes[:1]
-    for norm, gated, dtype in itertools.product(norms, (False, True), dtypes):
-
-        def run(device, dtype, kernels, norm=norm, gated=gated):
-            if isinstance(norm, decode.RMSNorm):
-                spec = dataclasses.replace(norm, weight=norm.weight.to(device, dtype))
-            else:
-                spec = (norm[0].to(device, dtype), norm[1].to(device, dtype), norm[2])
-            kw = dict(act="silu", up=(u.to(device, dtype), None)) if gated else {}
-            xs, ws = x.to(device, dtype), w.to(device, dtype)
-            if kernels:
-                return decode_kernels.linear(xs, ws, None, transposed=True, norm=spec, config=config, **kw)
-            return decode.linear(xs, ws, None, transposed=True, norm=spec, kernels=False, **kw)
-
-        expected = run("cpu", torch.float64, False)
-        stock = (run("cpu", dtype, False).double() - expected).abs().max().item()  # PyTorch's ops in this dtype
-        error = (run(KERNELS, dtype, True).double().cpu() - expected).abs().max().item()
-        assert error <= 3 * stock + 1e-3 * expected.abs().max().item(), (norm, gated, dtype, error, stock)
+    for norm, gated, dtype in itertools.product(norms, (False, True), _half_dtypes()):
+        error, stock, largest = _linear_errors(x, w, u if gated else None, norm, dtype, config)
+        assert error <= 3 * stock + 1e-3 * largest, (norm, gated, dtype, error, stock)
 
 
 @kernels
@@ -987,9 +997,10 @@ def test_decode_linear_normalises_rows_over_several_chunks(rows):
 @pytest.mark.parametrize("width", [2304, 3072])
 def test_decode_linear_reads_a_row_whole_in_two_pieces(width, monkeypatch):
     """A one-row product whose k is the sum of two powers of two (Gemma 2's 2,304, Phi-3's 3,072) is read whole as
-    two pieces (BLOCK_K 2,048 and a TAIL), as the default configuration chooses for Llama-size products; RMSNorm in both forms, LayerNorm
-    and none, plain and gated, against the float64 reference path within a small multiple of PyTorch's own error.
-    A BLOCK_K that is neither a power of two nor the sum of two, or two pieces shorter than k, is refused."""
+    two pieces (BLOCK_K 2,048 and a TAIL), as the default configuration chooses for Llama-size products; RMSNorm in
+    both forms, LayerNorm and none, plain and gated, against the float64 reference path within a small multiple of
+    PyTorch's own error. A BLOCK_K that is neither a power of two nor the sum of two, or two pieces shorter than k,
+    is refused."""
     from bettertransformer.ops import decode, decode_kernels
 
     for n, gated in ((4096, False), (9216, True)):  # Gemma 2 2B's q|k|v and gate|up at 2,304; Phi-3's at 3,072
@@ -1013,24 +1024,10 @@ def test_decode_linear_reads_a_row_whole_in_two_pieces(width, monkeypatch):
         decode.RMSNorm(scale, 1e-6), decode.RMSNorm(scale - 1, 1e-6, offset=1.0, round_first=False),
         (scale, shift, 1e-5), None,
     )  # fmt: skip
-    dtypes = [torch.float16] if os.environ.get("TRITON_INTERPRET") == "1" else [torch.float16, torch.bfloat16]
+    dtypes = _half_dtypes()
     for norm, gated, dtype in itertools.product(norms, (False, True), dtypes):
-
-        def run(device, dtype, kernels, norm=norm, gated=gated):
-            spec = norm
-            if isinstance(norm, decode.RMSNorm):
-                spec = dataclasses.replace(norm, weight=norm.weight.to(device, dtype))
-            elif norm is not None:
-                spec = (norm[0].to(device, dtype), norm[1].to(device, dtype), norm[2])
-            kw = dict(act="silu", up=(u.to(device, dtype), None)) if gated else {}
-            f = decode_kernels.linear if kernels else functools.partial(decode.linear, kernels=False)
-            config = {"config": (8, width, 8)} if kernels else {}
-            return f(x.to(device, dtype), w.to(device, dtype), None, transposed=True, norm=spec, **kw, **config)
-
-        expected = run("cpu", torch.float64, False)
-        stock = (run("cpu", dtype, False).double() - expected).abs().max().item()
-        error = (run(KERNELS, dtype, True).double().cpu() - expected).abs().max().item()
-        assert error <= 3 * stock + 1e-3 * expected.abs().max().item(), (norm, gated, dtype, error, stock)
+        error, stock, largest = _linear_errors(x, w, u if gated else None, norm, dtype, (8, width, 8))
+        assert error <= 3 * stock + 1e-3 * largest, (norm, gated, dtype, error, stock)
         assert pieces[-1] == (2048, width - 2048, True)
     assert len(pieces) == len(norms) * 2 * len(dtypes)
     xs, ws = x.to(KERNELS, torch.float16), w.to(KERNELS, torch.float16)

@@ -767,6 +767,12 @@ _ONE_ROW_SWEPT = {
 }
 
 
+def two_pieces(width: int) -> tuple[int, int]:
+    """(the largest power of two <= ``width``, the rest): a rest of 0 or a power of two splits it into two pieces."""
+    head = 1 << (width.bit_length() - 1)
+    return head, width - head
+
+
 def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an (m, k) @ (k, n) product: the best of sweeps on H100/H200s
     (``benchmarks/decode_kernels_gpu.py``, BENCHMARKS.md). GPT-2's products, one row: a few hundred programs, each
@@ -788,7 +794,7 @@ def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int
         block_k = 512 if n >= 16384 else 2048 if k <= 2048 or long_plain else 1024
         block_k = min(triton.next_power_of_2(k), block_k)
         warps = 8 if k <= 2048 and 8 * block_k * (2 if gated else 1) >= 16384 else 4
-        rest = k - (1 << (k.bit_length() - 1))
+        rest = two_pieces(k)[1]
         if n < 16384 and block_k < k <= 4096 and rest and rest & (rest - 1) == 0:
             # k the sum of two powers of two (Gemma 2's 2,304 = 2,048 + 256, Phi-3's 3,072): read whole as two pieces
             # (every weight of a program's slab requested before the kernel waits, the norm's statistics from
@@ -856,8 +862,7 @@ def linear(
     widths = tuple(w.shape[0] if transposed else w.shape[1] for w in matrices)
     n = sum(widths)
     block_n, block_k, warps = config or linear_config(m, k, n, gated=up is not None)
-    head = 1 << (block_k.bit_length() - 1)
-    tail = block_k - head  # BLOCK_K the sum of two powers of two: k read whole as two pieces
+    head, tail = two_pieces(block_k)  # BLOCK_K the sum of two powers of two: k read whole as two pieces
     if tail & (tail - 1) or (tail and k > block_k):
         raise ValueError(f"BLOCK_K {block_k} is neither a power of two nor, for k <= it, the sum of two")
     if parts:
