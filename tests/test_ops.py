@@ -1112,6 +1112,34 @@ def test_rope_attention_over_a_long_cache(heads, kv_heads, dim):
 
 @kernels
 @pytest.mark.kernels
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_gated_kernel_for_many_rows(act, monkeypatch):
+    """A gated product over more rows than the step's kernels take (a prefill's): cuBLAS's two products, then
+    act(gate) * up in one kernel, the activation rounded to fp16 before the product as PyTorch's two kernels round
+    it; against float64 within fp16's rounding, and a size that is not a multiple of the kernel's block."""
+    from bettertransformer.ops import decode, decode_kernels
+
+    launches = _count_launches(monkeypatch, decode_kernels, "gated")
+    gen = torch.Generator().manual_seed(0)
+    x, w, u = (torch.randn(*shape, generator=gen) for shape in ((37, 64), (96, 64), (96, 64)))
+    with torch.no_grad():
+        got = decode.linear(
+            x.to(KERNELS, torch.float16), w.to(KERNELS, torch.float16), None, transposed=True, act=act,
+            up=(u.to(KERNELS, torch.float16), None),
+        ).double().cpu()  # fmt: skip
+    assert launches == {"gated": 1}
+    g16, u16 = (x.half().double() @ m.half().double().T for m in (w, u))
+    g16, u16 = g16.half().double(), u16.half().double()  # the two products rounded, as cuBLAS's are
+    a = F.gelu(g16, approximate="tanh") if act == "gelu_tanh" else F.silu(g16)
+    expected = a.half().double() * u16
+    assert (got - expected).abs().max().item() <= 2e-3 * expected.abs().max().item()
+    g = torch.zeros(4, 6, dtype=torch.float16, device=KERNELS)
+    with pytest.raises(ValueError, match="contiguous"):
+        decode_kernels.gated(g, g.t().contiguous().t(), act)
+
+
+@kernels
+@pytest.mark.kernels
 @pytest.mark.parametrize("heads, kv_heads, dim, rot, interleaved, qk", [
     (8, 2, 64, 32, False, None), (4, 4, 32, 32, True, "head"), (6, 2, 64, 64, False, "whole"),
 ])  # fmt: skip

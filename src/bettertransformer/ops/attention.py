@@ -175,15 +175,16 @@ def _varlen(c: _Call) -> torch.Tensor:
     extra: dict[str, Any] = {}
     reach = c.window - 1 if c.window is not None else -1  # flash's windows are inclusive
     window = (reach, 0) if c.causal else (reach, reach)
-    if c.dropout_p or (torch.is_grad_enabled() and any(t.requires_grad for t in (c.q, k, v))):
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (c.q, k, v))
+    if c.dropout_p or training or (c.gqa and "enable_gqa" not in params):
+        # PyTorch's flash kernels directly: also grouped-query heads where this torch's varlen_attn wants one
+        # key/value head per query head (no copies of k and v with their heads repeated)
         info = c.info
         return _FlashVarlen.apply(c.q, k, v, info.cu_seqlens, info.max_len, c.dropout_p, c.causal, c.scale, window)
     if c.causal or c.window is not None:
         extra["window_size"] = window
-    if c.gqa and "enable_gqa" in params:
+    if c.gqa:
         extra["enable_gqa"] = True
-    elif c.gqa:  # this torch's varlen_attn wants one key/value head per query head
-        k, v = (t.repeat_interleave(c.q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     cu, length = c.info.cu_seqlens, c.info.max_len
     return varlen_attn(c.q, k, v, cu, cu, length, length, scale=c.scale, **extra)
 

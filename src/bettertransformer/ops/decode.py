@@ -97,10 +97,13 @@ def _reference(
     y = _product(x, weight, bias, transposed)
     if parts:
         y = torch.cat([y, *(_product(x, w, b, transposed) for w, b in parts)], dim=-1)
-    y = _activation(y, act)
-    if up is not None:
-        y = y * _product(x, up[0], up[1], transposed)
-    return y
+    if up is None:
+        return _activation(y, act)
+    u = _product(x, up[0], up[1], transposed)
+    fused = use_triton(y) and decode_kernels.AVAILABLE and y.is_contiguous() and u.is_contiguous()
+    if act is not None and fused and u.dtype == y.dtype:
+        return decode_kernels.gated(y, u, act)  # one kernel where PyTorch takes two
+    return _activation(y, act) * u
 
 
 def linear(

@@ -429,6 +429,18 @@ if AVAILABLE:
         tl.store(Y + row * K + cols[None, :], y.to(Y.dtype.element_ty), mask=inside)
 
     @triton.jit
+    def _gated_kernel(G, U, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # Y = act(G) * U elementwise (a gated MLP's two products, from cuBLAS), the activation rounded to G's dtype
+        # before the product, as stock's two PyTorch kernels round it.
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = i < n
+        _wait_for_previous(PDL)
+        g = tl.load(G + i, mask=inside, other=0.0).to(tl.float32)
+        u = tl.load(U + i, mask=inside, other=0.0).to(tl.float32)
+        a = _activation(g, ACT).to(Y.dtype.element_ty).to(tl.float32)
+        tl.store(Y + i, (a * u).to(Y.dtype.element_ty), mask=inside)
+
+    @triton.jit
     def _add_norm_kernel(X, T, NW, OUT, E, eps, offset, ROUND_FIRST: tl.constexpr, BLOCK: tl.constexpr,
                          PDL: tl.constexpr):  # fmt: skip
         # OUT = X + RMSNorm(T) for one row per program (a norm after a sublayer, before its residual add: Gemma 2/3,
@@ -978,6 +990,18 @@ def add_norm(x: torch.Tensor, t: torch.Tensor, norm: RMSNorm, out: torch.Tensor 
         BLOCK=triton.next_power_of_2(width), **_pdl(x),
     )  # fmt: skip
     return out
+
+
+def gated(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
+    """act(g) * u for contiguous g and u of one shape and dtype, in one kernel (PyTorch takes two and a tensor
+    between them); ``act`` "silu" or "gelu_tanh"."""
+    if not (g.is_contiguous() and u.is_contiguous() and g.shape == u.shape and g.dtype == u.dtype):
+        raise ValueError("a gated product needs both halves contiguous, of one shape and dtype")
+    y = torch.empty_like(g)
+    block = 2048
+    launch(_gated_kernel, (triton.cdiv(g.numel(), block),), g, u, y, g.numel(), ACT=_ACTIVATIONS[act], BLOCK=block,
+           num_warps=8, **_pdl(g))  # fmt: skip
+    return y
 
 
 @dataclass(frozen=True)
