@@ -691,7 +691,7 @@ if AVAILABLE:
         pos = tl.load(POS + t).to(tl.float32)
         b = tl.load(ROWS + t)
         column = tl.load(COLUMNS + t)
-        for i in tl.static_range(GROUP):
+        for i in range(GROUP):  # a loop, not unrolled: as fast, and the first call compiles it sooner
             j = tl.program_id(1) * GROUP + i
             if j < HEADS + KV_HEADS:
                 is_q = j < HEADS
@@ -1103,8 +1103,8 @@ def rope_into_cache(
     k, v = kv[0], kv[1]
     block_d = triton.next_power_of_2(dim)
     # 512 features a program over one warp. H200, fp16/bf16, 544 / 2,048 / 8,192 tokens: TinyLlama's 36 heads of 64
-    # 7.3 / 15.7 / 61.9 us (a head a program over four warps: 24.7 / 89.5 / 355), Qwen3's 24 of 128 with q/k norms
-    # 10.1 / 29.2 / 103.8 (16.2 / 60.5 / 239), Gemma 2's 12 of 256 7.1 / 19.9 / 74.7 (8.6 / 30.1 / 119.5).
+    # 7.2 / 15.2 / 60.4 us (a head a program over four warps: 24.7 / 89.5 / 355), Qwen3's 24 of 128 with q/k norms
+    # 10.1 / 27.2 / 100.3 (16.2 / 60.5 / 239), Gemma 2's 12 of 256 7.1 / 19.1 / 72.1 (8.6 / 30.1 / 119.5).
     group = group or max(1, 512 // block_d)
     warps = warps or 1
     launch(_rope_cache_kernel, (tokens, triton.cdiv(heads + kv_heads, group)),
