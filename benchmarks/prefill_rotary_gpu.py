@@ -1,7 +1,7 @@
 """The prefill's rotary kernel alone (``decode_kernels.rope_into_cache``): heads a program x warps, at prefill token
-counts, for TinyLlama, Qwen3 1.7B and Gemma 2 2B head shapes; us a call, median of 20 replays of a CUDA graph of 20
-calls. Every configuration's output is checked against one head a program over four warps (the kernel before the
-twentieth session).
+counts, for TinyLlama, Qwen3 1.7B and Gemma 2 2B head shapes; us a call, replayed from a CUDA graph
+(``decode_kernels_gpu.graph_us``). Every configuration's output is checked against one head a program over four warps
+(the kernel before the twentieth session).
 
 Run: ``PYTHONPATH=src python benchmarks/prefill_rotary_gpu.py``
 """
@@ -9,6 +9,7 @@ Run: ``PYTHONPATH=src python benchmarks/prefill_rotary_gpu.py``
 from __future__ import annotations
 
 import torch
+from decode_kernels_gpu import graph_us
 
 from bettertransformer.ops import decode, decode_kernels
 
@@ -18,24 +19,6 @@ SHAPES = {  # query heads, key/value heads, head dim, q/k norms, dtype
     "gemma2": (8, 4, 256, False, torch.bfloat16),
 }
 CONFIGS = ((1, 4), (1, 1), (2, 1), (4, 1), (4, 2), (8, 1), (8, 2), (16, 1), (16, 2), (None, None))
-
-
-def per_call_us(fn, calls: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -66,7 +49,7 @@ def main() -> None:
                 diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, reference, strict=True))
                 assert diff < 0.05, (name, tokens, group, warps, diff)
                 label = "default" if group is None else f"{group}x{warps}"
-                cells.append(f"{label} {per_call_us(run):.1f}")
+                cells.append(f"{label} {graph_us(lambda i, run=run: run()):.1f}")
             print(f"{name} T={tokens}: " + " | ".join(cells), flush=True)
 
 
