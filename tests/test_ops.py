@@ -370,6 +370,35 @@ def test_rms_norm_with_grad_matches_the_stock_forms(offset, round_first):
     assert (mixed is None) == round_first
 
 
+@pytest.mark.parametrize("has_gqa", [False, True])
+def test_varlen_backend_passes_grouped_heads_as_they_are(has_gqa, monkeypatch):
+    """Grouped-query heads reach the flash kernels with their own key/value heads: through ``varlen_attn``'s
+    ``enable_gqa`` where this torch has it, else through PyTorch's flash op directly (torch 2.11), never as copies
+    of k and v with their heads repeated. (Their values: ``test_varlen_backend_matches_reference_on_cuda``.)"""
+    from bettertransformer.ops import attention
+
+    calls = []
+
+    def varlen_attn(q, k, v, *args, enable_gqa=False, **kwargs):
+        calls.append(("varlen_attn", k.shape[1], v.shape[1], enable_gqa))
+        return torch.zeros_like(q)
+
+    def flash(q, k, v, *args):
+        calls.append(("flash", k.shape[1], v.shape[1]))
+        return torch.zeros_like(q)
+
+    params = frozenset({"query", "key", "value", "scale", "window_size"} | ({"enable_gqa"} if has_gqa else set()))
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: (varlen_attn, params))
+    monkeypatch.setattr(attention._FlashVarlen, "apply", flash)
+    lengths = [5, 3]
+    info = pack_info(_mask(lengths, 5), len(lengths), 5, torch.device("cpu"))
+    q = torch.randn(sum(lengths), 8, 16)
+    k, v = torch.randn(sum(lengths), 2, 16), torch.randn(sum(lengths), 2, 16)
+    with torch.no_grad():
+        packed_attention(q, k, v, info, scale=0.25, causal=True, backend="varlen")
+    assert calls == ([("varlen_attn", 2, 2, True)] if has_gqa else [("flash", 2, 2)])
+
+
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
