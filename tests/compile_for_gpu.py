@@ -41,6 +41,8 @@ def launcher_sources(source: ASTSource, compiled: object) -> tuple[str, str] | N
         nvidia.CudaLauncher(source, compiled.metadata)
     finally:
         nvidia.compile_module_from_src, runtime_build.compile_module_from_src, nvidia.library_dirs = saved
+    if len(sources) == 1:  # compile-ahead leaves a launcher taking TMA descriptors to the loader
+        return None
     return sources[0], sources[1]
 
 

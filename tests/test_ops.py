@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import itertools
@@ -729,15 +730,21 @@ def test_compiling_ahead_starts_one_compilation_per_kind_of_launch():
         (a, ([1], 8), {}),  # unhashable: a kind of its own
         (a, ([1], 8), {}),
     ]
+    descriptor = collections.namedtuple("Descriptor", "base block_shape padding")  # as a host-side TMA descriptor
+    launches += [
+        (a, (descriptor(half, [16, 64], "zero"), 8), {}),
+        (a, (descriptor(torch.ones(64, dtype=torch.float16), [16, 64], "zero"), 8), {}),  # alike: another weight
+        (a, (descriptor(half, [32, 64], "zero"), 8), {}),  # another block
+    ]
     with ThreadPoolExecutor(1) as loader:
         ahead = compile_ahead._Ahead(torch.device("cpu"), loader)
         for kernel, args, kwargs in launches:
             ahead.record(kernel, (1,), args, kwargs)
-        assert len(ahead.kinds) == 8  # only the first launch of a kind is held
+        assert len(ahead.kinds) == 10  # only the first launch of a kind is held
         ahead.compile_recorded()
-    assert [args[0].dtype if isinstance(args[0], torch.Tensor) else args[0] for args, _ in a.warmed] == [
-        torch.float16, torch.float32, torch.float16, torch.float16, torch.float16, [1], [1]
-    ]  # fmt: skip
+    kinds = [args[0].dtype if isinstance(args[0], torch.Tensor) else args[0] for args, _ in a.warmed]
+    assert kinds[:7] == [torch.float16, torch.float32, torch.float16, torch.float16, torch.float16, [1], [1]]
+    assert [tuple(d.block_shape) for d in kinds[7:]] == [(16, 64), (32, 64)]
     assert a.warmed[0][0][0] is half and len(b.warmed) == 1 and ahead.kinds == {}
 
 
@@ -1023,6 +1030,60 @@ def test_decode_linear_normalises_rows_over_several_chunks(rows):
 
 @kernels
 @pytest.mark.kernels
+@pytest.mark.parametrize("rows, width", [(2, 200), (5, 1000), (16, 1000)])
+def test_decode_linear_reads_several_rows_through_tma(rows, width, monkeypatch):
+    """Several rows over q, k and v side by side (three matrices, or slices of one fused matrix as Phi-3 keeps
+    them), with biases and without, an RMSNorm first or none, k shorter than a tile or not a multiple of it: the
+    TMA kernel runs, and its error against the float64 reference path stays within a small multiple of PyTorch's
+    own. Widths that are not a multiple of its tile, or the switch off, keep the pointer kernel."""
+    from bettertransformer.ops import decode, decode_kernels
+    from bettertransformer.switches import switched
+
+    ran = []
+    launch = decode_kernels.launch
+
+    def record(kernel, grid, *args, **kwargs):
+        ran.append(kernel)
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(decode_kernels, "launch", record)
+    gen = torch.Generator().manual_seed(0)
+    widths = (128, 64, 64)
+    x = torch.randn(rows, width, generator=gen)
+    ws = [torch.randn(n, width, generator=gen) / width**0.5 for n in widths]
+    bs = [torch.randn(n, generator=gen) for n in widths]
+    scale = torch.randn(width, generator=gen) * 0.2 + 1
+
+    def run(device, dtype, norm, bias, one_matrix, kernels):
+        spec = decode.RMSNorm(scale.to(device, dtype), 1e-6) if norm else None
+        weights = [w.to(device, dtype) for w in ws]
+        if one_matrix:  # one (q|k|v, K) matrix, split into views of it
+            weights = list(torch.cat(weights).split(widths))
+        biases = [b.to(device, dtype) if bias else None for b in bs]
+        parts = tuple(zip(weights[1:], biases[1:], strict=True))
+        xs = x.to(device, dtype)
+        if kernels:
+            return decode_kernels.linear(xs, weights[0], biases[0], transposed=True, norm=spec, parts=parts)
+        return decode.linear(xs, weights[0], biases[0], transposed=True, norm=spec, parts=parts, kernels=False)
+
+    for norm, bias, one_matrix, dtype in itertools.product((True, False), (True, False), (False, True), _half_dtypes()):
+        ran.clear()
+        expected = run("cpu", torch.float64, norm, bias, one_matrix, False)
+        stock = (run("cpu", dtype, norm, bias, one_matrix, False).double() - expected).abs().max().item()
+        got = run(KERNELS, dtype, norm, bias, one_matrix, True)
+        assert ran[-1] is decode_kernels._rows_tma_kernel, ran
+        error = (got.double().cpu() - expected).abs().max().item()
+        assert error <= 3 * stock + 1e-3 * expected.abs().max().item(), (norm, bias, one_matrix, dtype, error, stock)
+    xs = x.to(KERNELS, torch.float16)
+    for weight, switch in ((ws[0][:112], True), (ws[0], False)):
+        ran.clear()
+        with switched(tma=switch):
+            decode_kernels.linear(xs, weight.to(KERNELS, torch.float16), None, transposed=True)
+        assert ran == [decode_kernels._linear_kernel]
+
+
+@kernels
+@pytest.mark.kernels
 @pytest.mark.parametrize("width", [2304, 3072])
 def test_decode_linear_reads_a_row_whole_in_two_pieces(width, monkeypatch):
     """A one-row product whose k is the sum of two powers of two (Gemma 2's 2,304, Phi-3's 3,072) is read whole as
@@ -1247,6 +1308,8 @@ _TRITON_TYPES = {
 def _triton_type(value) -> str:
     if isinstance(value, torch.Tensor):
         return _TRITON_TYPES[value.dtype]
+    if hasattr(value, "block_shape"):  # a host-side TMA descriptor
+        return f"tensordesc<{_TRITON_TYPES[value.base.dtype][1:]}{list(value.block_shape)}>"
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
@@ -1300,6 +1363,7 @@ def test_decode_kernels_compile_for_hopper(monkeypatch):
     test_decode_linear_normalises_rows_over_several_chunks(1)
     test_decode_linear_normalises_rows_over_several_chunks(16)
     test_decode_linear_reads_a_row_whole_in_two_pieces(2304, monkeypatch)
+    test_decode_linear_reads_several_rows_through_tma(16, 1000, monkeypatch)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if os.environ.get("BT_COMPILE_TRITON"):  # the GPU machine's Triton, installed apart
         env["PYTHONPATH"] = os.pathsep.join([os.environ["BT_COMPILE_TRITON"], env.get("PYTHONPATH", "")])

@@ -32,6 +32,8 @@ class Switches:
     attention_backend: force one backend of ``ops.attention.packed_attention`` ("triton", "varlen", "dense",
                        "loop"); None picks the fastest exact one per call.
     pdl:               programmatic dependent launch of the decode-step kernels on Hopper and newer.
+    tma:               the decode step's several-row products without an epilogue (a Llama layer's q|k|v) read
+                       their weights through TMA descriptors on Hopper and newer; False reads them with pointer loads.
     compile_ahead:     ``generate`` compiles a new shape's Triton kernels together, on threads, before its first call
                        (``ops.compile_ahead``); False compiles each at its first launch.
     generate_devices:  device types on which ``generate`` runs the static-cache loop; elsewhere transformers'
@@ -49,6 +51,7 @@ class Switches:
     gelu_epilogue: bool = True
     attention_backend: str | None = None
     pdl: bool = True
+    tma: bool = True
     compile_ahead: bool = True
     generate_devices: frozenset[str] = frozenset({"cuda", "cpu"})
     max_graphs: int = 16

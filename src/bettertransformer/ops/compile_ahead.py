@@ -90,6 +90,8 @@ def _launcher_builder() -> Any:
         return None
 
     def build(src: Any) -> None:
+        if any(str(kind).startswith("tensordesc") for kind in src.signature.values()):
+            return  # its launcher depends on the compiled code's descriptor layouts too: left to the load
         index = {name: (i,) for i, name in enumerate(src.fn.arg_names)}
         constants = {index.get(k, k): v for k, v in getattr(src, "constants", {}).items()}
         code = make_launcher(constants, dict(src.signature), None)
@@ -133,9 +135,12 @@ def _quietly(function: Any, *args: Any) -> None:
 
 def _likeness(value: Any) -> Any:
     """What of a launch argument can select another kernel variant: a tensor's dtype and whether its data is
-    16-byte aligned (Triton specialises pointers on that), any other value itself."""
+    16-byte aligned (Triton specialises pointers on that), a TMA descriptor's dtype and block, any other value
+    itself."""
     if isinstance(value, torch.Tensor):
         return (value.dtype, value.data_ptr() % 16 == 0)
+    if hasattr(value, "block_shape") and hasattr(value, "base"):  # a host-side TMA descriptor
+        return ("descriptor", value.base.dtype, tuple(value.block_shape), value.padding)
     return value
 
 

@@ -61,6 +61,14 @@ def _pdl(x: torch.Tensor) -> dict:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
+try:  # host-side TMA descriptors (Triton 3.4+)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    _HAS_TMA = True
+except ImportError:
+    _HAS_TMA = False
+
+
 try:  # accurate cos/sin (positions in the thousands turn angles far past 2 pi); Triton's interpreter uses numpy's
     from triton.language.extra import libdevice
 
@@ -350,6 +358,48 @@ if AVAILABLE:
             tl.store(PI + rows * stride_pm + pid, pid * BLOCK_N + first_max, mask=rows < M)
         if STORE_Y:
             tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _rows_stream(x_desc, w_desc, n0, K, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+        # x (BLOCK_M, K) @ the BLOCK_N rows of W (N, K) from n0, in fp32; the first chunk of W requested before the
+        # wait, the rest streamed through TMA in a pipelined loop.
+        w = w_desc.load([n0, 0])
+        _wait_for_previous(PDL)
+        acc = tl.dot(x_desc.load([0, 0]), w.T)
+        for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
+            acc = tl.dot(x_desc.load([0, k0]), w_desc.load([n0, k0]).T, acc)
+        return acc
+
+    @triton.jit
+    def _rows_tma_kernel(
+        X_DESC, W_DESC, W2_DESC, W3_DESC, B, B2, B3, Y, M, N, K, n1, n2, stride_ym,
+        HAS_BIAS: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        # norm(X) @ W.T + B for 2 <= M <= BLOCK_M rows already normalised, W (N, K) as nn.Linear keeps it, read
+        # through TMA descriptors: up to three matrices side by side (``_linear_kernel``'s SEGMENTS), one program a
+        # BLOCK_N-wide slab of one of them. Rounded to W's dtype, then stored as Y's.
+        pid = tl.program_id(0)
+        start = pid * BLOCK_N
+        first = 0
+        b_base = B
+        if SEGMENTS > 2 and start >= n2:
+            first = n2
+            b_base = B3
+            acc = _rows_stream(X_DESC, W3_DESC, start - n2, K, BLOCK_K, STAGES, PDL)
+        elif SEGMENTS > 1 and start >= n1:
+            first = n1
+            b_base = B2
+            acc = _rows_stream(X_DESC, W2_DESC, start - n1, K, BLOCK_K, STAGES, PDL)
+        else:
+            acc = _rows_stream(X_DESC, W_DESC, start, K, BLOCK_K, STAGES, PDL)
+        rows = tl.arange(0, BLOCK_M)
+        cols = start + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            acc += tl.load(b_base + cols - first, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        acc = acc.to(W_DESC.dtype).to(tl.float32)
+        valid = (rows[:, None] < M) & (cols[None, :] < N)
+        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _first_max(values, index):
@@ -875,6 +925,9 @@ def linear(
     matrices = (weight, *(w for w, _ in parts))
     widths = tuple(w.shape[0] if transposed else w.shape[1] for w in matrices)
     n = sum(widths)
+    plain = up is None and act is None and not gelu_tanh and softcap is None and scale == divide == 1.0
+    if plain and m > 1 and residual is None and not argmax and config is None and transposed and _tma_rows(x, matrices):
+        return _rows_tma(x, matrices, [bias, *(b for _, b in parts)], widths, norm, pending, out_dtype)
     block_n, block_k, warps = config or linear_config(m, k, n, gated=up is not None)
     head, tail = two_pieces(block_k)  # BLOCK_K the sum of two powers of two: k read whole as two pieces
     if tail & (tail - 1) or (tail and k > block_k):
@@ -933,6 +986,74 @@ def linear(
     if not argmax:
         return y
     return first_max(partial_values, partial_index, counters)
+
+
+# Several-row products read through TMA: (BLOCK_N, BLOCK_K, stages, warps), for k up to _TMA_MAX_K. TinyLlama's q|k|v
+# as one matrix at 16 rows (H200, alone, no PDL): 6.66 us against 7.72 for ``_linear_kernel``'s pointer loads. In the
+# batch-16 step (q, k and v as three matrices, with PDL), tok/s: TinyLlama +1.2-1.6%, Qwen3 1.7B +0.8%, Gemma 2 2B
+# (k = 2,304) +1.5%, and Llama 3 8B (k = 4,096) -2.1%, which therefore keeps the pointer kernel (BENCHMARKS.md,
+# twenty-first session).
+_TMA_ROWS = (32, 256, 4, 4)
+_TMA_MAX_K = 4095
+
+
+@functools.cache
+def _device_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _tma_rows(x: torch.Tensor, matrices: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``_rows_tma`` takes a several-row product of x over these (N, K) matrices: Triton's host-side TMA
+    descriptors on a Hopper or newer GPU (or Triton's interpreter), fp16/bf16, k up to ``_TMA_MAX_K``, every
+    matrix's rows contiguous and 16-byte aligned (a TMA descriptor's demands), and every width a multiple of the
+    tile."""
+    if not (_HAS_TMA and SWITCHES.tma and x.dtype in (torch.float16, torch.bfloat16) and x.shape[1] <= _TMA_MAX_K):
+        return False
+    if x.is_cuda and not _device_tma(x.device.index if x.device.index is not None else torch.cuda.current_device()):
+        return False
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    aligned = [
+        w.stride(1) == 1 and (w.stride(0) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0 for w in matrices
+    ]
+    return all(aligned) and all(w.dtype == x.dtype and w.shape[0] % _TMA_ROWS[0] == 0 for w in matrices)
+
+
+def _rows_tma(
+    x: torch.Tensor,
+    matrices: tuple[torch.Tensor, ...],
+    biases: list[torch.Tensor | None],
+    widths: tuple[int, ...],
+    norm: Norm | RMSNorm | None,
+    pending: Pending | None,
+    out_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """``linear`` for 2-16 rows over up to three (N, K) matrices side by side, their weights streamed through TMA
+    (``_rows_tma_kernel``); the rows normalised by ``norm_rows`` first."""
+    if any((b is None) != (biases[0] is None) for b in biases):
+        raise ValueError("either every matrix of one product has a bias or none has")
+    if norm is not None:
+        x = norm_rows(x, norm, matrices[0].dtype, pending=pending)
+    elif pending is not None:
+        t, post_norm, out = pending
+        x = add_norm(x, t, post_norm, out=out)
+    else:
+        x = x.contiguous()
+    m, k = x.shape
+    block_n, block_k, stages, warps = _TMA_ROWS
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [MAX_ROWS, block_k])
+    descs = [TensorDescriptor(w, list(w.shape), [w.stride(0), 1], [block_n, block_k]) for w in matrices]
+    descs += [descs[-1]] * (3 - len(descs))
+    pointers = [b if b is not None else x for b in biases] + [x] * (3 - len(biases))
+    n = sum(widths)
+    y = x.new_empty((m, n), dtype=out_dtype or x.dtype)
+    launch(_rows_tma_kernel, (n // block_n,),
+        x_desc, *descs, *pointers, y, m, n, k, widths[0], sum(widths[:2]), y.stride(0),
+        HAS_BIAS=biases[0] is not None, SEGMENTS=len(matrices), BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        STAGES=stages, num_warps=warps, **_pdl(x),
+    )  # fmt: skip
+    return y
 
 
 def _counters(counters: torch.Tensor | None, needed: int, device: torch.device) -> torch.Tensor:
