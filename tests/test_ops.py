@@ -1074,6 +1074,14 @@ def test_decode_linear_reads_several_rows_through_tma(rows, width, monkeypatch):
         assert ran[-1] is decode_kernels._rows_tma_kernel, ran
         error = (got.double().cpu() - expected).abs().max().item()
         assert error <= 3 * stock + 1e-3 * expected.abs().max().item(), (norm, bias, one_matrix, dtype, error, stock)
+    flat = torch.zeros(rows * width + 1, dtype=torch.float16, device=KERNELS)
+    shifted = flat[1:].view(rows, width).copy_(x)  # rows 2 bytes past a 16-byte boundary: copied for the descriptor
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16
+    w16 = ws[0].to(KERNELS, torch.float16)
+    got = decode_kernels.linear(shifted, w16, None, transposed=True)
+    assert ran[-1] is decode_kernels._rows_tma_kernel
+    expected = x.double() @ ws[0].double().t()
+    assert (got.double().cpu() - expected).abs().max().item() < 1e-2 * expected.abs().max().item()
     xs = x.to(KERNELS, torch.float16)
     for weight, switch in ((ws[0][:112], True), (ws[0], False)):
         ran.clear()

@@ -1005,9 +1005,11 @@ def _device_tma(index: int) -> bool:
 def _tma_rows(x: torch.Tensor, matrices: tuple[torch.Tensor, ...]) -> bool:
     """Whether ``_rows_tma`` takes a several-row product of x over these (N, K) matrices: Triton's host-side TMA
     descriptors on a Hopper or newer GPU (or Triton's interpreter), fp16/bf16, k up to ``_TMA_MAX_K``, every
-    matrix's rows contiguous and 16-byte aligned (a TMA descriptor's demands), and every width a multiple of the
-    tile."""
+    matrix's rows contiguous and 16-byte aligned and x's rows a multiple of 16 bytes long (a TMA descriptor's
+    demands), and every width a multiple of the tile."""
     if not (_HAS_TMA and SWITCHES.tma and x.dtype in (torch.float16, torch.bfloat16) and x.shape[1] <= _TMA_MAX_K):
+        return False
+    if (x.shape[1] * x.element_size()) % 16:
         return False
     if x.is_cuda and not _device_tma(x.device.index if x.device.index is not None else torch.cuda.current_device()):
         return False
@@ -1037,9 +1039,9 @@ def _rows_tma(
     elif pending is not None:
         t, post_norm, out = pending
         x = add_norm(x, t, post_norm, out=out)
-    else:
-        x = x.contiguous()
     m, k = x.shape
+    if x.data_ptr() % 16 or x.stride() != (k, 1):
+        x = x.clone(memory_format=torch.contiguous_format)  # rows at 16-byte aligned addresses, for the descriptor
     block_n, block_k, stages, warps = _TMA_ROWS
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [MAX_ROWS, block_k])
