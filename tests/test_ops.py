@@ -1035,7 +1035,8 @@ def test_decode_linear_reads_several_rows_through_tma(rows, width, monkeypatch):
     """Several rows over q, k and v side by side (three matrices, or slices of one fused matrix as Phi-3 keeps
     them), with biases and without, an RMSNorm first or none, k shorter than a tile or not a multiple of it: the
     TMA kernel runs, and its error against the float64 reference path stays within a small multiple of PyTorch's
-    own. Widths that are not a multiple of its tile, or the switch off, keep the pointer kernel."""
+    own; so with a post-norm's output owed to the rows (the sum written out too), and with rows not 16-byte aligned.
+    Widths that are not a multiple of its tile, or the switch off, keep the pointer kernel."""
     from bettertransformer.ops import decode, decode_kernels
     from bettertransformer.switches import switched
 
@@ -1074,6 +1075,27 @@ def test_decode_linear_reads_several_rows_through_tma(rows, width, monkeypatch):
         assert ran[-1] is decode_kernels._rows_tma_kernel, ran
         error = (got.double().cpu() - expected).abs().max().item()
         assert error <= 3 * stock + 1e-3 * expected.abs().max().item(), (norm, bias, one_matrix, dtype, error, stock)
+    t, post = torch.randn(rows, width, generator=gen) * 3, torch.randn(width, generator=gen) * 0.2
+
+    def owed(device, dtype, kernels):  # a post-norm layer's sublayer output owed to the rows (Gemma 2)
+        post_norm = decode.RMSNorm(post.to(device, dtype), 1e-6, offset=1.0, round_first=False)
+        weights = [w.to(device, dtype) for w in ws]
+        xs, sums = x.to(device, dtype), torch.full((rows, width), float("nan"), dtype=dtype, device=device)
+        kw = dict(norm=decode.RMSNorm(scale.to(device, dtype), 1e-6), parts=tuple((w, None) for w in weights[1:]))
+        kw["pending"] = (t.to(device, dtype), post_norm, sums)
+        if kernels:
+            y = decode_kernels.linear(xs, weights[0], None, transposed=True, **kw)
+        else:
+            y = decode.linear(xs, weights[0], None, transposed=True, kernels=False, **kw)
+        return y.double().cpu(), sums.double().cpu()
+
+    ran.clear()
+    expected, expected_sums = owed("cpu", torch.float64, False)
+    stock, stock_sums = owed("cpu", torch.float16, False)
+    got, got_sums = owed(KERNELS, torch.float16, True)
+    assert ran[-1] is decode_kernels._rows_tma_kernel
+    for a, b, ref in ((got, stock, expected), (got_sums, stock_sums, expected_sums)):
+        assert (a - ref).abs().max().item() <= 3 * (b - ref).abs().max().item() + 1e-3 * ref.abs().max().item()
     flat = torch.zeros(rows * width + 1, dtype=torch.float16, device=KERNELS)
     shifted = flat[1:].view(rows, width).copy_(x)  # rows 2 bytes past a 16-byte boundary: copied for the descriptor
     assert shifted.is_contiguous() and shifted.data_ptr() % 16
