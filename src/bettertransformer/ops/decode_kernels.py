@@ -14,6 +14,8 @@ kernels times how long each one waits, not the bytes moved, so these kernels cut
   before the wait are therefore limited to weights and to what earlier steps wrote (the attention's older cache
   slots and mask); what the previous kernel writes is read after the wait, and nothing is written before it.
 - The greedy choice of the next token happens in the LM head's epilogue (a max per program) and one small reduction.
+- Over several rows (a batch), a product without an epilogue streams its weights through TMA descriptors on Hopper
+  (``_rows_tma_kernel``), its first tile requested before the wait as the other kernels do.
 """
 
 from __future__ import annotations
@@ -920,6 +922,9 @@ def linear(
       output); its sum (``add_norm``'s) is written into ``out`` and the product reads it. Several rows with a norm
       over several chunks: the row-norm kernel adds it; otherwise ``add_norm`` does, before the product (adding it in
       every program's prologue was slower at one row: Gemma 2 2B 479 -> 421-469 tok/s, H200).
+
+    Several rows through a product with none of the epilogues above (a Llama layer's q|k|v) read the weights through
+    TMA descriptors where ``_tma_rows`` allows (``_rows_tma``); pointer loads otherwise.
     """
     m, k = x.shape
     matrices = (weight, *(w for w, _ in parts))
