@@ -131,7 +131,8 @@ def linear(
     ``scale``, ``divide``: y * scale / divide (Granite's multipliers); ``softcap``: softcap * tanh(y / softcap).
     With ``residual`` (N, out): ``residual += `` that, in place, and returns ``residual``. ``pending`` (t, post_norm,
     out): x is a residual stream still owed post_norm(t); the product reads x + post_norm(t) (``add_norm``'s sum),
-    written into ``out``. ``kernels=False``: PyTorch's kernels (cuBLAS) whatever the row count."""
+    written into ``out``. ``kernels=False``: the products on cuBLAS whatever the row count (a norm before them and
+    a gated product's act(gate) * up still run as one small kernel each on CUDA, ``_reference``)."""
     act = "gelu_tanh" if gelu_tanh else act
     plain = norm is None and act is None and up is None and not parts and softcap is None and scale == divide == 1.0
     if plain and transposed and bias is None and x.shape[0] > 1 and min(weight.shape) >= 2048:
