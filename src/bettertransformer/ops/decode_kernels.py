@@ -47,18 +47,20 @@ except ImportError:  # CPU-only installs, Triton before 3.4
 
 
 @functools.cache
-def _device_pdl(index: int) -> bool:
+def _hopper_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _on_hopper(x: torch.Tensor) -> bool:
+    """Whether ``x`` lives on a CUDA device of compute capability 9.0+ (PDL, TMA); False off CUDA."""
+    return x.is_cuda and _hopper_or_newer(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 def _pdl(x: torch.Tensor) -> dict:
     """Launch options for a kernel reading ``x``: ``launch_pdl`` where the device and Triton support it (compute
     capability 9.0+), unless ``SWITCHES.pdl`` is off."""
     on = (
-        SWITCHES.pdl
-        and _HAS_GDC
-        and x.is_cuda  # not under Triton's interpreter, which runs on CPU tensors
-        and _device_pdl(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        SWITCHES.pdl and _HAS_GDC and _on_hopper(x)  # not under Triton's interpreter, which runs on CPU tensors
     )
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
@@ -930,9 +932,12 @@ def linear(
     matrices = (weight, *(w for w, _ in parts))
     widths = tuple(w.shape[0] if transposed else w.shape[1] for w in matrices)
     n = sum(widths)
+    biases = [bias, *(b for _, b in parts)] + ([up[1]] if up is not None else [])
+    if any((b is None) != (bias is None) for b in biases):
+        raise ValueError("either every matrix of one product has a bias or none has")
     plain = up is None and act is None and not gelu_tanh and softcap is None and scale == divide == 1.0
     if plain and m > 1 and residual is None and not argmax and config is None and transposed and _tma_rows(x, matrices):
-        return _rows_tma(x, matrices, [bias, *(b for _, b in parts)], widths, norm, pending, out_dtype)
+        return _rows_tma(x, matrices, biases, widths, norm, pending, out_dtype)
     block_n, block_k, warps = config or linear_config(m, k, n, gated=up is not None)
     head, tail = two_pieces(block_k)  # BLOCK_K the sum of two powers of two: k read whole as two pieces
     if tail & (tail - 1) or (tail and k > block_k):
@@ -946,9 +951,6 @@ def linear(
     extra = [w for w in matrices[1:]] + ([up[0]] if up is not None else [])
     if any(w.stride() != weight.stride() for w in extra):
         raise ValueError("every matrix of one product must have the first one's strides")
-    biases = [bias, *(b for _, b in parts)] + ([up[1]] if up is not None else [])
-    if any((b is None) != (bias is None) for b in biases):
-        raise ValueError("either every matrix of one product has a bias or none has")
     programs = triton.cdiv(n, block_n)
     store_y = residual is None and not argmax
     y = x.new_empty((m, n) if store_y else (1,), dtype=out_dtype or x.dtype)
@@ -1002,11 +1004,6 @@ _TMA_ROWS = (32, 256, 4, 4)
 _TMA_MAX_K = 4095
 
 
-@functools.cache
-def _device_tma(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def _tma_rows(x: torch.Tensor, matrices: tuple[torch.Tensor, ...]) -> bool:
     """Whether ``_rows_tma`` takes a several-row product of x over these (N, K) matrices: Triton's host-side TMA
     descriptors on a Hopper or newer GPU (or Triton's interpreter), fp16/bf16, k up to ``_TMA_MAX_K``, every
@@ -1016,7 +1013,7 @@ def _tma_rows(x: torch.Tensor, matrices: tuple[torch.Tensor, ...]) -> bool:
         return False
     if (x.shape[1] * x.element_size()) % 16:
         return False
-    if x.is_cuda and not _device_tma(x.device.index if x.device.index is not None else torch.cuda.current_device()):
+    if x.is_cuda and not _on_hopper(x):
         return False
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return False
@@ -1036,9 +1033,7 @@ def _rows_tma(
     out_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """``linear`` for 2-16 rows over up to three (N, K) matrices side by side, their weights streamed through TMA
-    (``_rows_tma_kernel``); the rows normalised by ``norm_rows`` first."""
-    if any((b is None) != (biases[0] is None) for b in biases):
-        raise ValueError("either every matrix of one product has a bias or none has")
+    (``_rows_tma_kernel``); the rows normalised by ``norm_rows`` first. ``biases``: all present or all None."""
     if norm is not None:
         x = norm_rows(x, norm, matrices[0].dtype, pending=pending)
     elif pending is not None:
