@@ -136,7 +136,10 @@ def linear(
     act = "gelu_tanh" if gelu_tanh else act
     plain = norm is None and act is None and up is None and not parts and softcap is None and scale == divide == 1.0
     if plain and transposed and bias is None and x.shape[0] > 1 and min(weight.shape) >= 2048:
-        kernels = False  # several rows through a large plain product: cuBLAS was faster (BENCHMARKS.md)
+        # Several rows through a large plain product: cuBLAS was faster (BENCHMARKS.md), but for a residual product
+        # our kernel spread one program an SM (``decode_kernels.spread_rows``).
+        if residual is None or not (_kernel_rows(x) and decode_kernels.spread_rows(x, weight.shape[0])):
+            kernels = False
     if kernels and _kernel_rows(x) and (pending is None or pending[0].is_contiguous()):
         return decode_kernels.linear(
             x, weight, bias, transposed=transposed, norm=norm, residual=residual, act=act, parts=parts, up=up,

@@ -51,9 +51,18 @@ def _hopper_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_index(x: torch.Tensor) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+
 def _on_hopper(x: torch.Tensor) -> bool:
     """Whether ``x`` lives on a CUDA device of compute capability 9.0+ (PDL, TMA); False off CUDA."""
-    return x.is_cuda and _hopper_or_newer(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return x.is_cuda and _hopper_or_newer(_device_index(x))
 
 
 def _pdl(x: torch.Tensor) -> dict:
@@ -841,7 +850,7 @@ def two_pieces(width: int) -> tuple[int, int]:
     return head, width - head
 
 
-def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int, int]:
+def linear_config(m: int, k: int, n: int, gated: bool = False, residual: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an (m, k) @ (k, n) product: the best of sweeps on H100/H200s
     (``benchmarks/decode_kernels_gpu.py``, BENCHMARKS.md). GPT-2's products, one row: a few hundred programs, each
     reading up to 16K weights before the wait. Llama-size products (k and n >= 2048), one row: 8 columns per program
@@ -873,9 +882,36 @@ def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int
         return (8, 256, 2) if n <= 1024 else (64, 128, 4) if n >= 16384 else (32, 128, 2)
     if n >= 16384:
         return 128, 128, 4
+    if residual and not gated:
+        return _RESIDUAL_ROWS
     if gated:
         return (64, 128, 8) if k <= 2048 else (32, 64, 4)
     return 32, 128, 4
+
+
+# Several rows through a large product with a residual add (a Llama layer's o and down at batch 16), launched with
+# PDL: 16 columns a program in chunks of 512 of k over 4 warps, 5 stages. Five stages take 128 KB of shared memory (4
+# buffers of 16 x 512 weights and 16 x 512 rows), so one program fills an SM's half: with four (96 KB) two fit on one
+# SM, and PDL, starting the programs while the kernel before still holds most SMs, stacks them on the few SMs free,
+# the rest idle once it ends. TinyLlama b16 `generate` (H200): cuBLAS 14,685-14,705 tok/s, 4 stages 13,042-13,087,
+# 5 stages 15,046-15,127 (BENCHMARKS.md, twenty-second session).
+_RESIDUAL_ROWS = (16, 512, 4)
+_RESIDUAL_ROWS_STAGES = 5
+
+
+def spread_rows(x: torch.Tensor, n: int) -> bool:
+    """Whether a several-row product of ``x`` with a residual add over ``n`` output columns runs ``_linear_kernel`` at
+    ``_RESIDUAL_ROWS`` (else cuBLAS): launched with PDL, and one program per SM at most (n / 16 <= the SM count, so
+    every program starts at once: TinyLlama's and Qwen3's n = 2,048 on an H100/H200's 132 SMs)."""
+    return x.shape[0] > 1 and _pdl(x)["PDL"] and n // _RESIDUAL_ROWS[0] <= _sm_count(_device_index(x))
+
+
+def linear_stages(m: int, n: int, config: tuple[int, int, int], residual: bool) -> int:
+    """``_linear_kernel``'s ``num_stages``: 2 for an LM head's width (n >= 16,384), 4 otherwise, and
+    ``_RESIDUAL_ROWS_STAGES`` for a several-row residual product at ``_RESIDUAL_ROWS`` (one program an SM)."""
+    if m > 1 and residual and config == _RESIDUAL_ROWS:
+        return _RESIDUAL_ROWS_STAGES
+    return 2 if n >= 16384 else 4
 
 
 def segment_block(block_n: int, widths: tuple[int, ...], rows: int) -> int | None:
@@ -938,7 +974,8 @@ def linear(
     plain = up is None and act is None and not gelu_tanh and softcap is None and scale == divide == 1.0
     if plain and m > 1 and residual is None and not argmax and config is None and transposed and _tma_rows(x, matrices):
         return _rows_tma(x, matrices, biases, widths, norm, pending, out_dtype)
-    block_n, block_k, warps = config or linear_config(m, k, n, gated=up is not None)
+    config = config or linear_config(m, k, n, gated=up is not None, residual=residual is not None)
+    block_n, block_k, warps = config
     head, tail = two_pieces(block_k)  # BLOCK_K the sum of two powers of two: k read whole as two pieces
     if tail & (tail - 1) or (tail and k > block_k):
         raise ValueError(f"BLOCK_K {block_k} is neither a power of two nor, for k <= it, the sum of two")
@@ -986,7 +1023,7 @@ def linear(
         SOFTCAP=softcap is not None, RESIDUAL=residual is not None, ARGMAX=argmax,
         HAS_PEN=eos_penalty is not None, STORE_Y=store_y, BLOCK_M=1 if m == 1 else MAX_ROWS,
         BLOCK_N=block_n, BLOCK_K=head, ONE_CHUNK=k <= block_k, TAIL=tail, num_warps=warps,
-        num_stages=2 if n >= 16384 else 4, **pdl,
+        num_stages=linear_stages(m, n, config, residual is not None), **pdl,
     )  # fmt: skip
     if residual is not None:
         return residual
