@@ -15,7 +15,8 @@ kernels times how long each one waits, not the bytes moved, so these kernels cut
   slots and mask); what the previous kernel writes is read after the wait, and nothing is written before it.
 - The greedy choice of the next token happens in the LM head's epilogue (a max per program) and one small reduction.
 - Over several rows (a batch), a product without an epilogue streams its weights through TMA descriptors on Hopper
-  (``_rows_tma_kernel``), its first tile requested before the wait as the other kernels do.
+  (``_rows_tma_kernel``), its first tile requested before the wait as the other kernels do; one with a residual add
+  (the output and down projections) takes enough shared memory that one program fills an SM (``spread_rows``).
 """
 
 from __future__ import annotations
@@ -856,7 +857,9 @@ def linear_config(m: int, k: int, n: int, gated: bool = False, residual: bool = 
     reading up to 16K weights before the wait. Llama-size products (k and n >= 2048), one row: 8 columns per program
     (thousands of programs, each streaming long contiguous runs of k), up to 2,048 of k at a time (1,024 for two
     matrices or a long k, 512 for an LM head), or all of a k up to 4,096 that is the sum of two powers of two. A
-    BLOCK_K that is such a sum (not a power of two) means k read whole in two pieces (``linear``)."""
+    BLOCK_K that is such a sum (not a power of two) means k read whole in two pieces (``linear``). Several rows
+    through a Llama-size plain product with a ``residual`` add: ``_RESIDUAL_ROWS`` (one program an SM, with
+    ``linear_stages``)."""
     large = k >= 2048 and n >= 2048
     if m == 1 and (k, n, gated) in _ONE_ROW_SWEPT:
         return _ONE_ROW_SWEPT[(k, n, gated)]
@@ -891,10 +894,10 @@ def linear_config(m: int, k: int, n: int, gated: bool = False, residual: bool = 
 
 # Several rows through a large product with a residual add (a Llama layer's o and down at batch 16), launched with
 # PDL: 16 columns a program in chunks of 512 of k over 4 warps, 5 stages. Five stages take 128 KB of shared memory (4
-# buffers of 16 x 512 weights and 16 x 512 rows), so one program fills an SM's half: with four (96 KB) two fit on one
-# SM, and PDL, starting the programs while the kernel before still holds most SMs, stacks them on the few SMs free,
-# the rest idle once it ends. TinyLlama b16 `generate` (H200): cuBLAS 14,685-14,705 tok/s, 4 stages 13,042-13,087,
-# 5 stages 15,046-15,127 (BENCHMARKS.md, twenty-second session).
+# buffers of 16 x 512 weights and 16 x 512 rows), more than half an SM's, so one program an SM. With four (96 KB)
+# two fit on one SM, and (our reading of the numbers) PDL, starting the programs while the kernel before still holds
+# most SMs, stacks them on the SMs it has freed, the rest idle once it ends. TinyLlama b16 `generate` (H200): cuBLAS
+# 14,685-14,705 tok/s, 4 stages 13,042-13,087, 5 stages 15,046-15,127 (BENCHMARKS.md, twenty-second session).
 _RESIDUAL_ROWS = (16, 512, 4)
 _RESIDUAL_ROWS_STAGES = 5
 
