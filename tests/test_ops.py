@@ -1115,22 +1115,24 @@ def test_decode_linear_reads_several_rows_through_tma(rows, width, monkeypatch):
 @kernels
 @pytest.mark.kernels
 def test_decode_linear_adds_a_residual_over_several_rows_one_program_an_sm(monkeypatch):
-    """A Llama layer's o and down at 16 rows (a large plain product with a residual add) take 16 columns a program
-    in chunks of 512 of k over five stages (one program an SM), other products their configurations as before; the
-    kernel at that configuration adds the product, rounded to the weights' dtype, into the residual in place (k not a
-    multiple of the chunk, rows fewer than the tile), within fp16 rounding of the float64 reference. Off CUDA (no
-    PDL) such a product stays on cuBLAS."""
+    """A Llama layer's o and down at 16 rows (a large plain product with a residual add) take the narrowest of 16 or
+    32 columns a program whose programs number no more than the SMs, in chunks of 512 of k, at 5 or 4 stages (one
+    program an SM), other products their stages as before; the kernel at each configuration adds the product, rounded
+    to the weights' dtype, into the residual in place (k not a multiple of the chunk, rows fewer than the tile),
+    within fp16 rounding of the float64 reference. Off CUDA (no PDL) such a product stays on cuBLAS."""
     from bettertransformer.ops import decode, decode_kernels
 
-    spread = decode_kernels._RESIDUAL_ROWS
-    for k, n in ((2048, 2048), (5632, 2048), (6144, 2048)):  # TinyLlama's and Qwen3 1.7B's o and down
-        assert decode_kernels.linear_config(16, k, n, residual=True) == spread
-        assert decode_kernels.linear_stages(16, n, spread, residual=True) == 5
-    assert decode_kernels.linear_config(16, 2048, 2048) == (32, 128, 4)  # no residual (q|k|v): as before
-    assert decode_kernels.linear_config(1, 2048, 2048, residual=True) == decode_kernels.linear_config(1, 2048, 2048)
-    assert decode_kernels.linear_stages(1, 2048, spread, residual=True) == 4
+    narrow, wide = (16, 512, 4), (32, 512, 4)
+    assert decode_kernels.residual_rows_config(2048, 132) == narrow  # TinyLlama's, Qwen3 1.7B's o and down: 128
+    assert decode_kernels.residual_rows_config(2304, 132) == wide  # 144 programs of 16 columns: 72 of 32
+    assert decode_kernels.residual_rows_config(4096, 132) == wide  # Llama 3 8B's: 128 programs of 32 columns
+    assert decode_kernels.residual_rows_config(8192, 132) is None  # a second wave either way: cuBLAS
+    assert decode_kernels.linear_stages(16, 2048, narrow, residual=True) == 5
+    assert decode_kernels.linear_stages(16, 4096, wide, residual=True) == 4
+    assert decode_kernels.linear_stages(16, 2048, narrow, residual=False) == 4
+    assert decode_kernels.linear_stages(1, 2048, narrow, residual=True) == 4
     assert decode_kernels.linear_stages(16, 32000, (128, 128, 4), residual=False) == 2
-    assert not decode_kernels.spread_rows(torch.zeros(16, 2048), 2048)  # no PDL off CUDA: cuBLAS
+    assert decode_kernels.spread_rows(torch.zeros(16, 2048), 2048) is None  # no PDL off CUDA: cuBLAS
 
     stages = []
     launch = decode_kernels.launch
@@ -1141,16 +1143,16 @@ def test_decode_linear_adds_a_residual_over_several_rows_one_program_an_sm(monke
 
     monkeypatch.setattr(decode_kernels, "launch", record)
     gen = torch.Generator().manual_seed(0)
-    for rows in (16, 5):
+    for rows, config, n in ((16, narrow, 48), (5, narrow, 48), (16, wide, 96)):
         x = torch.randn(rows, 1100, generator=gen).to(KERNELS, torch.float16)
-        weight = (torch.randn(48, 1100, generator=gen) / 1100**0.5).to(KERNELS, torch.float16)
-        residual = torch.randn(rows, 48, generator=gen).to(KERNELS, torch.float16)
+        weight = (torch.randn(n, 1100, generator=gen) / 1100**0.5).to(KERNELS, torch.float16)
+        residual = torch.randn(rows, n, generator=gen).to(KERNELS, torch.float16)
         expected = residual.double() + (x.double() @ weight.double().T).half().double()
         out = residual.clone()
-        got = decode_kernels.linear(x, weight, None, transposed=True, residual=out, config=spread)
+        got = decode_kernels.linear(x, weight, None, transposed=True, residual=out, config=config)
         assert got is out
         torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=2e-3)
-        assert stages[-1] == (*spread, 5)
+        assert stages[-1] == (*config, decode_kernels._RESIDUAL_ROWS[config])
     # through ops.decode on the CPU: cuBLAS's addmm, the same sum
     x, weight = torch.randn(16, 2048, generator=gen), torch.randn(2048, 2048, generator=gen) / 2048**0.5
     residual = torch.randn(16, 2048, generator=gen)

@@ -135,15 +135,17 @@ def linear(
     a gated product's act(gate) * up still run as one small kernel each on CUDA, ``_reference``)."""
     act = "gelu_tanh" if gelu_tanh else act
     plain = norm is None and act is None and up is None and not parts and softcap is None and scale == divide == 1.0
+    spread = None
     if plain and transposed and bias is None and x.shape[0] > 1 and min(weight.shape) >= 2048:
-        # Several rows through a large plain product: cuBLAS was faster (BENCHMARKS.md), but for a residual product
-        # our kernel spread one program an SM (``decode_kernels.spread_rows``).
-        if residual is None or not (_kernel_rows(x) and decode_kernels.spread_rows(x, weight.shape[0])):
-            kernels = False
+        # Several rows through a large plain product: cuBLAS was faster (BENCHMARKS.md), except a residual product on
+        # our kernel with one program an SM, where the device allows (``decode_kernels.spread_rows``).
+        if residual is not None and _kernel_rows(x):
+            spread = decode_kernels.spread_rows(x, weight.shape[0])
+        kernels = kernels and spread is not None
     if kernels and _kernel_rows(x) and (pending is None or pending[0].is_contiguous()):
         return decode_kernels.linear(
             x, weight, bias, transposed=transposed, norm=norm, residual=residual, act=act, parts=parts, up=up,
-            softcap=softcap, scale=scale, divide=divide, out_dtype=out_dtype, pending=pending,
+            softcap=softcap, scale=scale, divide=divide, out_dtype=out_dtype, pending=pending, config=spread,
         )  # fmt: skip
     if pending is not None:
         t, post_norm, out = pending

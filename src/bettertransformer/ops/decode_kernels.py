@@ -851,15 +851,14 @@ def two_pieces(width: int) -> tuple[int, int]:
     return head, width - head
 
 
-def linear_config(m: int, k: int, n: int, gated: bool = False, residual: bool = False) -> tuple[int, int, int]:
+def linear_config(m: int, k: int, n: int, gated: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an (m, k) @ (k, n) product: the best of sweeps on H100/H200s
     (``benchmarks/decode_kernels_gpu.py``, BENCHMARKS.md). GPT-2's products, one row: a few hundred programs, each
     reading up to 16K weights before the wait. Llama-size products (k and n >= 2048), one row: 8 columns per program
     (thousands of programs, each streaming long contiguous runs of k), up to 2,048 of k at a time (1,024 for two
     matrices or a long k, 512 for an LM head), or all of a k up to 4,096 that is the sum of two powers of two. A
     BLOCK_K that is such a sum (not a power of two) means k read whole in two pieces (``linear``). Several rows
-    through a Llama-size plain product with a ``residual`` add: ``_RESIDUAL_ROWS`` (one program an SM, with
-    ``linear_stages``)."""
+    through a Llama-size plain product with a residual add take ``spread_rows``'s configuration where it has one."""
     large = k >= 2048 and n >= 2048
     if m == 1 and (k, n, gated) in _ONE_ROW_SWEPT:
         return _ONE_ROW_SWEPT[(k, n, gated)]
@@ -885,35 +884,42 @@ def linear_config(m: int, k: int, n: int, gated: bool = False, residual: bool = 
         return (8, 256, 2) if n <= 1024 else (64, 128, 4) if n >= 16384 else (32, 128, 2)
     if n >= 16384:
         return 128, 128, 4
-    if residual and not gated:
-        return _RESIDUAL_ROWS
     if gated:
         return (64, 128, 8) if k <= 2048 else (32, 64, 4)
     return 32, 128, 4
 
 
 # Several rows through a large product with a residual add (a Llama layer's o and down at batch 16), launched with
-# PDL: 16 columns a program in chunks of 512 of k over 4 warps, 5 stages. Five stages take 128 KB of shared memory (4
-# buffers of 16 x 512 weights and 16 x 512 rows), more than half an SM's, so one program an SM. With four (96 KB)
-# two fit on one SM, and (our reading of the numbers) PDL, starting the programs while the kernel before still holds
-# most SMs, stacks them on the SMs it has freed, the rest idle once it ends. TinyLlama b16 `generate` (H200): cuBLAS
-# 14,685-14,705 tok/s, 4 stages 13,042-13,087, 5 stages 15,046-15,127 (BENCHMARKS.md, twenty-second session).
-_RESIDUAL_ROWS = (16, 512, 4)
-_RESIDUAL_ROWS_STAGES = 5
+# PDL: (BLOCK_N, BLOCK_K, num_warps) -> num_stages, the narrowest whose programs number no more than the SMs. Each
+# takes more than half an SM's shared memory (Triton's stages - 1 buffers of BLOCK_N x 512 weights and 16 x 512 rows:
+# 128 KB and 144 KB), so one program an SM. With four stages at 16 columns (96 KB) two fit on one SM, and (our reading
+# of the numbers) PDL, starting the programs while the kernel before still holds most SMs, stacks them on the SMs it
+# has freed, the rest idle once it ends. `generate` b16 (H200): TinyLlama cuBLAS 14,685-14,705 tok/s, 16 columns at 4
+# stages 13,042-13,087, at 5 stages 15,046-15,127; Llama 3 8B (n = 4,096) cuBLAS 3,317-3,325, 32 columns at 4 stages
+# 3,427 (BENCHMARKS.md, twenty-second session).
+_RESIDUAL_ROWS = {(16, 512, 4): 5, (32, 512, 4): 4}
 
 
-def spread_rows(x: torch.Tensor, n: int) -> bool:
-    """Whether a several-row product of ``x`` with a residual add over ``n`` output columns runs ``_linear_kernel`` at
-    ``_RESIDUAL_ROWS`` (else cuBLAS): launched with PDL, and one program per SM at most (n / 16 <= the SM count, so
-    every program starts at once: TinyLlama's and Qwen3's n = 2,048 on an H100/H200's 132 SMs)."""
-    return x.shape[0] > 1 and _pdl(x)["PDL"] and n // _RESIDUAL_ROWS[0] <= _sm_count(_device_index(x))
+def residual_rows_config(n: int, sms: int) -> tuple[int, int, int] | None:
+    """The ``_RESIDUAL_ROWS`` configuration for ``n`` output columns on ``sms`` SMs: the narrowest whose programs
+    all start at once, one an SM (16 columns up to 16 x ``sms``, 32 up to twice that); None past it."""
+    return next((config for config in _RESIDUAL_ROWS if -(-n // config[0]) <= sms), None)
+
+
+def spread_rows(x: torch.Tensor, n: int) -> tuple[int, int, int] | None:
+    """The configuration at which a several-row product of ``x`` with a residual add over ``n`` output columns runs
+    ``_linear_kernel``, one program an SM (``residual_rows_config``), or None: cuBLAS, which is faster without PDL
+    (before Hopper, or ``SWITCHES.pdl`` off) and for a width needing a second wave of programs."""
+    if x.shape[0] < 2 or not _pdl(x)["PDL"]:
+        return None
+    return residual_rows_config(n, _sm_count(_device_index(x)))
 
 
 def linear_stages(m: int, n: int, config: tuple[int, int, int], residual: bool) -> int:
-    """``_linear_kernel``'s ``num_stages``: 2 for an LM head's width (n >= 16,384), 4 otherwise, and
-    ``_RESIDUAL_ROWS_STAGES`` for a several-row residual product at ``_RESIDUAL_ROWS`` (one program an SM)."""
-    if m > 1 and residual and config == _RESIDUAL_ROWS:
-        return _RESIDUAL_ROWS_STAGES
+    """``_linear_kernel``'s ``num_stages``: 2 for an LM head's width (n >= 16,384), 4 otherwise, and that of
+    ``_RESIDUAL_ROWS`` for a several-row residual product at one of its configurations (one program an SM)."""
+    if m > 1 and residual and config in _RESIDUAL_ROWS:
+        return _RESIDUAL_ROWS[config]
     return 2 if n >= 16384 else 4
 
 
@@ -977,7 +983,7 @@ def linear(
     plain = up is None and act is None and not gelu_tanh and softcap is None and scale == divide == 1.0
     if plain and m > 1 and residual is None and not argmax and config is None and transposed and _tma_rows(x, matrices):
         return _rows_tma(x, matrices, biases, widths, norm, pending, out_dtype)
-    config = config or linear_config(m, k, n, gated=up is not None, residual=residual is not None)
+    config = config or linear_config(m, k, n, gated=up is not None)
     block_n, block_k, warps = config
     head, tail = two_pieces(block_k)  # BLOCK_K the sum of two powers of two: k read whole as two pieces
     if tail & (tail - 1) or (tail and k > block_k):
