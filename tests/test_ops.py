@@ -1158,6 +1158,15 @@ def test_decode_linear_adds_a_residual_over_several_rows_one_program_an_sm(monke
     residual = torch.randn(16, 2048, generator=gen)
     got = decode.linear(x, weight, None, transposed=True, residual=residual.clone())
     torch.testing.assert_close(got, residual + x @ weight.T, rtol=1e-5, atol=1e-5)
+    # ops.decode passes spread_rows's configuration on to the kernel, where the device has one
+    monkeypatch.setattr(decode, "_kernel_rows", lambda rows: True)
+    monkeypatch.setattr(decode_kernels, "spread_rows", lambda rows, n: narrow)
+    x, weight, residual = (t.to(KERNELS, torch.float16) for t in (x, weight, residual))
+    launched = len(stages)
+    got = decode.linear(x, weight, None, transposed=True, residual=residual.clone())
+    assert stages[launched:] == [(*narrow, 5)]
+    expected = residual.double() + (x.double() @ weight.double().T).half().double()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=2e-3)
 
 
 @kernels
