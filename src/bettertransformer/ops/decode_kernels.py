@@ -30,6 +30,7 @@ import torch
 from ..switches import SWITCHES
 from .compile_ahead import launch
 from .step_buffers import StepBuffers
+from .triton_kernels import INTERPRETED
 
 try:
     import triton
@@ -1061,7 +1062,7 @@ def _tma_rows(x: torch.Tensor, matrices: tuple[torch.Tensor, ...]) -> bool:
         return False
     if x.is_cuda and not _on_hopper(x):
         return False
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not x.is_cuda and not INTERPRETED:
         return False
     aligned = [
         w.stride(1) == 1 and (w.stride(0) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0 for w in matrices
